@@ -1,0 +1,541 @@
+//! Typed configuration: parsed once from TOML (`deny_unknown_fields`), defaults filled in,
+//! then validated with errors that name the key and the line.
+//!
+//! With no file at all, [`Config::embedded_default`] gives the "just run it" setup: loopback
+//! listeners on high ports, a self-signed certificate and local Maildir delivery for `localhost`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::smtp::data::BareNewline;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name used in the banner, EHLO reply, Received headers and the self-signed certificate.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    /// Where the spool, generated certificate, mailboxes and users file live.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub relay: RelayConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default, rename = "domain")]
+    pub domains: Vec<DomainConfig>,
+    #[serde(default, rename = "inbound_rule")]
+    pub inbound_rules: Vec<InboundRule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerMode {
+    /// Plain SMTP with STARTTLS offered (port 25).
+    Smtp,
+    /// Implicit TLS (RFC 8314, port 465).
+    Smtps,
+    /// Message submission (port 587): TLS and AUTH required unless overridden.
+    Submission,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub address: SocketAddr,
+    pub mode: ListenerMode,
+    /// Default: true for `submission`, false otherwise.
+    #[serde(default)]
+    pub require_tls: Option<bool>,
+    /// Default: true for `submission`, false otherwise.
+    #[serde(default)]
+    pub require_auth: Option<bool>,
+    #[serde(default = "default_bare_newline")]
+    pub bare_newline: BareNewline,
+    /// Offer SMTP AUTH (always only inside TLS). Default true.
+    #[serde(default = "default_true")]
+    pub auth: bool,
+}
+
+impl ListenerConfig {
+    pub fn label(&self) -> String {
+        self.name.clone().unwrap_or_else(|| format!("{:?}", self.mode).to_lowercase())
+    }
+    pub fn requires_tls(&self) -> bool {
+        self.require_tls.unwrap_or(self.mode == ListenerMode::Submission)
+    }
+    pub fn requires_auth(&self) -> bool {
+        self.require_auth.unwrap_or(self.mode == ListenerMode::Submission)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chains and keys; the first is the default, the others are chosen by
+    /// SNI from the names in each certificate. Empty: a self-signed certificate for
+    /// `hostname` is created in the data dir on first start.
+    #[serde(default, rename = "certificate")]
+    pub certificates: Vec<CertificateConfig>,
+    /// How often certificate files are checked for changes (SIGHUP reloads at once).
+    #[serde(default = "default_reload_secs")]
+    pub reload_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    pub max_line_length: usize,
+    pub max_errors: usize,
+    pub command_timeout_secs: u64,
+    pub data_timeout_secs: u64,
+    pub handshake_timeout_secs: u64,
+    pub session_timeout_secs: u64,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub auth_max_failures: u32,
+    pub auth_ip_max_failures: u32,
+    pub auth_ip_window_secs: u64,
+    /// Delay after each failed AUTH, multiplied by the failures so far on the connection.
+    pub auth_failure_delay_ms: u64,
+    /// How long SIGTERM waits for sessions in flight before exiting.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 100,
+            max_line_length: 2048,
+            max_errors: 10,
+            command_timeout_secs: 300,
+            data_timeout_secs: 600,
+            handshake_timeout_secs: 30,
+            session_timeout_secs: 3600,
+            max_connections: 1000,
+            max_connections_per_ip: 50,
+            auth_max_failures: 3,
+            auth_ip_max_failures: 10,
+            auth_ip_window_secs: 900,
+            auth_failure_delay_ms: 1000,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Networks (CIDR) whose clients may relay without AUTH.
+    #[serde(default)]
+    pub trusted_networks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `name:argon2-hash` lines, managed by `moat user`. Relative to the data dir.
+    #[serde(default = "default_users_file")]
+    pub users_file: PathBuf,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { users_file: default_users_file() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteKind {
+    /// Deliver into `<path>/<mailbox>/new/`.
+    Maildir,
+    /// Accept and drop (for tests, sinks and benchmarks).
+    Discard,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainConfig {
+    pub name: String,
+    pub route: RouteKind,
+    /// Maildir root for `maildir`, relative to the data dir. Default `mail`.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Accepted mailbox names for `maildir`; empty accepts any safe name.
+    #[serde(default)]
+    pub mailboxes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundRule {
+    /// Client networks (CIDR) this rule applies to.
+    #[serde(default)]
+    pub networks: Vec<String>,
+    /// Sender domains (exact or `*.suffix`) this rule applies to.
+    #[serde(default)]
+    pub sender_domains: Vec<String>,
+    /// Clients matched by this rule must use TLS before MAIL.
+    #[serde(default)]
+    pub require_tls: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_hostname() -> String {
+    "localhost".into()
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("moat-data")
+}
+fn default_bare_newline() -> BareNewline {
+    BareNewline::Reject
+}
+fn default_reload_secs() -> u64 {
+    5
+}
+fn default_users_file() -> PathBuf {
+    PathBuf::from("users")
+}
+
+/// A configuration error that points at the key (and line, when known).
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{}: {}: {}", self.file, l, self.key, self.message),
+            None => write!(f, "{}: {}: {}", self.file, self.key, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// An IPv4 or IPv6 network in CIDR notation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.parse().map_err(|_| format!("`{s}` is not an IP network"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or(format!("bad prefix in `{s}`"))?,
+            None => max,
+        };
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Config {
+    /// The built-in setup used when no config file is given.
+    pub fn embedded_default(data_dir: Option<PathBuf>) -> Config {
+        let mut c: Config = match toml::from_str(EMBEDDED) {
+            Ok(c) => c,
+            // The embedded text is a constant checked by a unit test.
+            Err(e) => panic!("embedded default config is invalid: {e}"),
+        };
+        if let Some(d) = data_dir {
+            c.data_dir = d;
+        }
+        c
+    }
+
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            line: None,
+            key: "(file)".into(),
+            message: e.to_string(),
+        })?;
+        Config::parse(&src, &file)
+    }
+
+    /// Parses and validates config text; `file` names it in errors.
+    pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(src).map_err(|e| {
+            let line = e.span().map(|s| line_of_offset(src, s.start));
+            let message = e.message().trim().to_string();
+            let key = message
+                .split('`')
+                .nth(1)
+                .filter(|_| message.starts_with("unknown field"))
+                .unwrap_or("(syntax)")
+                .to_string();
+            ConfigError { file: file.to_string(), line, key, message }
+        })?;
+        config.validate(src, file)?;
+        Ok(config)
+    }
+
+    fn validate(&self, src: &str, file: &str) -> Result<(), ConfigError> {
+        let err = |table: &str, index: usize, key: &str, message: String| ConfigError {
+            file: file.to_string(),
+            line: locate(src, table, index, key),
+            key: if table.is_empty() {
+                key.to_string()
+            } else {
+                format!("{table}[{index}].{key}")
+            },
+            message,
+        };
+        if !crate::smtp::address::valid_domain(&self.hostname, false) || self.hostname.starts_with('[') {
+            return Err(err("", 0, "hostname", format!("`{}` is not a host name", self.hostname)));
+        }
+        if self.listeners.is_empty() {
+            return Err(err("", 0, "listener", "at least one [[listener]] is needed".into()));
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if self.listeners[..i].iter().any(|o| o.address == l.address) {
+                return Err(err("listener", i, "address", format!("{} is used by two listeners", l.address)));
+            }
+            if l.requires_auth() && !l.requires_tls() && l.mode != ListenerMode::Smtps {
+                return Err(err(
+                    "listener",
+                    i,
+                    "require_auth",
+                    "AUTH is only accepted inside TLS: set require_tls = true too".into(),
+                ));
+            }
+        }
+        for (i, n) in self.relay.trusted_networks.iter().enumerate() {
+            n.parse::<IpNet>().map_err(|m| err("relay", 0, "trusted_networks", format!("entry {i}: {m}")))?;
+        }
+        for (i, d) in self.domains.iter().enumerate() {
+            if !crate::smtp::address::valid_domain(&d.name, true) {
+                return Err(err("domain", i, "name", format!("`{}` is not a domain name", d.name)));
+            }
+            if self.domains[..i].iter().any(|o| o.name.eq_ignore_ascii_case(&d.name)) {
+                return Err(err("domain", i, "name", format!("`{}` is configured twice", d.name)));
+            }
+            for m in &d.mailboxes {
+                if crate::smtp::address::mailbox_name(m).as_deref() != Some(m.as_str()) {
+                    return Err(err(
+                        "domain",
+                        i,
+                        "mailboxes",
+                        format!("`{m}` is not a valid lowercase mailbox name"),
+                    ));
+                }
+            }
+        }
+        for (i, r) in self.inbound_rules.iter().enumerate() {
+            for n in &r.networks {
+                n.parse::<IpNet>().map_err(|m| err("inbound_rule", i, "networks", m))?;
+            }
+        }
+        let l = &self.limits;
+        for (key, v) in [
+            ("max_message_size", l.max_message_size as u64),
+            ("max_recipients", l.max_recipients as u64),
+            ("max_line_length", l.max_line_length as u64),
+            ("max_errors", l.max_errors as u64),
+            ("command_timeout_secs", l.command_timeout_secs),
+            ("data_timeout_secs", l.data_timeout_secs),
+            ("handshake_timeout_secs", l.handshake_timeout_secs),
+            ("max_connections", l.max_connections as u64),
+            ("max_connections_per_ip", l.max_connections_per_ip as u64),
+        ] {
+            if v == 0 {
+                return Err(err("limits", 0, key, "must be greater than 0".into()));
+            }
+        }
+        if l.max_line_length < 512 {
+            return Err(err("limits", 0, "max_line_length", "RFC 5321 needs at least 512".into()));
+        }
+        Ok(())
+    }
+
+    /// A path from the config, taken relative to the data dir.
+    pub fn data_path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() { p.to_path_buf() } else { self.data_dir.join(p) }
+    }
+
+    pub fn trusted_networks(&self) -> Vec<IpNet> {
+        self.relay.trusted_networks.iter().filter_map(|n| n.parse().ok()).collect()
+    }
+}
+
+/// 1-based line of a byte offset.
+fn line_of_offset(src: &str, offset: usize) -> usize {
+    src[..offset.min(src.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+/// Finds the line of `key` inside the `index`-th `[table]`/`[[table]]` (or the top level when
+/// `table` is empty); falls back to the table header's line.
+fn locate(src: &str, table: &str, index: usize, key: &str) -> Option<usize> {
+    let mut in_table = table.is_empty();
+    let mut seen = 0usize;
+    let mut header_line = None;
+    for (n, raw) in src.lines().enumerate() {
+        let line = raw.trim();
+        if line.starts_with('[') {
+            let name = line.trim_matches(|c| c == '[' || c == ']').trim();
+            if in_table && header_line.is_some() {
+                break;
+            }
+            in_table = false;
+            if !table.is_empty() && name == table {
+                if seen == index {
+                    in_table = true;
+                    header_line = Some(n + 1);
+                }
+                seen += 1;
+            } else if table.is_empty() {
+                break;
+            }
+            continue;
+        }
+        if in_table
+            && let Some(rest) = line.strip_prefix(key)
+            && rest.trim_start().starts_with('=')
+        {
+            return Some(n + 1);
+        }
+    }
+    header_line
+}
+
+/// The embedded default configuration (also shipped, commented, as `examples/moat.toml`).
+pub const EMBEDDED: &str = r#"
+hostname = "localhost"
+data_dir = "moat-data"
+
+[[listener]]
+name = "smtp"
+address = "127.0.0.1:2525"
+mode = "smtp"
+
+[[listener]]
+name = "smtps"
+address = "127.0.0.1:2465"
+mode = "smtps"
+
+[[listener]]
+name = "submission"
+address = "127.0.0.1:2587"
+mode = "submission"
+
+[[domain]]
+name = "localhost"
+route = "maildir"
+path = "mail"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::parse(EMBEDDED, "embedded").unwrap();
+        assert_eq!(c.listeners.len(), 3);
+        assert!(c.listeners[2].requires_tls() && c.listeners[2].requires_auth());
+        assert!(!c.listeners[0].requires_tls());
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let src = include_str!("../examples/moat.toml");
+        Config::parse(src, "examples/moat.toml").unwrap();
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let src = "hostname = \"mx.test\"\n\n[limits]\nmax_recipents = 5\n";
+        let e = Config::parse(src, "t.toml").unwrap_err();
+        assert_eq!(e.line, Some(4), "{e}");
+        assert_eq!(e.key, "max_recipents");
+    }
+
+    #[test]
+    fn semantic_error_names_key_and_line() {
+        let src = "[[listener]]\naddress = \"127.0.0.1:1\"\nmode = \"smtp\"\n\n[[listener]]\naddress = \"127.0.0.1:1\"\nmode = \"smtps\"\n";
+        let e = Config::parse(src, "t.toml").unwrap_err();
+        assert_eq!(e.key, "listener[1].address");
+        assert_eq!(e.line, Some(6), "{e}");
+        let src = "[[listener]]\naddress = \"127.0.0.1:1\"\nmode = \"smtp\"\n[limits]\nmax_errors = 0\n";
+        let e = Config::parse(src, "t.toml").unwrap_err();
+        assert_eq!(e.line, Some(5), "{e}");
+    }
+
+    #[test]
+    fn auth_without_tls_is_refused() {
+        let src = "[[listener]]\naddress = \"127.0.0.1:1\"\nmode = \"smtp\"\nrequire_auth = true\n";
+        let e = Config::parse(src, "t.toml").unwrap_err();
+        assert_eq!(e.key, "listener[0].require_auth");
+        assert_eq!(e.line, Some(4));
+    }
+
+    #[test]
+    fn cidr_matching() {
+        let n: IpNet = "127.0.0.0/8".parse().unwrap();
+        assert!(n.contains("127.4.5.6".parse().unwrap()));
+        assert!(n.contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!n.contains("128.0.0.1".parse().unwrap()));
+        let n: IpNet = "::1".parse().unwrap();
+        assert!(n.contains("::1".parse().unwrap()));
+        let all: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+    }
+}

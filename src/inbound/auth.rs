@@ -1,0 +1,147 @@
+//! SMTP AUTH credentials: the users file (`name:argon2-hash` per line, managed by
+//! `moat user`), verification off the async threads, and failure throttling per address.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+
+/// Hashes a password for the users file.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// Reads the users file; a missing file means no users.
+pub fn read_users(path: &Path) -> std::io::Result<Vec<(String, String)>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once(':'))
+        .map(|(u, h)| (u.to_string(), h.to_string()))
+        .collect())
+}
+
+/// Writes the users file atomically, readable by the owner only.
+pub fn write_users(path: &Path, users: &[(String, String)]) -> Result<(), String> {
+    let mut text = String::from("# Moat SMTP AUTH users: name:argon2-hash (managed by `moat user`)\n");
+    for (u, h) in users {
+        text.push_str(&format!("{u}:{h}\n"));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    crate::tls::write_private(&tmp, text.as_bytes())?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A user name that fits the users file.
+pub fn valid_username(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+}
+
+/// Verifies credentials against the users file (re-read each time, so `moat user add`
+/// takes effect at once). Blocking: argon2 is deliberately slow.
+pub fn verify(path: &Path, username: &str, password: &str) -> bool {
+    let users = read_users(path).unwrap_or_default();
+    let stored = users.iter().find(|(u, _)| u == username).map(|(_, h)| h.clone());
+    // Unknown users cost as much as known ones, so timing does not reveal who exists.
+    const DUMMY: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Wv1bTPh4xOrRZzFxuxeFQkAwxo2YyI2ExhUDpiHUmDE";
+    let hash_text = stored.clone().unwrap_or_else(|| DUMMY.to_string());
+    let Ok(hash) = PasswordHash::new(&hash_text) else { return false };
+    let ok = Argon2::default().verify_password(password.as_bytes(), &hash).is_ok();
+    ok && stored.is_some()
+}
+
+/// Counts authentication failures per client address over a sliding window.
+#[derive(Debug)]
+pub struct AuthLimiter {
+    max: u32,
+    window: Duration,
+    failures: Mutex<HashMap<IpAddr, Vec<Instant>>>,
+}
+
+impl AuthLimiter {
+    pub fn new(max: u32, window: Duration) -> Self {
+        AuthLimiter { max, window, failures: Mutex::new(HashMap::new()) }
+    }
+
+    /// True when this address has used up its failures.
+    pub fn blocked(&self, ip: IpAddr) -> bool {
+        let Ok(mut map) = self.failures.lock() else { return true };
+        let now = Instant::now();
+        let Some(list) = map.get_mut(&ip) else { return false };
+        list.retain(|t| now.duration_since(*t) < self.window);
+        list.len() as u32 >= self.max
+    }
+
+    pub fn record_failure(&self, ip: IpAddr) {
+        if let Ok(mut map) = self.failures.lock() {
+            let now = Instant::now();
+            if map.len() > 100_000 {
+                map.retain(|_, l| l.iter().any(|t| now.duration_since(*t) < self.window));
+            }
+            map.entry(ip).or_default().push(now);
+        }
+    }
+}
+
+/// Everything a connection needs to check credentials.
+#[derive(Debug)]
+pub struct Authenticator {
+    pub users_file: PathBuf,
+    pub limiter: AuthLimiter,
+    pub max_failures_per_connection: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_roundtrip_and_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        assert!(!verify(&path, "alice", "pw"), "no file, no users");
+        write_users(&path, &[("alice".into(), hash_password("s3cret").unwrap())]).unwrap();
+        assert!(verify(&path, "alice", "s3cret"));
+        assert!(!verify(&path, "alice", "wrong"));
+        assert!(!verify(&path, "bob", "s3cret"));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn limiter_blocks_after_max() {
+        let l = AuthLimiter::new(2, Duration::from_secs(60));
+        let ip: IpAddr = "127.0.0.9".parse().unwrap();
+        assert!(!l.blocked(ip));
+        l.record_failure(ip);
+        assert!(!l.blocked(ip));
+        l.record_failure(ip);
+        assert!(l.blocked(ip));
+        assert!(!l.blocked("127.0.0.10".parse().unwrap()));
+    }
+
+    #[test]
+    fn usernames() {
+        assert!(valid_username("alice@example.com"));
+        assert!(!valid_username("a:b") && !valid_username("") && !valid_username("a b"));
+    }
+}

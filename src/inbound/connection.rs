@@ -1,0 +1,263 @@
+//! One inbound connection: the thin async layer around [`Session`].
+//!
+//! It reads bytes, feeds the session, writes its replies in one buffer per batch, and carries
+//! out the session's actions: the STARTTLS handshake (after dropping every byte the client
+//! pipelined in plaintext), credential checks with throttling, and spooling with the Received
+//! stamp. Timeouts (RFC 5321 §4.5.3.2) and shutdown are applied here.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, timeout};
+use tokio_rustls::TlsAcceptor;
+
+use super::auth::Authenticator;
+use super::received;
+use crate::config::{IpNet, Limits};
+use crate::queue::spool::Spool;
+use crate::smtp::session::{Action, AuthOutcome, ListenerRules, Peer, Rules, Session};
+use crate::util;
+
+/// State shared by every connection.
+pub struct Shared {
+    pub rules: Arc<Rules>,
+    pub limits: Limits,
+    pub acceptor: TlsAcceptor,
+    pub spool: Spool,
+    pub deliver: mpsc::UnboundedSender<String>,
+    pub auth: Authenticator,
+    pub trusted: Vec<IpNet>,
+    pub tls_required_networks: Vec<IpNet>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("hostname", &self.rules.hostname).finish_non_exhaustive()
+    }
+}
+
+/// Per-listener facts.
+#[derive(Debug)]
+pub struct ListenerCtx {
+    pub name: String,
+    pub rules: Arc<ListenerRules>,
+    pub implicit_tls: bool,
+}
+
+enum Next {
+    Close,
+    StartTls,
+}
+
+/// Serves one accepted connection to the end.
+pub async fn handle(stream: TcpStream, peer: SocketAddr, listener: Arc<ListenerCtx>, shared: Arc<Shared>) {
+    let ip = peer.ip();
+    let _ = stream.set_nodelay(true);
+    let limits = &shared.limits;
+    let deadline = Instant::now() + Duration::from_secs(limits.session_timeout_secs);
+    let mut info = Peer {
+        ip,
+        tls: None,
+        trusted: shared.trusted.iter().any(|n| n.contains(ip)),
+        tls_required_by_rule: shared.tls_required_networks.iter().any(|n| n.contains(ip)),
+    };
+    tracing::debug!(%peer, listener = %listener.name, "connection");
+    let handshake_timeout = Duration::from_secs(limits.handshake_timeout_secs);
+    if listener.implicit_tls {
+        let Some(mut tls) = handshake(&shared, stream, peer, &listener.name, handshake_timeout).await else {
+            return;
+        };
+        info.tls = Some(crate::tls::summarize(tls.get_ref().1));
+        let mut session = Session::new(shared.rules.clone(), listener.rules.clone(), info);
+        session.greeting();
+        drive(&mut tls, &mut session, &shared, deadline).await;
+        let _ = tls.shutdown().await;
+        return;
+    }
+    let mut stream = stream;
+    let mut session = Session::new(shared.rules.clone(), listener.rules.clone(), info);
+    session.greeting();
+    match drive(&mut stream, &mut session, &shared, deadline).await {
+        Next::Close => {
+            let _ = stream.shutdown().await;
+        }
+        Next::StartTls => {
+            let Some(mut tls) = handshake(&shared, stream, peer, &listener.name, handshake_timeout).await else {
+                return;
+            };
+            session.tls_started(crate::tls::summarize(tls.get_ref().1));
+            drive(&mut tls, &mut session, &shared, deadline).await;
+            let _ = tls.shutdown().await;
+        }
+    }
+}
+
+async fn handshake(
+    shared: &Shared,
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: &str,
+    limit: Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match timeout(limit, shared.acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let s = crate::tls::summarize(tls.get_ref().1);
+            tracing::info!(%peer, listener, version = %s.version, cipher = %s.cipher,
+                key_exchange = s.key_exchange.as_deref().unwrap_or("-"),
+                sni = s.sni.as_deref().unwrap_or("-"), "TLS established");
+            Some(tls)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, listener, cause = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(%peer, listener, cause = "timeout", "TLS handshake failed");
+            None
+        }
+    }
+}
+
+async fn write_out<S: AsyncWrite + Unpin>(s: &mut S, session: &mut Session) -> bool {
+    if !session.has_output() {
+        return true;
+    }
+    let out = session.take_output();
+    s.write_all(&out).await.is_ok() && s.flush().await.is_ok()
+}
+
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    session: &mut Session,
+    shared: &Shared,
+    deadline: Instant,
+) -> Next {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut shutdown = shared.shutdown.clone();
+    let mut auth_failures = 0u32;
+    let mut pending: Option<Action> = None;
+    let ip = session.peer_ip();
+    loop {
+        let action = match pending.take() {
+            Some(a) => Some(a),
+            None => {
+                let p = session.process(&buf);
+                buf.drain(..p.consumed);
+                p.action
+            }
+        };
+        match action {
+            None => {
+                if !write_out(s, session).await || session.is_closed() {
+                    return Next::Close;
+                }
+                let limits = &shared.limits;
+                let idle = Duration::from_secs(if session.in_data() {
+                    limits.data_timeout_secs
+                } else {
+                    limits.command_timeout_secs
+                });
+                let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
+                if buf.capacity() - buf.len() < 512 {
+                    buf.reserve(4096);
+                }
+                tokio::select! {
+                    r = timeout(wait, s.read_buf(&mut buf)) => match r {
+                        Ok(Ok(0)) | Ok(Err(_)) => return Next::Close,
+                        Ok(Ok(_)) => {}
+                        Err(_) => {
+                            session.shutdown("Error: timeout exceeded");
+                            write_out(s, session).await;
+                            return Next::Close;
+                        }
+                    },
+                    _ = shutdown.changed() => {
+                        session.shutdown("Service shutting down, try again later");
+                        write_out(s, session).await;
+                        return Next::Close;
+                    }
+                }
+            }
+            Some(Action::StartTls) => {
+                if !write_out(s, session).await {
+                    return Next::Close;
+                }
+                // CVE-2011-0411: nothing sent before the handshake may be read after it.
+                buf.clear();
+                return Next::StartTls;
+            }
+            Some(Action::Authenticate { username, password }) => {
+                let outcome = authenticate(shared, ip, username, password, &mut auth_failures).await;
+                pending = session.auth_result(outcome);
+            }
+            Some(Action::Queue { envelope, body, trace }) => {
+                let id = util::new_queue_id();
+                let now = util::unix_now();
+                let header = received::stamp(
+                    &trace,
+                    &shared.rules.hostname,
+                    &id,
+                    &envelope.recipients,
+                    &util::rfc5322_date(now),
+                );
+                let mut message = header.into_bytes();
+                message.extend_from_slice(&body);
+                let result = shared.spool.store(&id, now, &envelope, &message).await;
+                match &result {
+                    Ok(()) => {
+                        tracing::info!(queue_id = %id, client = %trace.ip, protocol = %trace.protocol,
+                            from = %envelope.sender, rcpts = envelope.recipients.len(),
+                            size = message.len(),
+                            tls = trace.tls.as_ref().map_or("none", |t| t.version.as_str()),
+                            "accepted");
+                        let _ = shared.deliver.send(id.clone());
+                    }
+                    Err(e) => tracing::error!(queue_id = %id, error = %e, "spool write failed"),
+                }
+                pending = session.queued(result.map(|_| id).map_err(|e| e.to_string()));
+            }
+            Some(Action::Close) => {
+                write_out(s, session).await;
+                return Next::Close;
+            }
+        }
+    }
+}
+
+async fn authenticate(
+    shared: &Shared,
+    ip: std::net::IpAddr,
+    username: String,
+    password: String,
+    failures: &mut u32,
+) -> AuthOutcome {
+    let auth = &shared.auth;
+    if auth.limiter.blocked(ip) {
+        tracing::warn!(client = %ip, "AUTH refused: too many failures from this address");
+        return AuthOutcome::Blocked;
+    }
+    let path = auth.users_file.clone();
+    let user = username.clone();
+    let ok = tokio::task::spawn_blocking(move || super::auth::verify(&path, &user, &password))
+        .await
+        .unwrap_or(false);
+    if ok {
+        tracing::info!(client = %ip, user = %username, "AUTH succeeded");
+        return AuthOutcome::Success(username);
+    }
+    *failures += 1;
+    auth.limiter.record_failure(ip);
+    tracing::warn!(client = %ip, user = %username, failures = *failures, "AUTH failed");
+    let delay = shared.limits.auth_failure_delay_ms.saturating_mul(u64::from(*failures));
+    tokio::time::sleep(Duration::from_millis(delay)).await;
+    if *failures >= auth.max_failures_per_connection || auth.limiter.blocked(ip) {
+        AuthOutcome::Blocked
+    } else {
+        AuthOutcome::Failure
+    }
+}

@@ -1,0 +1,11 @@
+//! Moat: a mail transfer agent built around transport security.
+//!
+//! See `DESIGN.md` in the shared folder for the architecture; each module's docs describe its room.
+
+pub mod config;
+pub mod inbound;
+pub mod queue;
+pub mod server;
+pub mod smtp;
+pub mod tls;
+pub mod util;

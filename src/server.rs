@@ -1,0 +1,243 @@
+//! `moat serve`: builds every part from the config, binds the listeners, and runs until
+//! SIGTERM/SIGINT. SIGHUP reloads certificates; they are also reloaded when their files change.
+//!
+//! Shutdown: listeners stop accepting at once; sessions waiting for a command get `421` and
+//! close; a message being spooled is finished and acknowledged first; a message still being
+//! received is abandoned unacknowledged (the client keeps it). Nothing acknowledged is lost.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::config::{Config, ListenerMode, RouteKind};
+use crate::inbound::ConnCounter;
+use crate::inbound::auth::{AuthLimiter, Authenticator};
+use crate::inbound::connection::{ListenerCtx, Shared, handle};
+use crate::queue::spool::Spool;
+use crate::queue::{Deliverer, Route};
+use crate::smtp::session::{DomainKind, ListenerRules, Rules};
+use crate::tls::CertStore;
+
+/// What `serve` prints and the tests read: where it listens and where mail goes.
+#[derive(Debug, Clone)]
+pub struct Running {
+    pub addresses: Vec<(String, std::net::SocketAddr)>,
+}
+
+fn rules_from(config: &Config) -> Rules {
+    let mut domains = HashMap::new();
+    let mut postmaster_domain = None;
+    for d in &config.domains {
+        let kind = match d.route {
+            RouteKind::Maildir => {
+                postmaster_domain.get_or_insert_with(|| d.name.to_ascii_lowercase());
+                DomainKind::Local { mailboxes: d.mailboxes.iter().cloned().collect::<HashSet<_>>() }
+            }
+            RouteKind::Discard => DomainKind::Routed,
+        };
+        domains.insert(d.name.to_ascii_lowercase(), kind);
+    }
+    let l = &config.limits;
+    Rules {
+        hostname: config.hostname.clone(),
+        max_message_size: l.max_message_size,
+        max_recipients: l.max_recipients,
+        max_line_length: l.max_line_length,
+        max_errors: l.max_errors,
+        domains,
+        postmaster_domain,
+        tls_required_sender_domains: config
+            .inbound_rules
+            .iter()
+            .filter(|r| r.require_tls)
+            .flat_map(|r| r.sender_domains.iter().map(|d| d.to_ascii_lowercase()))
+            .collect(),
+    }
+}
+
+/// Certificate files from the config, or the self-signed pair in the data dir.
+fn certificate_files(config: &Config) -> Result<Vec<(PathBuf, PathBuf)>, String> {
+    if config.tls.certificates.is_empty() {
+        let pair = crate::tls::ensure_self_signed(&config.data_dir.join("tls"), &config.hostname)?;
+        return Ok(vec![pair]);
+    }
+    Ok(config
+        .tls
+        .certificates
+        .iter()
+        .map(|c| (config.data_path(&c.cert), config.data_path(&c.key)))
+        .collect())
+}
+
+/// Runs the server until a termination signal.
+pub async fn serve(config: Config) -> Result<(), String> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
+    let store = Arc::new(CertStore::load(&certificate_files(&config)?)?);
+    let tls_config = crate::tls::server_config(store.clone())?;
+    let (spool, existing) =
+        Spool::open(&config.data_dir.join("spool")).map_err(|e| format!("opening the spool: {e}"))?;
+    if !existing.is_empty() {
+        tracing::info!(messages = existing.len(), "recovered queued messages");
+    }
+    let routes = config
+        .domains
+        .iter()
+        .map(|d| {
+            let route = match d.route {
+                RouteKind::Maildir => {
+                    Route::Maildir(config.data_path(d.path.as_deref().unwrap_or("mail".as_ref())))
+                }
+                RouteKind::Discard => Route::Discard,
+            };
+            (d.name.to_ascii_lowercase(), route)
+        })
+        .collect();
+    let deliver = Deliverer { spool: spool.clone(), routes, hostname: config.hostname.clone() }.spawn(existing);
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let l = &config.limits;
+    let shared = Arc::new(Shared {
+        rules: Arc::new(rules_from(&config)),
+        limits: l.clone(),
+        acceptor: tokio_rustls::TlsAcceptor::from(tls_config),
+        spool,
+        deliver,
+        auth: Authenticator {
+            users_file: config.data_path(&config.auth.users_file),
+            limiter: AuthLimiter::new(l.auth_ip_max_failures, Duration::from_secs(l.auth_ip_window_secs)),
+            max_failures_per_connection: l.auth_max_failures,
+        },
+        trusted: config.trusted_networks(),
+        tls_required_networks: config
+            .inbound_rules
+            .iter()
+            .filter(|r| r.require_tls)
+            .flat_map(|r| r.networks.iter().filter_map(|n| n.parse().ok()))
+            .collect(),
+        shutdown: shutdown_rx.clone(),
+    });
+    let counter = Arc::new(ConnCounter::default());
+
+    let mut bound = Vec::new();
+    for lc in &config.listeners {
+        let socket = TcpListener::bind(lc.address)
+            .await
+            .map_err(|e| format!("cannot listen on {} ({}): {e}", lc.address, lc.label()))?;
+        let ctx = Arc::new(ListenerCtx {
+            name: lc.label(),
+            rules: Arc::new(ListenerRules {
+                starttls: lc.mode != ListenerMode::Smtps,
+                require_tls: lc.requires_tls(),
+                require_auth: lc.requires_auth(),
+                auth: lc.auth,
+                bare_newline: lc.bare_newline,
+            }),
+            implicit_tls: lc.mode == ListenerMode::Smtps,
+        });
+        let what = match lc.mode {
+            ListenerMode::Smtp => "SMTP, STARTTLS offered",
+            ListenerMode::Smtps => "implicit TLS",
+            ListenerMode::Submission => "submission",
+        };
+        let extra = match (lc.requires_tls(), lc.requires_auth()) {
+            (true, true) => ", TLS and AUTH required",
+            (true, false) => ", TLS required",
+            _ => "",
+        };
+        println!("moat: listening on {} ({}: {what}{extra})", socket.local_addr().map_err(|e| e.to_string())?, lc.label());
+        bound.push((socket, ctx));
+    }
+    for d in &config.domains {
+        match d.route {
+            RouteKind::Maildir => {
+                let root = config.data_path(d.path.as_deref().unwrap_or("mail".as_ref()));
+                println!("moat: mail for {} goes to {}/<mailbox>/new/", d.name, root.display());
+            }
+            RouteKind::Discard => println!("moat: mail for {} is discarded", d.name),
+        }
+    }
+    println!("moat: queue in {}", config.data_dir.join("spool").display());
+
+    for (socket, ctx) in bound {
+        let shared = shared.clone();
+        let counter = counter.clone();
+        let mut stop = shutdown_rx.clone();
+        let (max_total, max_ip) = (l.max_connections, l.max_connections_per_ip);
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = socket.accept() => a,
+                    _ = stop.changed() => break,
+                };
+                let (mut stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                match counter.acquire(peer.ip(), max_total, max_ip) {
+                    Ok(guard) => {
+                        let (ctx, shared) = (ctx.clone(), shared.clone());
+                        tokio::spawn(async move {
+                            handle(stream, peer, ctx, shared).await;
+                            drop(guard);
+                        });
+                    }
+                    Err(why) => {
+                        tracing::warn!(%peer, listener = %ctx.name, why, "connection refused");
+                        if !ctx.implicit_tls {
+                            let host = shared.rules.hostname.clone();
+                            tokio::spawn(async move {
+                                let line = format!("421 4.7.0 {host} {why}\r\n");
+                                let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(line.as_bytes())).await;
+                                let _ = stream.shutdown().await;
+                            });
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    let reload_store = store.clone();
+    let interval = Duration::from_secs(config.tls.reload_interval_secs.max(1));
+    tokio::spawn(async move {
+        let mut hup = signal(SignalKind::hangup()).ok();
+        loop {
+            let forced = tokio::select! {
+                _ = tokio::time::sleep(interval) => false,
+                Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            };
+            let result = if forced { Some(reload_store.reload()) } else { reload_store.reload_if_changed() };
+            match result {
+                Some(Ok(n)) => tracing::info!(certificates = n, "certificates reloaded"),
+                Some(Err(e)) => tracing::error!(error = %e, "certificate reload failed; keeping the old ones"),
+                None => {}
+            }
+        }
+    });
+
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!(sessions = counter.total(), "shutting down: no new connections");
+    let _ = shutdown_tx.send(true);
+    let grace = tokio::time::Instant::now() + Duration::from_secs(l.shutdown_grace_secs);
+    while counter.total() > 0 && tokio::time::Instant::now() < grace {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!(sessions_left = counter.total(), "stopped");
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! Server certificates: loading PEM files, choosing by SNI, hot reload, the self-signed
+//! certificate made on first start, and the summary of a negotiated session.
+//!
+//! TLS 1.2 and 1.3 only, with rustls' default (AEAD-only, forward-secret) cipher suites on
+//! aws-lc-rs; X25519MLKEM768 is preferred for key exchange.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use rustls::ServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use crate::smtp::session::TlsInfo;
+
+/// One loaded certificate with the files it came from.
+struct Loaded {
+    key: Arc<CertifiedKey>,
+    files: (PathBuf, PathBuf),
+}
+
+/// The live certificate set, swapped whole on reload.
+pub struct CertStore {
+    inner: RwLock<Vec<Loaded>>,
+    stamps: RwLock<Vec<Option<SystemTime>>>,
+}
+
+impl std::fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertStore")
+    }
+}
+
+fn load_one(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate found", cert.display()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let ck = CertifiedKey::from_der(chain, key_der, &provider)
+        .map_err(|e| format!("{} / {}: {e}", cert.display(), key.display()))?;
+    Ok(Arc::new(ck))
+}
+
+fn mtimes(files: &[(PathBuf, PathBuf)]) -> Vec<Option<SystemTime>> {
+    files
+        .iter()
+        .flat_map(|(c, k)| [c, k])
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+impl CertStore {
+    /// Loads every `(cert, key)` pair; the first is the default certificate.
+    pub fn load(files: &[(PathBuf, PathBuf)]) -> Result<CertStore, String> {
+        let mut loaded = Vec::new();
+        for (c, k) in files {
+            loaded.push(Loaded { key: load_one(c, k)?, files: (c.clone(), k.clone()) });
+        }
+        if loaded.is_empty() {
+            return Err("no certificate configured".into());
+        }
+        Ok(CertStore { inner: RwLock::new(loaded), stamps: RwLock::new(mtimes(files)) })
+    }
+
+    fn files(&self) -> Vec<(PathBuf, PathBuf)> {
+        match self.inner.read() {
+            Ok(g) => g.iter().map(|l| l.files.clone()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Reloads all files; on any error the old set stays in use and the error is returned.
+    pub fn reload(&self) -> Result<usize, String> {
+        let files = self.files();
+        let mut loaded = Vec::new();
+        for (c, k) in &files {
+            loaded.push(Loaded { key: load_one(c, k)?, files: (c.clone(), k.clone()) });
+        }
+        let n = loaded.len();
+        if let Ok(mut g) = self.inner.write() {
+            *g = loaded;
+        }
+        if let Ok(mut s) = self.stamps.write() {
+            *s = mtimes(&files);
+        }
+        Ok(n)
+    }
+
+    /// Reloads when any file's modification time changed since the last load.
+    pub fn reload_if_changed(&self) -> Option<Result<usize, String>> {
+        let now = mtimes(&self.files());
+        let changed = self.stamps.read().map(|s| *s != now).unwrap_or(false);
+        changed.then(|| {
+            let r = self.reload();
+            if r.is_err() {
+                // Do not retry a broken file every tick; wait for the next change.
+                if let Ok(mut s) = self.stamps.write() {
+                    *s = now;
+                }
+            }
+            r
+        })
+    }
+
+    fn pick(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let g = self.inner.read().ok()?;
+        if let Some(name) = sni.and_then(|n| ServerName::try_from(n.to_string()).ok()) {
+            for l in g.iter() {
+                let Some(ee) = l.key.cert.first() else { continue };
+                let Ok(ee) = webpki::EndEntityCert::try_from(ee) else { continue };
+                if ee.verify_is_valid_for_subject_name(&name).is_ok() {
+                    return Some(l.key.clone());
+                }
+            }
+        }
+        g.first().map(|l| l.key.clone())
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.pick(hello.server_name())
+    }
+}
+
+/// The rustls server configuration shared by all listeners.
+pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(store);
+    Ok(Arc::new(config))
+}
+
+/// Makes `cert.pem` / `key.pem` for `hostname` under `dir` unless they exist already.
+pub fn ensure_self_signed(dir: &Path, hostname: &str) -> Result<(PathBuf, PathBuf), String> {
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    if cert_path.exists() && key_path.exists() {
+        return Ok((cert_path, key_path));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let ck = rcgen::generate_simple_self_signed(vec![hostname.to_string()])
+        .map_err(|e| format!("generating a self-signed certificate: {e}"))?;
+    write_private(&key_path, ck.signing_key.serialize_pem().as_bytes())?;
+    std::fs::write(&cert_path, ck.cert.pem()).map_err(|e| format!("{}: {e}", cert_path.display()))?;
+    Ok((cert_path, key_path))
+}
+
+/// Writes a file readable only by its owner.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// IANA name of a cipher suite (`TLS_AES_256_GCM_SHA384`), not rustls' enum spelling.
+pub fn iana_cipher_name(suite: rustls::CipherSuite) -> String {
+    let debug = format!("{suite:?}");
+    match debug.strip_prefix("TLS13_") {
+        Some(rest) => format!("TLS_{rest}"),
+        None => debug,
+    }
+}
+
+/// Symmetric key bits of a suite, as Postfix prints them (`256/256 bits`).
+pub fn cipher_bits(name: &str) -> u16 {
+    if name.contains("AES_128") { 128 } else { 256 }
+}
+
+/// Summary of a negotiated server-side session.
+pub fn summarize(conn: &rustls::ServerConnection) -> TlsInfo {
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+        Some(v) => format!("{v:?}"),
+        None => "unknown".to_string(),
+    };
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .map(|s| iana_cipher_name(s.suite()))
+        .unwrap_or_else(|| "unknown".into());
+    TlsInfo {
+        bits: cipher_bits(&cipher),
+        version,
+        cipher,
+        key_exchange: conn.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name())),
+        sni: conn.server_name().map(str::to_string),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iana_names() {
+        assert_eq!(
+            iana_cipher_name(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384),
+            "TLS_AES_256_GCM_SHA384"
+        );
+        assert_eq!(
+            iana_cipher_name(rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256),
+            "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"
+        );
+        assert_eq!(cipher_bits("TLS_AES_128_GCM_SHA256"), 128);
+        assert_eq!(cipher_bits("TLS_CHACHA20_POLY1305_SHA256"), 256);
+    }
+
+    #[test]
+    fn self_signed_made_once_and_sni_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = ensure_self_signed(dir.path(), "mx.example.test").unwrap();
+        let first = std::fs::read(&c).unwrap();
+        ensure_self_signed(dir.path(), "mx.example.test").unwrap();
+        assert_eq!(first, std::fs::read(&c).unwrap());
+        let store = CertStore::load(&[(c, k)]).unwrap();
+        assert!(store.pick(Some("mx.example.test")).is_some());
+        assert!(store.pick(Some("other.test")).is_some(), "falls back to the default");
+        assert!(store.reload_if_changed().is_none());
+    }
+}

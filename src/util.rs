@@ -1,0 +1,86 @@
+//! Small helpers shared by several rooms: RFC 5322 dates and queue ids.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// `(year, month, day)` of a day count since 1970-01-01 (H. Hinnant's civil-from-days).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// RFC 5322 date-time in UTC, e.g. `Mon, 23 Nov 2026 21:06:56 +0000`.
+pub fn rfc5322_date(unix: u64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] =
+        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{}, {} {} {} {:02}:{:02}:{:02} +0000",
+        DAYS[(days % 7) as usize],
+        d,
+        MONTHS[(m - 1) as usize],
+        y,
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// `yyyymmddhhmmss` in UTC (used for MTA-STS ids and file names).
+pub fn compact_utc(unix: u64) -> String {
+    let (y, m, d) = civil_from_days((unix / 86_400) as i64);
+    let s = unix % 86_400;
+    format!("{y:04}{m:02}{d:02}{:02}{:02}{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A new queue id: 16 uppercase hex digits, microseconds since the epoch then a counter, so
+/// ids sort by arrival and stay unique across restarts.
+pub fn new_queue_id() -> String {
+    let micros = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed) & 0xF_FFFF;
+    format!("{:011X}{:05X}", micros & 0xFFF_FFFF_FFFF, n)
+}
+
+/// True for a string that can be a queue id (also guards paths built from ids).
+pub fn is_queue_id(s: &str) -> bool {
+    s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc5322_date(0), "Thu, 1 Jan 1970 00:00:00 +0000");
+        assert_eq!(rfc5322_date(1_795_381_616), "Mon, 23 Nov 2026 21:06:56 +0000");
+        assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
+        assert_eq!(compact_utc(1_795_381_616), "20261123210656");
+    }
+
+    #[test]
+    fn ids_unique_and_valid() {
+        let a = new_queue_id();
+        let b = new_queue_id();
+        assert_ne!(a, b);
+        assert!(is_queue_id(&a) && is_queue_id(&b));
+        assert!(!is_queue_id("../../etc/passwd"));
+    }
+}
