@@ -205,7 +205,7 @@ mod tests {
     #[test]
     fn ends_only_on_crlf_dot_crlf() {
         let (end, r) = run(BareNewline::Reject, b"Subject: x\r\n\r\nhello\r\n.\r\nMAIL");
-        assert_eq!(end, Some(26));
+        assert_eq!(end, Some(24));
         assert_eq!(r.body, b"Subject: x\r\n\r\nhello\r\n");
         assert!(!r.bare_newline);
     }

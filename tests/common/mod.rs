@@ -1,0 +1,473 @@
+//! Test harness: runs the real `moat` binary on its own loopback address with a config in a
+//! temp dir, and a small synchronous SMTP client (plain, STARTTLS, implicit TLS) to talk to it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned};
+
+pub const SMTP: u16 = 2525;
+pub const SMTPS: u16 = 2465;
+pub const SUBMISSION: u16 = 2587;
+
+pub struct Moat {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub ip: String,
+    pub config: PathBuf,
+}
+
+/// A config with the three standard listeners on `ip`, plus `extra` TOML appended.
+pub fn config_text(ip: &str, data: &Path, extra: &str, limits: &str) -> String {
+    format!(
+        r#"hostname = "mx.moat.test"
+data_dir = "{data}"
+
+[[listener]]
+name = "smtp"
+address = "{ip}:{SMTP}"
+mode = "smtp"
+
+[[listener]]
+name = "smtps"
+address = "{ip}:{SMTPS}"
+mode = "smtps"
+
+[[listener]]
+name = "submission"
+address = "{ip}:{SUBMISSION}"
+mode = "submission"
+
+[[domain]]
+name = "moat.test"
+route = "maildir"
+
+[[domain]]
+name = "sink.test"
+route = "discard"
+
+[limits]
+auth_failure_delay_ms = 0
+shutdown_grace_secs = 5
+{limits}
+
+{extra}
+"#,
+        data = data.display()
+    )
+}
+
+impl Moat {
+    /// Starts moat with the standard config on `ip`.
+    pub fn start(ip: &str) -> Moat {
+        Moat::start_with(ip, "", "")
+    }
+
+    pub fn start_with(ip: &str, extra: &str, limits: &str) -> Moat {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let config = dir.path().join("moat.toml");
+        std::fs::write(&config, config_text(ip, &data, extra, limits)).unwrap();
+        let mut m = Moat { child: None, dir, ip: ip.to_string(), config };
+        m.spawn();
+        m
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        format!("{}:{port}", self.ip).parse().unwrap()
+    }
+
+    /// (Re)starts the process and waits until every listener answers.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("moat.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_moat"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .env("MOAT_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for port in [SMTP, SMTPS, SUBMISSION] {
+            while TcpStream::connect_timeout(&self.addr(port), Duration::from_millis(200)).is_err() {
+                assert!(Instant::now() < deadline, "moat did not start: {}", self.log());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("moat.log")).unwrap_or_default()
+    }
+
+    pub fn add_user(&self, name: &str, password: &str) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_moat"))
+            .args(["user", "add", name, "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+        assert!(child.wait().unwrap().success());
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().unwrap();
+        unsafe_kill(c.id(), 15);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "moat did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe_kill(self.child.as_ref().unwrap().id(), sig);
+    }
+
+    /// Files in `<data>/mail/<mailbox>/new`.
+    pub fn mailbox(&self, mailbox: &str) -> Vec<String> {
+        let dir = self.data().join("mail").join(mailbox).join("new");
+        let mut out: Vec<String> = match std::fs::read_dir(dir) {
+            Ok(d) => d.map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap()).collect(),
+            Err(_) => Vec::new(),
+        };
+        out.sort();
+        out
+    }
+
+    /// Waits until `mailbox` holds at least `n` messages.
+    pub fn wait_mailbox(&self, mailbox: &str, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let m = self.mailbox(mailbox);
+            if m.len() >= n || Instant::now() > deadline {
+                return m;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn queue_len(&self) -> usize {
+        std::fs::read_dir(self.data().join("spool/queue")).map(|d| d.count()).unwrap_or(0)
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: i32) {
+    let status = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success());
+}
+
+impl Drop for Moat {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Accepts any server certificate: these tests check Moat's behaviour, not PKIX (the interop
+/// suite verifies chains and names with openssl, swaks and Postfix).
+#[derive(Debug)]
+pub struct AnyCert;
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &provider().signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &provider().signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::aws_lc_rs::default_provider()
+}
+
+pub fn client_config(versions: &[&'static rustls::SupportedProtocolVersion]) -> Arc<rustls::ClientConfig> {
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert))
+            .with_no_client_auth(),
+    )
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+    None,
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+            Stream::None => Ok(0),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+            Stream::None => Ok(0),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+            Stream::None => Ok(()),
+        }
+    }
+}
+
+/// A blocking SMTP client for tests.
+pub struct Client {
+    reader: BufReader<Stream>,
+    pub peer_cert: Option<Vec<u8>>,
+    pub tls_version: Option<rustls::ProtocolVersion>,
+}
+
+/// One reply: code and the text of each line (after `NNN-`/`NNN `).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub code: u16,
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        self.lines.join("\n")
+    }
+    /// `"550 5.1.1"` style check of code and enhanced code.
+    pub fn is(&self, code_and_enhanced: &str) -> bool {
+        let full = format!("{} {}", self.code, self.lines.first().map(String::as_str).unwrap_or(""));
+        full.starts_with(code_and_enhanced)
+    }
+}
+
+impl std::fmt::Display for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.code, self.text())
+    }
+}
+
+impl Client {
+    /// Connects and reads the greeting (which must be 220).
+    pub fn connect(addr: SocketAddr) -> Client {
+        let mut c = Client::connect_raw(addr);
+        let r = c.read_reply();
+        assert_eq!(r.code, 220, "greeting: {r}");
+        c
+    }
+
+    /// Connects without reading anything.
+    pub fn connect_raw(addr: SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Client { reader: BufReader::new(Stream::Plain(s)), peer_cert: None, tls_version: None }
+    }
+
+    /// Implicit TLS: handshake first, then the greeting.
+    pub fn connect_tls(addr: SocketAddr, sni: &str) -> Client {
+        let mut c = Client::connect_raw(addr);
+        c.handshake(sni, &[&rustls::version::TLS13, &rustls::version::TLS12]).unwrap();
+        let r = c.read_reply();
+        assert_eq!(r.code, 220, "greeting: {r}");
+        c
+    }
+
+    pub fn handshake(
+        &mut self,
+        sni: &str,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Result<(), rustls::Error> {
+        let tcp = match std::mem::replace(self.reader.get_mut(), Stream::None) {
+            Stream::Plain(s) => s,
+            _ => panic!("already TLS"),
+        };
+        assert!(self.reader.buffer().is_empty(), "unread plaintext before TLS");
+        let name = ServerName::try_from(sni.to_string()).unwrap();
+        let mut conn = ClientConnection::new(client_config(versions), name).unwrap();
+        let mut tcp = tcp;
+        while conn.is_handshaking() {
+            match conn.complete_io(&mut tcp) {
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(rustls::Error::General(e.to_string()));
+                }
+            }
+        }
+        self.peer_cert = conn.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
+        self.tls_version = conn.protocol_version();
+        *self.reader.get_mut() = Stream::Tls(Box::new(StreamOwned::new(conn, tcp)));
+        Ok(())
+    }
+
+    /// STARTTLS (expects 220) and the handshake; does not send EHLO.
+    pub fn starttls(&mut self, sni: &str) {
+        let r = self.cmd("STARTTLS");
+        assert!(r.is("220 2.0.0"), "STARTTLS: {r}");
+        self.handshake(sni, &[&rustls::version::TLS13, &rustls::version::TLS12]).unwrap();
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.reader.get_mut().write_all(bytes).unwrap();
+        self.reader.get_mut().flush().unwrap();
+    }
+
+    /// Reads one (possibly multi-line) reply. Panics on EOF.
+    pub fn read_reply(&mut self) -> Reply {
+        self.try_read_reply().expect("connection closed while waiting for a reply")
+    }
+
+    /// Reads one reply, or None on EOF / reset.
+    pub fn try_read_reply(&mut self) -> Option<Reply> {
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+            assert!(line.ends_with("\r\n"), "reply line without CRLF: {line:?}");
+            let line = line.trim_end();
+            assert!(line.len() >= 3, "short reply line {line:?}");
+            let code: u16 = line[..3].parse().unwrap();
+            let sep = line.as_bytes().get(3).copied().unwrap_or(b' ');
+            lines.push(line.get(4..).unwrap_or("").to_string());
+            if sep == b' ' {
+                return Some(Reply { code, lines });
+            }
+        }
+    }
+
+    /// True when the server closed the connection (EOF) within the read timeout.
+    pub fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.reader.read(&mut b), Ok(0) | Err(_))
+    }
+
+    pub fn cmd(&mut self, line: &str) -> Reply {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.read_reply()
+    }
+
+    pub fn ehlo(&mut self) -> Reply {
+        let r = self.cmd("EHLO client.test");
+        assert_eq!(r.code, 250, "EHLO: {r}");
+        r
+    }
+
+    /// MAIL, RCPTs, DATA with `body` (already dot-stuffed, CRLF): returns the final reply.
+    pub fn send_mail(&mut self, from: &str, to: &[&str], body: &str) -> Reply {
+        let r = self.cmd(&format!("MAIL FROM:<{from}>"));
+        if r.code != 250 {
+            return r;
+        }
+        for t in to {
+            let r = self.cmd(&format!("RCPT TO:<{t}>"));
+            if r.code != 250 {
+                return r;
+            }
+        }
+        let r = self.cmd("DATA");
+        if r.code != 354 {
+            return r;
+        }
+        self.send(format!("{body}.\r\n").as_bytes());
+        self.read_reply()
+    }
+}
+
+/// Writes a CA and leaf certificates (for `names`) signed by it; returns (ca_pem, [(cert, key)]).
+pub fn make_certs(dir: &Path, leaves: &[&str]) -> (PathBuf, Vec<(PathBuf, PathBuf)>) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Moat Test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let ca_path = dir.join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let mut out = Vec::new();
+    for (i, name) in leaves.iter().enumerate() {
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(vec![name.to_string()]).unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let c = dir.join(format!("leaf{i}.pem"));
+        let k = dir.join(format!("leaf{i}.key"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        out.push((c, k));
+    }
+    (ca_path, out)
+}
+
+/// DER of the first certificate in a PEM file.
+pub fn pem_der(path: &Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_file_iter(path).unwrap().next().unwrap().unwrap().to_vec()
+}
