@@ -159,7 +159,7 @@ fn auth_failures_per_address_are_limited() {
 
 #[test]
 fn relay_control_and_address_tricks() {
-    let m = Moat::start("127.0.10.9");
+    let m = Moat::start_with("127.0.10.9", "", "max_errors = 100");
     let mut c = Client::connect(m.addr(SMTP));
     c.ehlo();
     assert_eq!(c.cmd("MAIL FROM:<x@example.org>").code, 250);
@@ -179,16 +179,13 @@ fn relay_control_and_address_tricks() {
         ("<x@moat.test.>", "501 5.1.3"),
         ("<x@remote.example.>", "501 5.1.3"),
         ("<x@moat.test@remote.example>", "501 5.1.3"),
-        ("<../../etc@moat.test>", "550 5.1.1"),
+        ("<../../etc@moat.test>", "501 5.1.3"),
+        ("<etc/passwd@moat.test>", "550 5.1.1"),
         ("<>", "501"),
     ];
     for (rcpt, want) in cases {
         let r = c.cmd(&format!("RCPT TO:{rcpt}"));
         assert!(r.is(want), "RCPT TO:{rcpt}: want {want}, got {r}");
-        if r.code >= 400 {
-            // Keep under the error limit.
-            assert_eq!(c.cmd("NOOP").code, 250);
-        }
     }
     drop(c);
     // A trusted network may relay.
@@ -343,15 +340,27 @@ fn idle_client_times_out() {
 #[test]
 fn connection_limit_per_address() {
     let m = Moat::start_with("127.0.10.18", "", "max_connections_per_ip = 2");
-    let _a = Client::connect(m.addr(SMTP));
-    let _b = Client::connect(m.addr(SMTP));
+    // The harness's readiness probes hold slots until the server sees them close.
+    let connect = || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut c = Client::connect_raw(m.addr(SMTP));
+            if c.read_reply().code == 220 {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "no free slot");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let _a = connect();
+    let _b = connect();
     let mut c = Client::connect_raw(m.addr(SMTP));
     let r = c.read_reply();
     assert!(r.is("421 4.7.0"), "{r}");
     assert!(c.closed());
     drop(_a);
-    std::thread::sleep(Duration::from_millis(200));
-    let _d = Client::connect(m.addr(SMTP));
+    // The slot is released once the server sees the close.
+    let _d = connect();
 }
 
 #[test]

@@ -411,7 +411,15 @@ impl Session {
             Request::StartTls => self.starttls(raw),
             Request::Auth { mechanism, initial_response } => self.auth(mechanism, initial_response),
             Request::Mail { from } => self.mail(from),
-            Request::Rcpt { to } => self.rcpt(to),
+            Request::Rcpt { to } => {
+                // smtp-proto maps both <> and <postmaster> to "": only the raw line tells.
+                let path = raw.get(4..).unwrap_or_default().trim_ascii_start();
+                let path = path.get(3..).unwrap_or_default().trim_ascii_start();
+                if path.starts_with(b"<>") {
+                    return self.error("501 5.1.3 Bad recipient address syntax: the null path is not a recipient");
+                }
+                self.rcpt(to)
+            }
             Request::Data => self.data(),
             Request::Bdat { chunk_size, is_last } => self.bdat(chunk_size, is_last),
             Request::Rset => {
@@ -668,7 +676,7 @@ impl Session {
             return self.error("553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter");
         }
         let address = if to.address.is_empty() {
-            // smtp-proto maps both <> and <postmaster> to "": tell them apart.
+            // `<postmaster>` (the null path was refused in `command`).
             match &self.rules.postmaster_domain {
                 Some(d) => format!("postmaster@{d}"),
                 None => return self.error("550 5.1.1 No postmaster mailbox here"),
