@@ -69,13 +69,17 @@ pub struct ListenerConfig {
 
 impl ListenerConfig {
     pub fn label(&self) -> String {
-        self.name.clone().unwrap_or_else(|| format!("{:?}", self.mode).to_lowercase())
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("{:?}", self.mode).to_lowercase())
     }
     pub fn requires_tls(&self) -> bool {
-        self.require_tls.unwrap_or(self.mode == ListenerMode::Submission)
+        self.require_tls
+            .unwrap_or(self.mode == ListenerMode::Submission)
     }
     pub fn requires_auth(&self) -> bool {
-        self.require_auth.unwrap_or(self.mode == ListenerMode::Submission)
+        self.require_auth
+            .unwrap_or(self.mode == ListenerMode::Submission)
     }
 }
 
@@ -161,7 +165,9 @@ pub struct AuthConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { users_file: default_users_file() }
+        AuthConfig {
+            users_file: default_users_file(),
+        }
     }
 }
 
@@ -254,10 +260,16 @@ impl std::str::FromStr for IpNet {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr: IpAddr = a.parse().map_err(|_| format!("`{s}` is not an IP network"))?;
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP network"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match p {
-            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or(format!("bad prefix in `{s}`"))?,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or(format!("bad prefix in `{s}`"))?,
             None => max,
         };
         Ok(IpNet { addr, prefix })
@@ -272,11 +284,15 @@ impl IpNet {
         };
         match (self.addr, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -321,7 +337,12 @@ impl Config {
                 .filter(|_| message.starts_with("unknown field"))
                 .unwrap_or("(syntax)")
                 .to_string();
-            ConfigError { file: file.to_string(), line, key, message }
+            ConfigError {
+                file: file.to_string(),
+                line,
+                key,
+                message,
+            }
         })?;
         config.validate(src, file)?;
         Ok(config)
@@ -338,15 +359,32 @@ impl Config {
             },
             message,
         };
-        if !crate::smtp::address::valid_domain(&self.hostname, false) || self.hostname.starts_with('[') {
-            return Err(err("", 0, "hostname", format!("`{}` is not a host name", self.hostname)));
+        if !crate::smtp::address::valid_domain(&self.hostname, false)
+            || self.hostname.starts_with('[')
+        {
+            return Err(err(
+                "",
+                0,
+                "hostname",
+                format!("`{}` is not a host name", self.hostname),
+            ));
         }
         if self.listeners.is_empty() {
-            return Err(err("", 0, "listener", "at least one [[listener]] is needed".into()));
+            return Err(err(
+                "",
+                0,
+                "listener",
+                "at least one [[listener]] is needed".into(),
+            ));
         }
         for (i, l) in self.listeners.iter().enumerate() {
             if self.listeners[..i].iter().any(|o| o.address == l.address) {
-                return Err(err("listener", i, "address", format!("{} is used by two listeners", l.address)));
+                return Err(err(
+                    "listener",
+                    i,
+                    "address",
+                    format!("{} is used by two listeners", l.address),
+                ));
             }
             if l.requires_auth() && !l.requires_tls() && l.mode != ListenerMode::Smtps {
                 return Err(err(
@@ -358,14 +396,28 @@ impl Config {
             }
         }
         for (i, n) in self.relay.trusted_networks.iter().enumerate() {
-            n.parse::<IpNet>().map_err(|m| err("relay", 0, "trusted_networks", format!("entry {i}: {m}")))?;
+            n.parse::<IpNet>()
+                .map_err(|m| err("relay", 0, "trusted_networks", format!("entry {i}: {m}")))?;
         }
         for (i, d) in self.domains.iter().enumerate() {
             if !crate::smtp::address::valid_domain(&d.name, true) {
-                return Err(err("domain", i, "name", format!("`{}` is not a domain name", d.name)));
+                return Err(err(
+                    "domain",
+                    i,
+                    "name",
+                    format!("`{}` is not a domain name", d.name),
+                ));
             }
-            if self.domains[..i].iter().any(|o| o.name.eq_ignore_ascii_case(&d.name)) {
-                return Err(err("domain", i, "name", format!("`{}` is configured twice", d.name)));
+            if self.domains[..i]
+                .iter()
+                .any(|o| o.name.eq_ignore_ascii_case(&d.name))
+            {
+                return Err(err(
+                    "domain",
+                    i,
+                    "name",
+                    format!("`{}` is configured twice", d.name),
+                ));
             }
             for m in &d.mailboxes {
                 if crate::smtp::address::mailbox_name(m).as_deref() != Some(m.as_str()) {
@@ -380,7 +432,8 @@ impl Config {
         }
         for (i, r) in self.inbound_rules.iter().enumerate() {
             for n in &r.networks {
-                n.parse::<IpNet>().map_err(|m| err("inbound_rule", i, "networks", m))?;
+                n.parse::<IpNet>()
+                    .map_err(|m| err("inbound_rule", i, "networks", m))?;
             }
         }
         let l = &self.limits;
@@ -400,24 +453,41 @@ impl Config {
             }
         }
         if l.max_line_length < 512 {
-            return Err(err("limits", 0, "max_line_length", "RFC 5321 needs at least 512".into()));
+            return Err(err(
+                "limits",
+                0,
+                "max_line_length",
+                "RFC 5321 needs at least 512".into(),
+            ));
         }
         Ok(())
     }
 
     /// A path from the config, taken relative to the data dir.
     pub fn data_path(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() { p.to_path_buf() } else { self.data_dir.join(p) }
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.data_dir.join(p)
+        }
     }
 
     pub fn trusted_networks(&self) -> Vec<IpNet> {
-        self.relay.trusted_networks.iter().filter_map(|n| n.parse().ok()).collect()
+        self.relay
+            .trusted_networks
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect()
     }
 }
 
 /// 1-based line of a byte offset.
 fn line_of_offset(src: &str, offset: usize) -> usize {
-    src[..offset.min(src.len())].bytes().filter(|&b| b == b'\n').count() + 1
+    src[..offset.min(src.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Finds the line of `key` inside the `index`-th `[table]`/`[[table]]` (or the top level when
@@ -513,7 +583,8 @@ mod tests {
         let e = Config::parse(src, "t.toml").unwrap_err();
         assert_eq!(e.key, "listener[1].address");
         assert_eq!(e.line, Some(6), "{e}");
-        let src = "[[listener]]\naddress = \"127.0.0.1:1\"\nmode = \"smtp\"\n[limits]\nmax_errors = 0\n";
+        let src =
+            "[[listener]]\naddress = \"127.0.0.1:1\"\nmode = \"smtp\"\n[limits]\nmax_errors = 0\n";
         let e = Config::parse(src, "t.toml").unwrap_err();
         assert_eq!(e.line, Some(5), "{e}");
     }

@@ -135,7 +135,11 @@ fn run(cli: Cli) -> Result<(), String> {
                 c.listeners.len(),
                 c.domains.len(),
                 c.tls.certificates.len(),
-                if c.tls.certificates.is_empty() { ", self-signed on first start" } else { "" }
+                if c.tls.certificates.is_empty() {
+                    ", self-signed on first start"
+                } else {
+                    ""
+                }
             );
             Ok(())
         }
@@ -146,7 +150,9 @@ fn run(cli: Cli) -> Result<(), String> {
 fn user(cmd: UserCommand) -> Result<(), String> {
     use moat::inbound::auth::{hash_password, read_users, valid_username, write_users};
     let (source, name) = match &cmd {
-        UserCommand::Add { name, source } | UserCommand::Remove { name, source } => (source, Some(name.clone())),
+        UserCommand::Add { name, source } | UserCommand::Remove { name, source } => {
+            (source, Some(name.clone()))
+        }
         UserCommand::List { source } => (source, None),
     };
     let config = source.load()?;
@@ -156,10 +162,15 @@ fn user(cmd: UserCommand) -> Result<(), String> {
         UserCommand::Add { .. } => {
             let name = name.unwrap_or_default();
             if !valid_username(&name) {
-                return Err(format!("`{name}` is not a valid user name (no spaces, colons or control characters)"));
+                return Err(format!(
+                    "`{name}` is not a valid user name (no spaces, colons or control characters)"
+                ));
             }
             let mut line = String::new();
-            std::io::stdin().lock().read_line(&mut line).map_err(|e| format!("reading the password: {e}"))?;
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .map_err(|e| format!("reading the password: {e}"))?;
             let password = line.trim_end_matches(['\r', '\n']);
             if password.is_empty() {
                 return Err("empty password: give it on the first line of stdin".into());
@@ -169,7 +180,11 @@ fn user(cmd: UserCommand) -> Result<(), String> {
             users.retain(|(u, _)| *u != name);
             users.push((name.clone(), hash));
             write_users(&path, &users)?;
-            println!("{} {name} in {}", if existed { "updated" } else { "added" }, path.display());
+            println!(
+                "{} {name} in {}",
+                if existed { "updated" } else { "added" },
+                path.display()
+            );
         }
         UserCommand::Remove { .. } => {
             let name = name.unwrap_or_default();

@@ -37,7 +37,9 @@ fn rules_from(config: &Config) -> Rules {
         let kind = match d.route {
             RouteKind::Maildir => {
                 postmaster_domain.get_or_insert_with(|| d.name.to_ascii_lowercase());
-                DomainKind::Local { mailboxes: d.mailboxes.iter().cloned().collect::<HashSet<_>>() }
+                DomainKind::Local {
+                    mailboxes: d.mailboxes.iter().cloned().collect::<HashSet<_>>(),
+                }
             }
             RouteKind::Discard => DomainKind::Routed,
         };
@@ -77,11 +79,12 @@ fn certificate_files(config: &Config) -> Result<Vec<(PathBuf, PathBuf)>, String>
 
 /// Runs the server until a termination signal.
 pub async fn serve(config: Config) -> Result<(), String> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
     let store = Arc::new(CertStore::load(&certificate_files(&config)?)?);
     let tls_config = crate::tls::server_config(store.clone())?;
-    let (spool, existing) =
-        Spool::open(&config.data_dir.join("spool")).map_err(|e| format!("opening the spool: {e}"))?;
+    let (spool, existing) = Spool::open(&config.data_dir.join("spool"))
+        .map_err(|e| format!("opening the spool: {e}"))?;
     if !existing.is_empty() {
         tracing::info!(messages = existing.len(), "recovered queued messages");
     }
@@ -98,7 +101,12 @@ pub async fn serve(config: Config) -> Result<(), String> {
             (d.name.to_ascii_lowercase(), route)
         })
         .collect();
-    let deliver = Deliverer { spool: spool.clone(), routes, hostname: config.hostname.clone() }.spawn(existing);
+    let deliver = Deliverer {
+        spool: spool.clone(),
+        routes,
+        hostname: config.hostname.clone(),
+    }
+    .spawn(existing);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let l = &config.limits;
@@ -110,7 +118,10 @@ pub async fn serve(config: Config) -> Result<(), String> {
         deliver,
         auth: Authenticator {
             users_file: config.data_path(&config.auth.users_file),
-            limiter: AuthLimiter::new(l.auth_ip_max_failures, Duration::from_secs(l.auth_ip_window_secs)),
+            limiter: AuthLimiter::new(
+                l.auth_ip_max_failures,
+                Duration::from_secs(l.auth_ip_window_secs),
+            ),
             max_failures_per_connection: l.auth_max_failures,
         },
         trusted: config.trusted_networks(),
@@ -150,14 +161,22 @@ pub async fn serve(config: Config) -> Result<(), String> {
             (true, false) => ", TLS required",
             _ => "",
         };
-        println!("moat: listening on {} ({}: {what}{extra})", socket.local_addr().map_err(|e| e.to_string())?, lc.label());
+        println!(
+            "moat: listening on {} ({}: {what}{extra})",
+            socket.local_addr().map_err(|e| e.to_string())?,
+            lc.label()
+        );
         bound.push((socket, ctx));
     }
     for d in &config.domains {
         match d.route {
             RouteKind::Maildir => {
                 let root = config.data_path(d.path.as_deref().unwrap_or("mail".as_ref()));
-                println!("moat: mail for {} goes to {}/<mailbox>/new/", d.name, root.display());
+                println!(
+                    "moat: mail for {} goes to {}/<mailbox>/new/",
+                    d.name,
+                    root.display()
+                );
             }
             RouteKind::Discard => println!("moat: mail for {} is discarded", d.name),
         }
@@ -198,7 +217,11 @@ pub async fn serve(config: Config) -> Result<(), String> {
                             let host = shared.rules.hostname.clone();
                             tokio::spawn(async move {
                                 let line = format!("421 4.7.0 {host} {why}\r\n");
-                                let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(line.as_bytes())).await;
+                                let _ = tokio::time::timeout(
+                                    Duration::from_secs(5),
+                                    stream.write_all(line.as_bytes()),
+                                )
+                                .await;
                                 let _ = stream.shutdown().await;
                             });
                         }
@@ -217,10 +240,16 @@ pub async fn serve(config: Config) -> Result<(), String> {
                 _ = tokio::time::sleep(interval) => false,
                 Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
             };
-            let result = if forced { Some(reload_store.reload()) } else { reload_store.reload_if_changed() };
+            let result = if forced {
+                Some(reload_store.reload())
+            } else {
+                reload_store.reload_if_changed()
+            };
             match result {
                 Some(Ok(n)) => tracing::info!(certificates = n, "certificates reloaded"),
-                Some(Err(e)) => tracing::error!(error = %e, "certificate reload failed; keeping the old ones"),
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "certificate reload failed; keeping the old ones")
+                }
                 None => {}
             }
         }
@@ -232,7 +261,10 @@ pub async fn serve(config: Config) -> Result<(), String> {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    tracing::info!(sessions = counter.total(), "shutting down: no new connections");
+    tracing::info!(
+        sessions = counter.total(),
+        "shutting down: no new connections"
+    );
     let _ = shutdown_tx.send(true);
     let grace = tokio::time::Instant::now() + Duration::from_secs(l.shutdown_grace_secs);
     while counter.total() > 0 && tokio::time::Instant::now() < grace {

@@ -42,7 +42,8 @@ fn load_one(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, String> {
     if chain.is_empty() {
         return Err(format!("{}: no certificate found", cert.display()));
     }
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let key_der =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
     let provider = rustls::crypto::aws_lc_rs::default_provider();
     let ck = CertifiedKey::from_der(chain, key_der, &provider)
         .map_err(|e| format!("{} / {}: {e}", cert.display(), key.display()))?;
@@ -62,12 +63,18 @@ impl CertStore {
     pub fn load(files: &[(PathBuf, PathBuf)]) -> Result<CertStore, String> {
         let mut loaded = Vec::new();
         for (c, k) in files {
-            loaded.push(Loaded { key: load_one(c, k)?, files: (c.clone(), k.clone()) });
+            loaded.push(Loaded {
+                key: load_one(c, k)?,
+                files: (c.clone(), k.clone()),
+            });
         }
         if loaded.is_empty() {
             return Err("no certificate configured".into());
         }
-        Ok(CertStore { inner: RwLock::new(loaded), stamps: RwLock::new(mtimes(files)) })
+        Ok(CertStore {
+            inner: RwLock::new(loaded),
+            stamps: RwLock::new(mtimes(files)),
+        })
     }
 
     fn files(&self) -> Vec<(PathBuf, PathBuf)> {
@@ -82,7 +89,10 @@ impl CertStore {
         let files = self.files();
         let mut loaded = Vec::new();
         for (c, k) in &files {
-            loaded.push(Loaded { key: load_one(c, k)?, files: (c.clone(), k.clone()) });
+            loaded.push(Loaded {
+                key: load_one(c, k)?,
+                files: (c.clone(), k.clone()),
+            });
         }
         let n = loaded.len();
         if let Ok(mut g) = self.inner.write() {
@@ -114,8 +124,12 @@ impl CertStore {
         let g = self.inner.read().ok()?;
         if let Some(name) = sni.and_then(|n| ServerName::try_from(n.to_string()).ok()) {
             for l in g.iter() {
-                let Some(ee) = l.key.cert.first() else { continue };
-                let Ok(ee) = webpki::EndEntityCert::try_from(ee) else { continue };
+                let Some(ee) = l.key.cert.first() else {
+                    continue;
+                };
+                let Ok(ee) = webpki::EndEntityCert::try_from(ee) else {
+                    continue;
+                };
                 if ee.verify_is_valid_for_subject_name(&name).is_ok() {
                     return Some(l.key.clone());
                 }
@@ -153,7 +167,8 @@ pub fn ensure_self_signed(dir: &Path, hostname: &str) -> Result<(PathBuf, PathBu
     let ck = rcgen::generate_simple_self_signed(vec![hostname.to_string()])
         .map_err(|e| format!("generating a self-signed certificate: {e}"))?;
     write_private(&key_path, ck.signing_key.serialize_pem().as_bytes())?;
-    std::fs::write(&cert_path, ck.cert.pem()).map_err(|e| format!("{}: {e}", cert_path.display()))?;
+    std::fs::write(&cert_path, ck.cert.pem())
+        .map_err(|e| format!("{}: {e}", cert_path.display()))?;
     Ok((cert_path, key_path))
 }
 
@@ -168,7 +183,9 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
         .mode(0o600)
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", path.display()))
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// IANA name of a cipher suite (`TLS_AES_256_GCM_SHA384`), not rustls' enum spelling.
@@ -201,7 +218,9 @@ pub fn summarize(conn: &rustls::ServerConnection) -> TlsInfo {
         bits: cipher_bits(&cipher),
         version,
         cipher,
-        key_exchange: conn.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name())),
+        key_exchange: conn
+            .negotiated_key_exchange_group()
+            .map(|g| format!("{:?}", g.name())),
         sni: conn.server_name().map(str::to_string),
     }
 }
@@ -233,7 +252,10 @@ mod tests {
         assert_eq!(first, std::fs::read(&c).unwrap());
         let store = CertStore::load(&[(c, k)]).unwrap();
         assert!(store.pick(Some("mx.example.test")).is_some());
-        assert!(store.pick(Some("other.test")).is_some(), "falls back to the default");
+        assert!(
+            store.pick(Some("other.test")).is_some(),
+            "falls back to the default"
+        );
         assert!(store.reload_if_changed().is_none());
     }
 }

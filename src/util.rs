@@ -5,7 +5,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// `(year, month, day)` of a day count since 1970-01-01 (H. Hinnant's civil-from-days).
@@ -24,8 +27,9 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 /// RFC 5322 date-time in UTC, e.g. `Mon, 23 Nov 2026 21:06:56 +0000`.
 pub fn rfc5322_date(unix: u64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] =
-        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
     let days = (unix / 86_400) as i64;
     let secs = unix % 86_400;
     let (y, m, d) = civil_from_days(days);
@@ -45,7 +49,12 @@ pub fn rfc5322_date(unix: u64) -> String {
 pub fn compact_utc(unix: u64) -> String {
     let (y, m, d) = civil_from_days((unix / 86_400) as i64);
     let s = unix % 86_400;
-    format!("{y:04}{m:02}{d:02}{:02}{:02}{:02}", s / 3600, s / 60 % 60, s % 60)
+    format!(
+        "{y:04}{m:02}{d:02}{:02}{:02}{:02}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -53,14 +62,19 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// A new queue id: 16 uppercase hex digits, microseconds since the epoch then a counter, so
 /// ids sort by arrival and stay unique across restarts.
 pub fn new_queue_id() -> String {
-    let micros = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed) & 0xF_FFFF;
     format!("{:011X}{:05X}", micros & 0xFFF_FFFF_FFFF, n)
 }
 
 /// True for a string that can be a queue id (also guards paths built from ids).
 pub fn is_queue_id(s: &str) -> bool {
-    s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+    s.len() == 16
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
 }
 
 #[cfg(test)]
@@ -70,9 +84,12 @@ mod tests {
     #[test]
     fn dates() {
         assert_eq!(rfc5322_date(0), "Thu, 1 Jan 1970 00:00:00 +0000");
-        assert_eq!(rfc5322_date(1_795_381_616), "Mon, 23 Nov 2026 21:06:56 +0000");
+        assert_eq!(
+            rfc5322_date(1_795_468_016),
+            "Mon, 23 Nov 2026 21:06:56 +0000"
+        );
         assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
-        assert_eq!(compact_utc(1_795_381_616), "20261123210656");
+        assert_eq!(compact_utc(1_795_468_016), "20261123210656");
     }
 
     #[test]

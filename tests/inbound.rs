@@ -16,23 +16,42 @@ fn starttls_then_delivery_with_received_stamp() {
     let mut c = Client::connect(m.addr(SMTP));
     let r = c.ehlo();
     assert!(r.lines.iter().any(|l| l == "STARTTLS"), "{r}");
-    assert!(!r.lines.iter().any(|l| l.starts_with("AUTH")), "AUTH offered in plaintext: {r}");
-    for ext in ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING"] {
+    assert!(
+        !r.lines.iter().any(|l| l.starts_with("AUTH")),
+        "AUTH offered in plaintext: {r}"
+    );
+    for ext in [
+        "PIPELINING",
+        "8BITMIME",
+        "ENHANCEDSTATUSCODES",
+        "SMTPUTF8",
+        "CHUNKING",
+    ] {
         assert!(r.lines.iter().any(|l| l == ext), "{ext} missing: {r}");
     }
     c.starttls("mx.moat.test");
     assert_eq!(c.tls_version, Some(rustls::ProtocolVersion::TLSv1_3));
     let r = c.ehlo();
-    assert!(!r.lines.iter().any(|l| l == "STARTTLS"), "STARTTLS offered inside TLS: {r}");
+    assert!(
+        !r.lines.iter().any(|l| l == "STARTTLS"),
+        "STARTTLS offered inside TLS: {r}"
+    );
     assert!(r.lines.iter().any(|l| l == "AUTH PLAIN LOGIN"), "{r}");
-    let r = c.send_mail("alice@example.org", &["bob@moat.test"], "Subject: t1\r\n\r\nhello\r\n");
+    let r = c.send_mail(
+        "alice@example.org",
+        &["bob@moat.test"],
+        "Subject: t1\r\n\r\nhello\r\n",
+    );
     assert!(r.is("250 2.0.0"), "{r}");
     let mail = m.wait_mailbox("bob", 1);
     assert_eq!(mail.len(), 1);
     let msg = &mail[0];
     assert!(msg.starts_with("Return-Path: <alice@example.org>\r\nDelivered-To: bob@moat.test\r\nReceived: from client.test ([127.0.0.1])\r\n\t(using TLSv1.3 with cipher TLS_"), "{msg}");
     assert!(msg.contains(" bits) key-exchange "), "{msg}");
-    assert!(msg.contains("by mx.moat.test (Moat) with ESMTPS id "), "{msg}");
+    assert!(
+        msg.contains("by mx.moat.test (Moat) with ESMTPS id "),
+        "{msg}"
+    );
     assert!(msg.contains("\tfor <bob@moat.test>; "), "{msg}");
     assert!(msg.ends_with("Subject: t1\r\n\r\nhello\r\n"), "{msg}");
     assert_eq!(c.cmd("STARTTLS").code, 503);
@@ -48,7 +67,8 @@ fn starttls_discards_pipelined_plaintext() {
     c.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<evil@example.org>\r\n");
     let r = c.read_reply();
     assert!(r.is("220 2.0.0"), "{r}");
-    c.handshake("mx.moat.test", &[&rustls::version::TLS13]).unwrap();
+    c.handshake("mx.moat.test", &[&rustls::version::TLS13])
+        .unwrap();
     // The first reply inside TLS must answer our EHLO, not the injected RSET.
     let r = c.cmd("EHLO client.test");
     assert_eq!(r.code, 250);
@@ -77,12 +97,16 @@ fn implicit_tls_listener() {
     let r = c.ehlo();
     assert!(!r.lines.iter().any(|l| l == "STARTTLS"), "{r}");
     assert!(r.lines.iter().any(|l| l == "AUTH PLAIN LOGIN"), "{r}");
-    assert!(c.send_mail("", &["carol@moat.test"], "Subject: t\r\n\r\nx\r\n").is("250 2.0.0"));
+    assert!(
+        c.send_mail("", &["carol@moat.test"], "Subject: t\r\n\r\nx\r\n")
+            .is("250 2.0.0")
+    );
     let mail = m.wait_mailbox("carol", 1);
     assert!(mail[0].contains("with ESMTPS id"), "{}", mail[0]);
     // TLS 1.2 is accepted too.
     let mut c = Client::connect_raw(m.addr(SMTPS));
-    c.handshake("mx.moat.test", &[&rustls::version::TLS12]).unwrap();
+    c.handshake("mx.moat.test", &[&rustls::version::TLS12])
+        .unwrap();
     assert_eq!(c.tls_version, Some(rustls::ProtocolVersion::TLSv1_2));
     assert_eq!(c.read_reply().code, 220);
 }
@@ -95,19 +119,33 @@ fn submission_requires_tls_then_auth() {
     c.ehlo();
     assert!(c.cmd("MAIL FROM:<alice@moat.test>").is("530 5.7.0"));
     assert!(c.cmd("RCPT TO:<bob@moat.test>").is("530 5.7.0"));
-    assert!(c.cmd("AUTH PLAIN AGFsaWNlAGNvcnJlY3QgaG9yc2U=").is("538 5.7.11"));
+    assert!(
+        c.cmd("AUTH PLAIN AGFsaWNlAGNvcnJlY3QgaG9yc2U=")
+            .is("538 5.7.11")
+    );
     c.starttls("mx.moat.test");
     c.ehlo();
     let r = c.cmd("MAIL FROM:<alice@moat.test>");
-    assert!(r.is("530 5.7.0") && r.text().contains("Authentication required"), "{r}");
+    assert!(
+        r.is("530 5.7.0") && r.text().contains("Authentication required"),
+        "{r}"
+    );
     // AUTH LOGIN, two steps.
     assert!(c.cmd("AUTH LOGIN").is("334 VXNlcm5hbWU6"));
     assert!(c.cmd("YWxpY2U=").is("334 UGFzc3dvcmQ6"));
     assert!(c.cmd("Y29ycmVjdCBob3JzZQ==").is("235 2.7.0"));
     // Authenticated: relaying to another domain is allowed.
-    let r = c.send_mail("alice@moat.test", &["someone@remote.example"], "Subject: r\r\n\r\nx\r\n");
+    let r = c.send_mail(
+        "alice@moat.test",
+        &["someone@remote.example"],
+        "Subject: r\r\n\r\nx\r\n",
+    );
     assert!(r.is("250 2.0.0"), "{r}");
-    let r = c.send_mail("alice@moat.test", &["bob@moat.test"], "Subject: l\r\n\r\nx\r\n");
+    let r = c.send_mail(
+        "alice@moat.test",
+        &["bob@moat.test"],
+        "Subject: l\r\n\r\nx\r\n",
+    );
     assert!(r.is("250 2.0.0"), "{r}");
     let mail = m.wait_mailbox("bob", 1);
     assert!(mail[0].contains("with ESMTPSA id"), "{}", mail[0]);
@@ -145,7 +183,11 @@ fn auth_failures_end_in_421() {
 
 #[test]
 fn auth_failures_per_address_are_limited() {
-    let m = Moat::start_with("127.0.10.8", "", "auth_ip_max_failures = 2\nauth_max_failures = 5");
+    let m = Moat::start_with(
+        "127.0.10.8",
+        "",
+        "auth_ip_max_failures = 2\nauth_max_failures = 5",
+    );
     m.add_user("alice", "pw");
     let mut c = Client::connect_tls(m.addr(SMTPS), "mx.moat.test");
     c.ehlo();
@@ -189,7 +231,11 @@ fn relay_control_and_address_tricks() {
     }
     drop(c);
     // A trusted network may relay.
-    let m2 = Moat::start_with("127.0.10.10", "[relay]\ntrusted_networks = [\"127.0.0.0/8\"]", "");
+    let m2 = Moat::start_with(
+        "127.0.10.10",
+        "[relay]\ntrusted_networks = [\"127.0.0.0/8\"]",
+        "",
+    );
     let mut c = Client::connect(m2.addr(SMTP));
     c.ehlo();
     assert_eq!(c.cmd("MAIL FROM:<x@example.org>").code, 250);
@@ -260,7 +306,10 @@ fn pipelined_transaction_in_one_write() {
     assert_eq!(m.wait_mailbox("carol", 1).len(), 1);
     // One recipient was refused; the other two got the message (per-recipient outcomes).
     let bob = &m.mailbox("bob")[0];
-    assert!(!bob.contains("\tfor <"), "multi-recipient stamp must not name a recipient: {bob}");
+    assert!(
+        !bob.contains("\tfor <"),
+        "multi-recipient stamp must not name a recipient: {bob}"
+    );
 }
 
 #[test]
@@ -268,7 +317,13 @@ fn smuggling_sequences_never_split_a_message() {
     let m = Moat::start("127.0.10.14");
     let mut c = Client::connect(m.addr(SMTP));
     c.ehlo();
-    for smuggle in [&b"\r\n.\n"[..], b"\n.\r\n", b"\n.\n", b"\r.\r\n", b"\r\n.\r"] {
+    for smuggle in [
+        &b"\r\n.\n"[..],
+        b"\n.\r\n",
+        b"\n.\n",
+        b"\r.\r\n",
+        b"\r\n.\r",
+    ] {
         assert_eq!(c.cmd("MAIL FROM:<a@example.org>").code, 250);
         assert_eq!(c.cmd("RCPT TO:<bob@moat.test>").code, 250);
         assert_eq!(c.cmd("DATA").code, 354);
@@ -278,7 +333,11 @@ fn smuggling_sequences_never_split_a_message() {
         c.send(&data);
         // Exactly one reply: the whole thing is one message, rejected for its bare line ending.
         let r = c.read_reply();
-        assert!(r.is("550 5.6.2"), "{:?}: {r}", String::from_utf8_lossy(smuggle));
+        assert!(
+            r.is("550 5.6.2"),
+            "{:?}: {r}",
+            String::from_utf8_lossy(smuggle)
+        );
         assert_eq!(c.cmd("NOOP").code, 250, "no smuggled replies pending");
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -297,7 +356,11 @@ fn bare_newline_normalize_listener() {
     c.send(b"Subject: n\r\n\r\nline1\nline2\n.\nstill data\r\n.\r\n");
     assert!(c.read_reply().is("250 2.0.0"));
     let mail = m.wait_mailbox("bob", 1);
-    assert!(mail[0].ends_with("Subject: n\r\n\r\nline1\r\nline2\r\n.\r\nstill data\r\n"), "{:?}", mail[0]);
+    assert!(
+        mail[0].ends_with("Subject: n\r\n\r\nline1\r\nline2\r\n.\r\nstill data\r\n"),
+        "{:?}",
+        mail[0]
+    );
 }
 
 #[test]
@@ -316,7 +379,11 @@ fn bdat_chunks() {
     c.send(part2);
     assert!(c.read_reply().is("250 2.0.0"));
     let mail = m.wait_mailbox("bob", 1);
-    assert!(mail[0].ends_with("Subject: chunky\r\n\r\nMAIL FROM:<x@y>\r\n.\r\n"), "{}", mail[0]);
+    assert!(
+        mail[0].ends_with("Subject: chunky\r\n\r\nMAIL FROM:<x@y>\r\n.\r\n"),
+        "{}",
+        mail[0]
+    );
     // BDAT without a transaction: its bytes are still read, not run as commands.
     c.send(b"BDAT 6 LAST\r\nRSET\r\n");
     assert!(c.read_reply().is("503 5.5.1"));
@@ -325,7 +392,11 @@ fn bdat_chunks() {
 
 #[test]
 fn idle_client_times_out() {
-    let m = Moat::start_with("127.0.10.17", "", "command_timeout_secs = 1\nhandshake_timeout_secs = 1");
+    let m = Moat::start_with(
+        "127.0.10.17",
+        "",
+        "command_timeout_secs = 1\nhandshake_timeout_secs = 1",
+    );
     let mut c = Client::connect(m.addr(SMTP));
     let start = Instant::now();
     let r = c.read_reply();
@@ -380,7 +451,11 @@ fn sni_picks_certificate_and_files_reload() {
     let c = Client::connect_tls(m.addr(SMTPS), "b.moat.test");
     assert_eq!(c.peer_cert.as_deref(), Some(&b[..]));
     let c = Client::connect_tls(m.addr(SMTPS), "unknown.moat.test");
-    assert_eq!(c.peer_cert.as_deref(), Some(&a[..]), "default is the first certificate");
+    assert_eq!(
+        c.peer_cert.as_deref(),
+        Some(&a[..]),
+        "default is the first certificate"
+    );
     // Replace b's files with a new certificate for the same name: picked up without restart.
     let dir2 = tempfile::tempdir().unwrap();
     let (_ca2, new) = make_certs(dir2.path(), &["b.moat.test"]);
@@ -393,7 +468,11 @@ fn sni_picks_certificate_and_files_reload() {
         if c.peer_cert.as_deref() == Some(&fresh[..]) {
             break;
         }
-        assert!(Instant::now() < deadline, "certificate not reloaded: {}", m.log());
+        assert!(
+            Instant::now() < deadline,
+            "certificate not reloaded: {}",
+            m.log()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // A broken file keeps the old certificate in use.
@@ -411,9 +490,23 @@ fn sigterm_answers_421_and_keeps_acknowledged_mail() {
     idle.ehlo();
     let mut c = Client::connect(m.addr(SMTP));
     c.ehlo();
-    assert!(c.send_mail("a@example.org", &["x@remote.example"], "Subject: q\r\n\r\nx\r\n").is("554 5.7.1"));
+    assert!(
+        c.send_mail(
+            "a@example.org",
+            &["x@remote.example"],
+            "Subject: q\r\n\r\nx\r\n"
+        )
+        .is("554 5.7.1")
+    );
     assert_eq!(c.cmd("RSET").code, 250);
-    assert!(c.send_mail("a@example.org", &["bob@moat.test"], "Subject: q\r\n\r\nx\r\n").is("250 2.0.0"));
+    assert!(
+        c.send_mail(
+            "a@example.org",
+            &["bob@moat.test"],
+            "Subject: q\r\n\r\nx\r\n"
+        )
+        .is("250 2.0.0")
+    );
     let status = m.terminate();
     assert!(status.success(), "exit status {status}");
     let r = idle.read_reply();
@@ -433,12 +526,18 @@ fn kill_9_loses_no_acknowledged_message() {
         threads.push(std::thread::spawn(move || {
             for i in 0..1000 {
                 let tag = format!("T{t}-{i}");
-                let Ok(s) = std::net::TcpStream::connect(addr) else { return };
+                let Ok(s) = std::net::TcpStream::connect(addr) else {
+                    return;
+                };
                 drop(s);
                 let result = std::panic::catch_unwind(|| {
                     let mut c = Client::connect(addr);
                     c.ehlo();
-                    c.send_mail("a@example.org", &["bob@moat.test"], &format!("Subject: {tag}\r\n\r\nbody {tag}\r\n"))
+                    c.send_mail(
+                        "a@example.org",
+                        &["bob@moat.test"],
+                        &format!("Subject: {tag}\r\n\r\nbody {tag}\r\n"),
+                    )
                 });
                 match result {
                     Ok(r) if r.code == 250 => acked.lock().unwrap().push(tag),
@@ -453,22 +552,41 @@ fn kill_9_loses_no_acknowledged_message() {
         t.join().unwrap();
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 10, "too few messages before the kill: {}", acked.len());
+    assert!(
+        acked.len() > 10,
+        "too few messages before the kill: {}",
+        acked.len()
+    );
     m.spawn();
     let mail = m.wait_mailbox("bob", acked.len());
     std::thread::sleep(Duration::from_millis(300));
     let mail_now = m.mailbox("bob");
     assert!(mail_now.len() >= mail.len());
     for tag in &acked {
-        let n = mail_now.iter().filter(|m| m.contains(&format!("Subject: {tag}\r\n"))).count();
+        let n = mail_now
+            .iter()
+            .filter(|m| m.contains(&format!("Subject: {tag}\r\n")))
+            .count();
         assert_eq!(n, 1, "acknowledged message {tag} delivered {n} times");
     }
     for msg in &mail_now {
         // Every delivered file is whole: its body names the same tag as its Subject.
-        let tag = msg.split("Subject: ").nth(1).and_then(|s| s.split("\r\n").next()).unwrap_or("?");
-        assert!(msg.ends_with(&format!("\r\n\r\nbody {tag}\r\n")), "partial message: {msg:?}");
+        let tag = msg
+            .split("Subject: ")
+            .nth(1)
+            .and_then(|s| s.split("\r\n").next())
+            .unwrap_or("?");
+        assert!(
+            msg.ends_with(&format!("\r\n\r\nbody {tag}\r\n")),
+            "partial message: {msg:?}"
+        );
     }
-    assert!(std::fs::read_dir(m.data().join("spool/tmp")).unwrap().next().is_none());
+    assert!(
+        std::fs::read_dir(m.data().join("spool/tmp"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
 }
 
 #[test]
@@ -476,14 +594,33 @@ fn config_check_reports_key_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "hostname = \"mx.test\"\n[[listener]]\naddress = \"127.0.0.1:25\"\nmode = \"smtp\"\n[limits]\nmax_recipients = 0\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat")).args(["config", "check"]).arg(&bad).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args(["config", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.toml:6: limits[0].max_recipients: must be greater than 0"), "{err}");
+    assert!(
+        err.contains("bad.toml:6: limits[0].max_recipients: must be greater than 0"),
+        "{err}"
+    );
     let good = dir.path().join("good.toml");
-    std::fs::write(&good, "[[listener]]\naddress = \"127.0.0.1:25\"\nmode = \"smtp\"\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat")).args(["config", "check"]).arg(&good).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(
+        &good,
+        "[[listener]]\naddress = \"127.0.0.1:25\"\nmode = \"smtp\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args(["config", "check"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -510,7 +647,14 @@ fn embedded_default_runs_without_config() {
     c.ehlo();
     c.starttls("localhost");
     c.ehlo();
-    assert!(c.send_mail("a@example.org", &["dave@localhost"], "Subject: d\r\n\r\nx\r\n").is("250 2.0.0"));
+    assert!(
+        c.send_mail(
+            "a@example.org",
+            &["dave@localhost"],
+            "Subject: d\r\n\r\nx\r\n"
+        )
+        .is("250 2.0.0")
+    );
     let new = dir.path().join("moat-data/mail/dave/new");
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::fs::read_dir(&new).map(|d| d.count()).unwrap_or(0) == 0 {

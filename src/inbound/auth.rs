@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
 
 /// Hashes a password for the users file.
 pub fn hash_password(password: &str) -> Result<String, String> {
@@ -37,7 +37,8 @@ pub fn read_users(path: &Path) -> std::io::Result<Vec<(String, String)>> {
 
 /// Writes the users file atomically, readable by the owner only.
 pub fn write_users(path: &Path, users: &[(String, String)]) -> Result<(), String> {
-    let mut text = String::from("# Moat SMTP AUTH users: name:argon2-hash (managed by `moat user`)\n");
+    let mut text =
+        String::from("# Moat SMTP AUTH users: name:argon2-hash (managed by `moat user`)\n");
     for (u, h) in users {
         text.push_str(&format!("{u}:{h}\n"));
     }
@@ -51,21 +52,26 @@ pub fn write_users(path: &Path, users: &[(String, String)]) -> Result<(), String
 
 /// A user name that fits the users file.
 pub fn valid_username(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+    !name.is_empty() && name.len() <= 128 && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
 }
 
 /// Verifies credentials against the users file (re-read each time, so `moat user add`
 /// takes effect at once). Blocking: argon2 is deliberately slow.
 pub fn verify(path: &Path, username: &str, password: &str) -> bool {
     let users = read_users(path).unwrap_or_default();
-    let stored = users.iter().find(|(u, _)| u == username).map(|(_, h)| h.clone());
+    let stored = users
+        .iter()
+        .find(|(u, _)| u == username)
+        .map(|(_, h)| h.clone());
     // Unknown users cost as much as known ones, so timing does not reveal who exists.
     const DUMMY: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Wv1bTPh4xOrRZzFxuxeFQkAwxo2YyI2ExhUDpiHUmDE";
     let hash_text = stored.clone().unwrap_or_else(|| DUMMY.to_string());
-    let Ok(hash) = PasswordHash::new(&hash_text) else { return false };
-    let ok = Argon2::default().verify_password(password.as_bytes(), &hash).is_ok();
+    let Ok(hash) = PasswordHash::new(&hash_text) else {
+        return false;
+    };
+    let ok = Argon2::default()
+        .verify_password(password.as_bytes(), &hash)
+        .is_ok();
     ok && stored.is_some()
 }
 
@@ -79,14 +85,22 @@ pub struct AuthLimiter {
 
 impl AuthLimiter {
     pub fn new(max: u32, window: Duration) -> Self {
-        AuthLimiter { max, window, failures: Mutex::new(HashMap::new()) }
+        AuthLimiter {
+            max,
+            window,
+            failures: Mutex::new(HashMap::new()),
+        }
     }
 
     /// True when this address has used up its failures.
     pub fn blocked(&self, ip: IpAddr) -> bool {
-        let Ok(mut map) = self.failures.lock() else { return true };
+        let Ok(mut map) = self.failures.lock() else {
+            return true;
+        };
         let now = Instant::now();
-        let Some(list) = map.get_mut(&ip) else { return false };
+        let Some(list) = map.get_mut(&ip) else {
+            return false;
+        };
         list.retain(|t| now.duration_since(*t) < self.window);
         list.len() as u32 >= self.max
     }
@@ -124,7 +138,10 @@ mod tests {
         assert!(!verify(&path, "alice", "wrong"));
         assert!(!verify(&path, "bob", "s3cret"));
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[test]

@@ -37,7 +37,9 @@ pub struct Shared {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("hostname", &self.rules.hostname).finish_non_exhaustive()
+        f.debug_struct("Shared")
+            .field("hostname", &self.rules.hostname)
+            .finish_non_exhaustive()
     }
 }
 
@@ -55,7 +57,12 @@ enum Next {
 }
 
 /// Serves one accepted connection to the end.
-pub async fn handle(stream: TcpStream, peer: SocketAddr, listener: Arc<ListenerCtx>, shared: Arc<Shared>) {
+pub async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<ListenerCtx>,
+    shared: Arc<Shared>,
+) {
     let ip = peer.ip();
     let _ = stream.set_nodelay(true);
     let limits = &shared.limits;
@@ -69,7 +76,9 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, listener: Arc<ListenerC
     tracing::debug!(%peer, listener = %listener.name, "connection");
     let handshake_timeout = Duration::from_secs(limits.handshake_timeout_secs);
     if listener.implicit_tls {
-        let Some(mut tls) = handshake(&shared, stream, peer, &listener.name, handshake_timeout).await else {
+        let Some(mut tls) =
+            handshake(&shared, stream, peer, &listener.name, handshake_timeout).await
+        else {
             return;
         };
         info.tls = Some(crate::tls::summarize(tls.get_ref().1));
@@ -87,7 +96,9 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, listener: Arc<ListenerC
             let _ = stream.shutdown().await;
         }
         Next::StartTls => {
-            let Some(mut tls) = handshake(&shared, stream, peer, &listener.name, handshake_timeout).await else {
+            let Some(mut tls) =
+                handshake(&shared, stream, peer, &listener.name, handshake_timeout).await
+            else {
                 return;
             };
             session.tls_started(crate::tls::summarize(tls.get_ref().1));
@@ -192,10 +203,15 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 return Next::StartTls;
             }
             Some(Action::Authenticate { username, password }) => {
-                let outcome = authenticate(shared, ip, username, password, &mut auth_failures).await;
+                let outcome =
+                    authenticate(shared, ip, username, password, &mut auth_failures).await;
                 pending = session.auth_result(outcome);
             }
-            Some(Action::Queue { envelope, body, trace }) => {
+            Some(Action::Queue {
+                envelope,
+                body,
+                trace,
+            }) => {
                 let id = util::new_queue_id();
                 let now = util::unix_now();
                 let header = received::stamp(
@@ -253,7 +269,10 @@ async fn authenticate(
     *failures += 1;
     auth.limiter.record_failure(ip);
     tracing::warn!(client = %ip, user = %username, failures = *failures, "AUTH failed");
-    let delay = shared.limits.auth_failure_delay_ms.saturating_mul(u64::from(*failures));
+    let delay = shared
+        .limits
+        .auth_failure_delay_ms
+        .saturating_mul(u64::from(*failures));
     tokio::time::sleep(Duration::from_millis(delay)).await;
     if *failures >= auth.max_failures_per_connection || auth.limiter.blocked(ip) {
         AuthOutcome::Blocked

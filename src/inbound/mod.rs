@@ -29,8 +29,15 @@ impl ConnCounter {
     }
 
     /// Takes a slot, or says which limit is reached.
-    pub fn acquire(self: &Arc<Self>, ip: IpAddr, max_total: usize, max_ip: usize) -> Result<ConnGuard, &'static str> {
-        let Ok(mut map) = self.per_ip.lock() else { return Err("internal error") };
+    pub fn acquire(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        max_total: usize,
+        max_ip: usize,
+    ) -> Result<ConnGuard, &'static str> {
+        let Ok(mut map) = self.per_ip.lock() else {
+            return Err("internal error");
+        };
         if self.total.load(Ordering::Acquire) >= max_total {
             return Err("Too many connections, try again later");
         }
@@ -40,7 +47,10 @@ impl ConnCounter {
         }
         *n += 1;
         self.total.fetch_add(1, Ordering::AcqRel);
-        Ok(ConnGuard { counter: self.clone(), ip })
+        Ok(ConnGuard {
+            counter: self.clone(),
+            ip,
+        })
     }
 }
 

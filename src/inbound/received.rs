@@ -9,7 +9,13 @@ pub fn stamp(trace: &Trace, hostname: &str, id: &str, recipients: &[String], dat
     let helo: String = trace
         .helo
         .chars()
-        .map(|c| if c.is_control() || c == '(' || c == ')' || c == ';' { '_' } else { c })
+        .map(|c| {
+            if c.is_control() || c == '(' || c == ')' || c == ';' {
+                '_'
+            } else {
+                c
+            }
+        })
         .collect();
     let mut h = format!("Received: from {helo} ([{}])\r\n", trace.ip);
     if let Some(tls) = &trace.tls {
@@ -22,7 +28,10 @@ pub fn stamp(trace: &Trace, hostname: &str, id: &str, recipients: &[String], dat
         }
         h.push_str(")\r\n");
     }
-    h.push_str(&format!("\tby {hostname} (Moat) with {} id {id}", trace.protocol));
+    h.push_str(&format!(
+        "\tby {hostname} (Moat) with {} id {id}",
+        trace.protocol
+    ));
     if let [only] = recipients {
         h.push_str(&format!("\r\n\tfor <{only}>"));
     }
@@ -50,7 +59,13 @@ mod tests {
             }),
             auth_user: None,
         };
-        let h = stamp(&t, "mx.test", "ABC", &["b@mx.test".into()], "Mon, 23 Nov 2026 21:06:56 +0000");
+        let h = stamp(
+            &t,
+            "mx.test",
+            "ABC",
+            &["b@mx.test".into()],
+            "Mon, 23 Nov 2026 21:06:56 +0000",
+        );
         assert_eq!(
             h,
             "Received: from client.test ([127.0.0.5])\r\n\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits) key-exchange X25519MLKEM768)\r\n\tby mx.test (Moat) with ESMTPS id ABC\r\n\tfor <b@mx.test>; Mon, 23 Nov 2026 21:06:56 +0000\r\n"
@@ -67,6 +82,9 @@ mod tests {
             auth_user: None,
         };
         let h = stamp(&t, "mx.test", "ABC", &["a@x".into(), "b@x".into()], "D");
-        assert_eq!(h, "Received: from evil_x__ ([127.0.0.5])\r\n\tby mx.test (Moat) with ESMTP id ABC; D\r\n");
+        assert_eq!(
+            h,
+            "Received: from evil_x__ ([127.0.0.5])\r\n\tby mx.test (Moat) with ESMTP id ABC; D\r\n"
+        );
     }
 }

@@ -13,25 +13,45 @@ use crate::smtp::address::mailbox_name;
 
 /// Delivers one recipient of `msg` into the Maildir root `root`.
 /// Returns the path of the delivered file.
-pub fn deliver_maildir(root: &Path, msg: &Spooled, index: usize, hostname: &str) -> io::Result<PathBuf> {
+pub fn deliver_maildir(
+    root: &Path,
+    msg: &Spooled,
+    index: usize,
+    hostname: &str,
+) -> io::Result<PathBuf> {
     let rcpt = msg
         .envelope
         .recipients
         .get(index)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no such recipient"))?;
     let local = rcpt.rsplit_once('@').map_or(rcpt.as_str(), |(l, _)| l);
-    let mailbox = mailbox_name(local)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("unsafe mailbox name in {rcpt}")))?;
+    let mailbox = mailbox_name(local).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("unsafe mailbox name in {rcpt}"),
+        )
+    })?;
     let dir = root.join(&mailbox);
     for sub in ["tmp", "new", "cur"] {
         fs::create_dir_all(dir.join(sub))?;
     }
-    let host: String = hostname.chars().map(|c| if c == '/' || c == ':' { '_' } else { c }).collect();
+    let host: String = hostname
+        .chars()
+        .map(|c| if c == '/' || c == ':' { '_' } else { c })
+        .collect();
     let name = format!("{}.M{}R{}.{}", msg.arrived, msg.id, index, host);
     let tmp = dir.join("tmp").join(&name);
     let new = dir.join("new").join(&name);
-    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-    let mut head = format!("Return-Path: <{}>\r\nDelivered-To: {}\r\n", msg.envelope.sender, rcpt).into_bytes();
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)?;
+    let mut head = format!(
+        "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
+        msg.envelope.sender, rcpt
+    )
+    .into_bytes();
     head.extend_from_slice(&msg.message);
     f.write_all(&head)?;
     f.sync_all()?;
@@ -65,7 +85,9 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path().join("bob/new")).unwrap().count(), 1);
         assert_eq!(fs::read_dir(dir.path().join("bob/tmp")).unwrap().count(), 0);
         let text = fs::read_to_string(p1).unwrap();
-        assert!(text.starts_with("Return-Path: <a@x.test>\r\nDelivered-To: Bob+tag@localhost\r\nSubject: hi"));
+        assert!(text.starts_with(
+            "Return-Path: <a@x.test>\r\nDelivered-To: Bob+tag@localhost\r\nSubject: hi"
+        ));
     }
 
     #[test]

@@ -44,18 +44,27 @@ impl Deliverer {
         let msg = self.spool.load(id)?;
         let mut kept = 0;
         for (i, rcpt) in msg.envelope.recipients.iter().enumerate() {
-            let domain = rcpt.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).unwrap_or_default();
+            let domain = rcpt
+                .rsplit_once('@')
+                .map(|(_, d)| d.to_ascii_lowercase())
+                .unwrap_or_default();
             match self.routes.get(&domain) {
                 Some(Route::Maildir(root)) => {
                     let path = local::deliver_maildir(root, &msg, i, &self.hostname)?;
                     tracing::info!(queue_id = id, to = %rcpt, path = %path.display(), "delivered to maildir");
                 }
-                Some(Route::Discard) => tracing::info!(queue_id = id, to = %rcpt, "discarded by route"),
+                Some(Route::Discard) => {
+                    tracing::info!(queue_id = id, to = %rcpt, "discarded by route")
+                }
                 None => kept += 1,
             }
         }
         if kept > 0 {
-            tracing::warn!(queue_id = id, recipients = kept, "no local route; kept in queue (remote delivery is not built yet)");
+            tracing::warn!(
+                queue_id = id,
+                recipients = kept,
+                "no local route; kept in queue (remote delivery is not built yet)"
+            );
             return Ok(Delivered::Kept(kept));
         }
         self.spool.remove(id)?;
@@ -73,7 +82,9 @@ impl Deliverer {
         tokio::spawn(async move {
             let slots = Arc::new(Semaphore::new(4));
             while let Some(id) = rx.recv().await {
-                let Ok(permit) = slots.clone().acquire_owned().await else { break };
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    break;
+                };
                 let this = this.clone();
                 let retry = retry_tx.clone();
                 tokio::spawn(async move {
@@ -87,7 +98,9 @@ impl Deliverer {
                             tokio::time::sleep(Duration::from_secs(60)).await;
                             let _ = retry.send(id);
                         }
-                        Err(e) => tracing::error!(queue_id = %id, error = %e, "delivery task failed"),
+                        Err(e) => {
+                            tracing::error!(queue_id = %id, error = %e, "delivery task failed")
+                        }
                     }
                 });
             }

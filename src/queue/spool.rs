@@ -85,7 +85,13 @@ impl Spool {
         std::thread::Builder::new()
             .name("spool-commit".into())
             .spawn(move || committer(rx, &tmp2, &queue2))?;
-        Ok((Spool { root: root.to_path_buf(), committer: tx }, ids))
+        Ok((
+            Spool {
+                root: root.to_path_buf(),
+                committer: tx,
+            },
+            ids,
+        ))
     }
 
     fn queue_path(&self, id: &str) -> PathBuf {
@@ -93,7 +99,13 @@ impl Spool {
     }
 
     /// Makes a message durable. Returns once it is synced and visible in `queue/`.
-    pub async fn store(&self, id: &str, arrived: u64, envelope: &Envelope, message: &[u8]) -> io::Result<()> {
+    pub async fn store(
+        &self,
+        id: &str,
+        arrived: u64,
+        envelope: &Envelope,
+        message: &[u8],
+    ) -> io::Result<()> {
         if !crate::util::is_queue_id(id) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad queue id"));
         }
@@ -101,7 +113,10 @@ impl Spool {
         data.extend_from_slice(message);
         let path = self.root.join("tmp").join(id);
         tokio::task::spawn_blocking(move || -> io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&path)?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
             f.write_all(&data)?;
             f.sync_data()
         })
@@ -109,9 +124,13 @@ impl Spool {
         .map_err(io::Error::other)??;
         let (done, wait) = oneshot::channel();
         self.committer
-            .send(Commit { id: id.to_string(), done })
+            .send(Commit {
+                id: id.to_string(),
+                done,
+            })
             .map_err(|_| io::Error::other("spool committer stopped"))?;
-        wait.await.map_err(|_| io::Error::other("spool committer stopped"))?
+        wait.await
+            .map_err(|_| io::Error::other("spool committer stopped"))?
     }
 
     /// Reads a queued message.
@@ -120,7 +139,12 @@ impl Spool {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad queue id"));
         }
         let data = fs::read(self.queue_path(id))?;
-        decode(id, &data).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("corrupt spool file {id}")))
+        decode(id, &data).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("corrupt spool file {id}"),
+            )
+        })
     }
 
     /// Removes a fully delivered message.
@@ -172,7 +196,11 @@ fn encode_header(arrived: u64, env: &Envelope) -> Vec<u8> {
         h.push_str(r);
         h.push('\n');
     }
-    h.push_str(&format!("utf8 {}\n8bit {}\n\n", u8::from(env.smtputf8), u8::from(env.eight_bit)));
+    h.push_str(&format!(
+        "utf8 {}\n8bit {}\n\n",
+        u8::from(env.smtputf8),
+        u8::from(env.eight_bit)
+    ));
     h.into_bytes()
 }
 
@@ -183,7 +211,12 @@ fn decode(id: &str, data: &[u8]) -> Option<Spooled> {
     if lines.next()? != MAGIC {
         return None;
     }
-    let mut env = Envelope { sender: String::new(), recipients: Vec::new(), smtputf8: false, eight_bit: false };
+    let mut env = Envelope {
+        sender: String::new(),
+        recipients: Vec::new(),
+        smtputf8: false,
+        eight_bit: false,
+    };
     let mut arrived = 0;
     for line in lines {
         let (k, v) = line.split_once(' ').unwrap_or((line, ""));
@@ -199,7 +232,12 @@ fn decode(id: &str, data: &[u8]) -> Option<Spooled> {
     if env.recipients.is_empty() {
         return None;
     }
-    Some(Spooled { id: id.to_string(), arrived, envelope: env, message: data[end + 2..].to_vec() })
+    Some(Spooled {
+        id: id.to_string(),
+        arrived,
+        envelope: env,
+        message: data[end + 2..].to_vec(),
+    })
 }
 
 #[cfg(test)]
@@ -221,7 +259,10 @@ mod tests {
         let (spool, ids) = Spool::open(dir.path()).unwrap();
         assert!(ids.is_empty());
         let id = crate::util::new_queue_id();
-        spool.store(&id, 42, &env(), b"Subject: x\r\n\r\nbody\r\n").await.unwrap();
+        spool
+            .store(&id, 42, &env(), b"Subject: x\r\n\r\nbody\r\n")
+            .await
+            .unwrap();
         let m = spool.load(&id).unwrap();
         assert_eq!(m.envelope, env());
         assert_eq!(m.arrived, 42);
@@ -256,7 +297,11 @@ mod tests {
             let _ = Spool::open(dir.path()).unwrap();
         }
         std::fs::write(dir.path().join("tmp/0000000000000001"), b"half").unwrap();
-        std::fs::write(dir.path().join("queue/0000000000000002"), encode_header(1, &env())).unwrap();
+        std::fs::write(
+            dir.path().join("queue/0000000000000002"),
+            encode_header(1, &env()),
+        )
+        .unwrap();
         let (_, ids) = Spool::open(dir.path()).unwrap();
         assert_eq!(ids, vec!["0000000000000002".to_string()]);
         assert!(!dir.path().join("tmp/0000000000000001").exists());
@@ -265,6 +310,9 @@ mod tests {
     #[test]
     fn corrupt_files_are_refused() {
         assert!(decode("X", b"garbage").is_none());
-        assert!(decode("X", b"MOAT-SPOOL 1\nfrom a@b\n\nbody").is_none(), "no recipients");
+        assert!(
+            decode("X", b"MOAT-SPOOL 1\nfrom a@b\n\nbody").is_none(),
+            "no recipients"
+        );
     }
 }

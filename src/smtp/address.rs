@@ -55,7 +55,10 @@ pub fn valid_domain(domain: &str, utf8: bool) -> bool {
         let Some(inner) = inner.strip_suffix(']') else {
             return false;
         };
-        if let Some(v6) = inner.strip_prefix("IPv6:").or_else(|| inner.strip_prefix("ipv6:")) {
+        if let Some(v6) = inner
+            .strip_prefix("IPv6:")
+            .or_else(|| inner.strip_prefix("ipv6:"))
+        {
             return v6.parse::<std::net::Ipv6Addr>().is_ok();
         }
         return inner.parse::<std::net::Ipv4Addr>().is_ok();
@@ -74,7 +77,11 @@ pub fn valid_domain(domain: &str, utf8: bool) -> bool {
 /// The mailbox name used for local (Maildir) delivery: lowercased local part without a
 /// `+detail` suffix, restricted to characters that are safe as one path component.
 pub fn mailbox_name(local: &str) -> Option<String> {
-    let base = local.split('+').next().unwrap_or(local).to_ascii_lowercase();
+    let base = local
+        .split('+')
+        .next()
+        .unwrap_or(local)
+        .to_ascii_lowercase();
     let ok = !base.is_empty()
         && base.len() <= 64
         && !base.starts_with('.')
@@ -98,7 +105,15 @@ mod tests {
 
     #[test]
     fn rejects_bad_domains() {
-        for d in ["a@", "a@example.com.", "a@-x.com", "a@x..com", "a@[1.2.3]", "a@[x]", "a@ex ample"] {
+        for d in [
+            "a@",
+            "a@example.com.",
+            "a@-x.com",
+            "a@x..com",
+            "a@[1.2.3]",
+            "a@[x]",
+            "a@ex ample",
+        ] {
             assert!(Address::parse(d, false).is_none(), "{d}");
         }
         assert!(Address::parse("a@[127.0.0.1]", false).unwrap().is_literal());
@@ -109,7 +124,11 @@ mod tests {
 
     #[test]
     fn routing_chars_found_after_dequoting() {
-        for a in ["user@remote@local", "user%remote@local", "remote!user@local"] {
+        for a in [
+            "user@remote@local",
+            "user%remote@local",
+            "remote!user@local",
+        ] {
             assert!(Address::parse(a, false).unwrap().has_routing_chars(), "{a}");
         }
         let a = Address::parse("user@remote@local", false).unwrap();

@@ -105,6 +105,9 @@ pub struct Trace {
 }
 
 /// Work the connection layer must do before feeding more input.
+// One action exists at a time and is moved straight to its handler: boxing the large
+// variant would only add an allocation per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Action {
     /// Flush output, discard any buffered input (CVE-2011-0411), do the TLS handshake, then
@@ -138,7 +141,10 @@ enum Mode {
     DiscardLine,
     Data(DataReceiver),
     /// Inside a BDAT chunk: bytes still to read.
-    Bdat { remaining: usize, last: bool },
+    Bdat {
+        remaining: usize,
+        last: bool,
+    },
     AuthPlain,
     AuthLoginUser,
     AuthLoginPass(String),
@@ -156,6 +162,8 @@ struct Transaction {
     eight_bit: bool,
     /// BDAT in progress: accumulated content and line-ending checks.
     bdat: Option<(Vec<u8>, ChunkChecker)>,
+    /// Octets of BDAT content received so far (before any line-ending rewrite).
+    bdat_octets: usize,
     bdat_failed: Option<&'static str>,
 }
 
@@ -262,21 +270,35 @@ impl Session {
         loop {
             let rest = &input[pos..];
             if rest.is_empty() && !matches!(self.mode, Mode::Bdat { remaining: 0, .. }) {
-                return Progress { consumed: pos, action: None };
+                return Progress {
+                    consumed: pos,
+                    action: None,
+                };
             }
             match &mut self.mode {
                 Mode::Closed | Mode::Waiting => {
-                    return Progress { consumed: pos, action: None };
+                    return Progress {
+                        consumed: pos,
+                        action: None,
+                    };
                 }
                 Mode::DiscardLine => match rest.iter().position(|&b| b == b'\n') {
                     Some(n) => {
                         pos += n + 1;
                         self.mode = Mode::Command;
                         if let Some(a) = self.error("500 5.5.2 Line too long") {
-                            return Progress { consumed: pos, action: Some(a) };
+                            return Progress {
+                                consumed: pos,
+                                action: Some(a),
+                            };
                         }
                     }
-                    None => return Progress { consumed: input.len(), action: None },
+                    None => {
+                        return Progress {
+                            consumed: input.len(),
+                            action: None,
+                        };
+                    }
                 },
                 Mode::Data(receiver) => match receiver.feed(rest) {
                     Some(n) => {
@@ -286,10 +308,18 @@ impl Session {
                             unreachable!("mode checked above")
                         };
                         if let Some(a) = self.data_done(receiver) {
-                            return Progress { consumed: pos, action: Some(a) };
+                            return Progress {
+                                consumed: pos,
+                                action: Some(a),
+                            };
                         }
                     }
-                    None => return Progress { consumed: input.len(), action: None },
+                    None => {
+                        return Progress {
+                            consumed: input.len(),
+                            action: None,
+                        };
+                    }
                 },
                 Mode::Bdat { remaining, last } => {
                     let last = *last;
@@ -301,7 +331,10 @@ impl Session {
                     if done {
                         self.mode = Mode::Command;
                         if let Some(a) = self.bdat_done(last) {
-                            return Progress { consumed: pos, action: Some(a) };
+                            return Progress {
+                                consumed: pos,
+                                action: Some(a),
+                            };
                         }
                     }
                 }
@@ -311,7 +344,10 @@ impl Session {
                             self.mode = Mode::DiscardLine;
                             pos = input.len();
                         }
-                        return Progress { consumed: pos, action: None };
+                        return Progress {
+                            consumed: pos,
+                            action: None,
+                        };
                     };
                     let line = &rest[..=n];
                     pos += n + 1;
@@ -322,7 +358,10 @@ impl Session {
                         self.line(line)
                     };
                     if let Some(a) = action {
-                        return Progress { consumed: pos, action: Some(a) };
+                        return Progress {
+                            consumed: pos,
+                            action: Some(a),
+                        };
                     }
                 }
             }
@@ -356,7 +395,10 @@ impl Session {
             }
             _ => {}
         }
-        if text.iter().any(|&b| b == 0 || b == b'\r' || (b < 0x20 && b != b'\t') || b == 0x7f) {
+        if text
+            .iter()
+            .any(|&b| b == 0 || b == b'\r' || (b < 0x20 && b != b'\t') || b == 0x7f)
+        {
             return self.error("500 5.5.2 Invalid character in command");
         }
         if !text.is_ascii() {
@@ -392,7 +434,11 @@ impl Session {
                 self.error(&format!("501 5.5.4 Invalid parameter {param}"))
             }
             Err(ParseError::UnsupportedParameter { param }) => {
-                let param: String = param.chars().filter(|c| c.is_ascii_graphic()).take(32).collect();
+                let param: String = param
+                    .chars()
+                    .filter(|c| c.is_ascii_graphic())
+                    .take(32)
+                    .collect();
                 self.error(&format!("555 5.5.4 Unsupported parameter {param}"))
             }
             Err(_) => self.error("500 5.5.2 Syntax error"),
@@ -409,19 +455,31 @@ impl Session {
             Request::Helo { host } => self.hello(host, false),
             Request::Lhlo { .. } => self.error("500 5.5.1 Command unrecognized"),
             Request::StartTls => self.starttls(raw),
-            Request::Auth { mechanism, initial_response } => self.auth(mechanism, initial_response),
-            Request::Mail { from } => self.mail(from),
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, initial_response),
+            Request::Mail { from } => {
+                // smtp-proto maps <>, <postmaster>, <""> and <@route:> all to "".
+                if from.address.is_empty() && raw_path(raw) != b"" {
+                    return self.error("501 5.1.7 Bad sender address syntax");
+                }
+                self.mail(from, size_param(raw))
+            }
             Request::Rcpt { to } => {
                 // smtp-proto maps both <> and <postmaster> to "": only the raw line tells.
-                let path = raw.get(4..).unwrap_or_default().trim_ascii_start();
-                let path = path.get(3..).unwrap_or_default().trim_ascii_start();
-                if path.starts_with(b"<>") {
-                    return self.error("501 5.1.3 Bad recipient address syntax: the null path is not a recipient");
+                if to.address.is_empty() && !raw_path(raw).eq_ignore_ascii_case(b"postmaster") {
+                    return self.error(
+                        "501 5.1.3 Bad recipient address syntax: the null path is not a recipient",
+                    );
                 }
                 self.rcpt(to)
             }
             Request::Data => self.data(),
-            Request::Bdat { chunk_size, is_last } => self.bdat(chunk_size, is_last),
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => self.bdat(chunk_size, is_last),
             Request::Rset => {
                 self.tx = None;
                 self.reply("250 2.0.0 Ok");
@@ -432,7 +490,9 @@ impl Session {
                 None
             }
             Request::Vrfy { .. } => {
-                self.reply("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery");
+                self.reply(
+                    "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
+                );
                 None
             }
             Request::Expn { .. } => self.error("502 5.5.1 EXPN not supported"),
@@ -516,7 +576,8 @@ impl Session {
     fn auth(&mut self, mechanism: u64, initial: String) -> Option<Action> {
         if self.peer.tls.is_none() {
             // RFC 4954 §4: never look at credentials sent in the clear.
-            return self.error("538 5.7.11 Encryption required for requested authentication mechanism");
+            return self
+                .error("538 5.7.11 Encryption required for requested authentication mechanism");
         }
         if !self.listener.auth {
             return self.error("503 5.5.1 AUTH not available on this listener");
@@ -608,7 +669,7 @@ impl Session {
         }
     }
 
-    fn mail(&mut self, from: smtp_proto::MailFrom<String>) -> Option<Action> {
+    fn mail(&mut self, from: smtp_proto::MailFrom<String>, raw_size: usize) -> Option<Action> {
         if self.helo.is_none() {
             return self.error("503 5.5.1 Send EHLO/HELO first");
         }
@@ -624,7 +685,7 @@ impl Session {
         if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
             return self.error("555 5.5.4 BODY=BINARYMIME not supported");
         }
-        if from.size > self.rules.max_message_size {
+        if from.size.max(raw_size) > self.rules.max_message_size {
             return self.error("552 5.3.4 Message size exceeds fixed maximum message size");
         }
         let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
@@ -688,7 +749,11 @@ impl Session {
             return self.error("501 5.1.3 Bad recipient address syntax");
         };
         let may_relay = self.auth_user.is_some() || self.peer.trusted;
-        let kind = if addr.is_literal() { None } else { self.rules.domains.get(&addr.domain) };
+        let kind = if addr.is_literal() {
+            None
+        } else {
+            self.rules.domains.get(&addr.domain)
+        };
         match kind {
             _ if addr.has_routing_chars() && !may_relay => {
                 return self.error("554 5.7.1 Relay access denied");
@@ -697,7 +762,9 @@ impl Session {
                 let known = mailbox_name(&addr.local)
                     .is_some_and(|m| mailboxes.is_empty() || mailboxes.contains(&m));
                 if !known {
-                    return self.error(&format!("550 5.1.1 <{addr}>: Recipient address rejected: User unknown"));
+                    return self.error(&format!(
+                        "550 5.1.1 <{addr}>: Recipient address rejected: User unknown"
+                    ));
                 }
             }
             Some(DomainKind::Routed) => {}
@@ -772,7 +839,10 @@ impl Session {
             }
         }
         // The chunk is read even when the command failed (RFC 3030 §2): its length is known.
-        self.mode = Mode::Bdat { remaining: size, last };
+        self.mode = Mode::Bdat {
+            remaining: size,
+            last,
+        };
         None
     }
 
@@ -783,13 +853,21 @@ impl Session {
         if tx.bdat_failed.is_some() {
             return;
         }
-        let Some((body, checker)) = tx.bdat.as_mut() else { return };
+        let Some((body, checker)) = tx.bdat.as_mut() else {
+            return;
+        };
+        tx.bdat_octets += chunk.len();
         if body.len() + chunk.len() > max {
             tx.bdat_failed = Some(BDAT_MAX_CHUNK_NOTE);
             tx.bdat = None;
             return;
         }
         checker.append(chunk, body, policy);
+        // Normalizing bare line endings can grow the content past the chunk's size.
+        if body.len() > max {
+            tx.bdat_failed = Some(BDAT_MAX_CHUNK_NOTE);
+            tx.bdat = None;
+        }
     }
 
     fn bdat_done(&mut self, last: bool) -> Option<Action> {
@@ -809,7 +887,7 @@ impl Session {
             return self.error(f);
         }
         if !last {
-            let n = tx.bdat.as_ref().map_or(0, |(b, _)| b.len());
+            let n = tx.bdat_octets;
             self.reply(&format!("250 2.0.0 {n} octets received"));
             return None;
         }
@@ -818,6 +896,10 @@ impl Session {
             return self.error("503 5.5.1 Need MAIL command");
         };
         checker.finish(&mut body, policy);
+        if body.len() > self.rules.max_message_size {
+            self.tx = None;
+            return self.error("552 5.3.4 Message size exceeds fixed maximum message size");
+        }
         if checker.bare_newline && policy == BareNewline::Reject {
             self.tx = None;
             return self.error("550 5.6.2 Bare <LF> or <CR> in message content is not allowed (RFC 5321 section 2.3.8)");
@@ -873,9 +955,36 @@ impl Session {
                 self.reply(&format!("250 2.0.0 Ok: queued as {id}"));
                 None
             }
-            Err(_) => self.error("451 4.3.0 Temporary failure writing to the queue, try again later"),
+            Err(_) => {
+                self.error("451 4.3.0 Temporary failure writing to the queue, try again later")
+            }
         }
     }
+}
+
+/// The path between the first `<` and the next `>` of a MAIL/RCPT line, as the client wrote it.
+fn raw_path(raw: &[u8]) -> &[u8] {
+    let Some(start) = raw.iter().position(|&b| b == b'<') else {
+        return raw;
+    };
+    let rest = &raw[start + 1..];
+    &rest[..rest.iter().position(|&b| b == b'>').unwrap_or(rest.len())]
+}
+
+/// The largest `SIZE=` value on a MAIL line, saturating. smtp-proto wraps values past
+/// `usize::MAX` around to small numbers (`SIZE=99999999999999999999999` reads as 999).
+fn size_param(raw: &[u8]) -> usize {
+    raw.split(|b| b.is_ascii_whitespace())
+        .filter_map(|p| {
+            let (key, value) = p.split_at_checked(5)?;
+            key.eq_ignore_ascii_case(b"SIZE=").then_some(())?;
+            value.iter().try_fold(0usize, |n, &d| {
+                d.is_ascii_digit()
+                    .then(|| n.saturating_mul(10).saturating_add(usize::from(d - b'0')))
+            })
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// `domain` equals `pattern`, or `pattern` is `*.suffix` and `domain` ends in `.suffix`.
@@ -887,3 +996,7 @@ pub fn domain_matches(domain: &str, pattern: &str) -> bool {
         None => domain.eq_ignore_ascii_case(pattern),
     }
 }
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;

@@ -75,7 +75,12 @@ impl Moat {
         let data = dir.path().join("data");
         let config = dir.path().join("moat.toml");
         std::fs::write(&config, config_text(ip, &data, extra, limits)).unwrap();
-        let mut m = Moat { child: None, dir, ip: ip.to_string(), config };
+        let mut m = Moat {
+            child: None,
+            dir,
+            ip: ip.to_string(),
+            config,
+        };
         m.spawn();
         m
     }
@@ -107,8 +112,13 @@ impl Moat {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         for port in [SMTP, SMTPS, SUBMISSION] {
-            while TcpStream::connect_timeout(&self.addr(port), Duration::from_millis(200)).is_err() {
-                assert!(Instant::now() < deadline, "moat did not start: {}", self.log());
+            while TcpStream::connect_timeout(&self.addr(port), Duration::from_millis(200)).is_err()
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "moat did not start: {}",
+                    self.log()
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -159,7 +169,9 @@ impl Moat {
     pub fn mailbox(&self, mailbox: &str) -> Vec<String> {
         let dir = self.data().join("mail").join(mailbox).join("new");
         let mut out: Vec<String> = match std::fs::read_dir(dir) {
-            Ok(d) => d.map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap()).collect(),
+            Ok(d) => d
+                .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+                .collect(),
             Err(_) => Vec::new(),
         };
         out.sort();
@@ -179,12 +191,18 @@ impl Moat {
     }
 
     pub fn queue_len(&self) -> usize {
-        std::fs::read_dir(self.data().join("spool/queue")).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(self.data().join("spool/queue"))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 }
 
 fn unsafe_kill(pid: u32, sig: i32) {
-    let status = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     assert!(status.success());
 }
 
@@ -219,7 +237,12 @@ impl ServerCertVerifier for AnyCert {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &provider().signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &provider().signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -227,10 +250,17 @@ impl ServerCertVerifier for AnyCert {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &provider().signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &provider().signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider().signature_verification_algorithms.supported_schemes()
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -238,7 +268,9 @@ fn provider() -> rustls::crypto::CryptoProvider {
     rustls::crypto::aws_lc_rs::default_provider()
 }
 
-pub fn client_config(versions: &[&'static rustls::SupportedProtocolVersion]) -> Arc<rustls::ClientConfig> {
+pub fn client_config(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
     Arc::new(
         rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
             .with_protocol_versions(versions)
@@ -302,7 +334,11 @@ impl Reply {
     }
     /// `"550 5.1.1"` style check of code and enhanced code.
     pub fn is(&self, code_and_enhanced: &str) -> bool {
-        let full = format!("{} {}", self.code, self.lines.first().map(String::as_str).unwrap_or(""));
+        let full = format!(
+            "{} {}",
+            self.code,
+            self.lines.first().map(String::as_str).unwrap_or("")
+        );
         full.starts_with(code_and_enhanced)
     }
 }
@@ -326,13 +362,18 @@ impl Client {
     pub fn connect_raw(addr: SocketAddr) -> Client {
         let s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        Client { reader: BufReader::new(Stream::Plain(s)), peer_cert: None, tls_version: None }
+        Client {
+            reader: BufReader::new(Stream::Plain(s)),
+            peer_cert: None,
+            tls_version: None,
+        }
     }
 
     /// Implicit TLS: handshake first, then the greeting.
     pub fn connect_tls(addr: SocketAddr, sni: &str) -> Client {
         let mut c = Client::connect_raw(addr);
-        c.handshake(sni, &[&rustls::version::TLS13, &rustls::version::TLS12]).unwrap();
+        c.handshake(sni, &[&rustls::version::TLS13, &rustls::version::TLS12])
+            .unwrap();
         let r = c.read_reply();
         assert_eq!(r.code, 220, "greeting: {r}");
         c
@@ -347,7 +388,10 @@ impl Client {
             Stream::Plain(s) => s,
             _ => panic!("already TLS"),
         };
-        assert!(self.reader.buffer().is_empty(), "unread plaintext before TLS");
+        assert!(
+            self.reader.buffer().is_empty(),
+            "unread plaintext before TLS"
+        );
         let name = ServerName::try_from(sni.to_string()).unwrap();
         let mut conn = ClientConnection::new(client_config(versions), name).unwrap();
         let mut tcp = tcp;
@@ -359,7 +403,10 @@ impl Client {
                 }
             }
         }
-        self.peer_cert = conn.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
+        self.peer_cert = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec());
         self.tls_version = conn.protocol_version();
         *self.reader.get_mut() = Stream::Tls(Box::new(StreamOwned::new(conn, tcp)));
         Ok(())
@@ -369,7 +416,8 @@ impl Client {
     pub fn starttls(&mut self, sni: &str) {
         let r = self.cmd("STARTTLS");
         assert!(r.is("220 2.0.0"), "STARTTLS: {r}");
-        self.handshake(sni, &[&rustls::version::TLS13, &rustls::version::TLS12]).unwrap();
+        self.handshake(sni, &[&rustls::version::TLS13, &rustls::version::TLS12])
+            .unwrap();
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
@@ -379,7 +427,8 @@ impl Client {
 
     /// Reads one (possibly multi-line) reply. Panics on EOF.
     pub fn read_reply(&mut self) -> Reply {
-        self.try_read_reply().expect("connection closed while waiting for a reply")
+        self.try_read_reply()
+            .expect("connection closed while waiting for a reply")
     }
 
     /// Reads one reply, or None on EOF / reset.
@@ -447,7 +496,9 @@ pub fn make_certs(dir: &Path, leaves: &[&str]) -> (PathBuf, Vec<(PathBuf, PathBu
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Moat Test CA");
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Moat Test CA");
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let ca_path = dir.join("ca.pem");
@@ -469,5 +520,10 @@ pub fn make_certs(dir: &Path, leaves: &[&str]) -> (PathBuf, Vec<(PathBuf, PathBu
 /// DER of the first certificate in a PEM file.
 pub fn pem_der(path: &Path) -> Vec<u8> {
     use rustls::pki_types::pem::PemObject;
-    CertificateDer::pem_file_iter(path).unwrap().next().unwrap().unwrap().to_vec()
+    CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
 }
