@@ -94,6 +94,10 @@ pub struct TlsConfig {
     /// How often certificate files are checked for changes (SIGHUP reloads at once).
     #[serde(default = "default_reload_secs")]
     pub reload_interval_secs: u64,
+    /// PEM CA certificates for client certificates. When set, clients are asked for a
+    /// certificate (optional; inbound rules may require one) that must chain to these.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -205,6 +209,10 @@ pub struct InboundRule {
     /// Clients matched by this rule must use TLS before MAIL.
     #[serde(default)]
     pub require_tls: bool,
+    /// Clients matched by this rule must present a certificate (chaining to `tls.client_ca`)
+    /// issued to this name (subject CN or DNS SAN). Implies `require_tls`.
+    #[serde(default)]
+    pub client_cert: Option<String>,
 }
 
 fn default_true() -> bool {

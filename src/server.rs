@@ -57,8 +57,22 @@ fn rules_from(config: &Config) -> Rules {
         tls_required_sender_domains: config
             .inbound_rules
             .iter()
-            .filter(|r| r.require_tls)
+            .filter(|r| r.require_tls || r.client_cert.is_some())
             .flat_map(|r| r.sender_domains.iter().map(|d| d.to_ascii_lowercase()))
+            .collect(),
+        sender_client_certs: config
+            .inbound_rules
+            .iter()
+            .filter_map(|r| {
+                r.client_cert
+                    .as_ref()
+                    .map(|name| (r, name.to_ascii_lowercase()))
+            })
+            .flat_map(|(r, name)| {
+                r.sender_domains
+                    .iter()
+                    .map(move |d| (d.to_ascii_lowercase(), name.clone()))
+            })
             .collect(),
     }
 }
@@ -82,7 +96,11 @@ pub async fn serve(config: Config) -> Result<(), String> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
     let store = Arc::new(CertStore::load(&certificate_files(&config)?)?);
-    let tls_config = crate::tls::server_config(store.clone())?;
+    let client_roots = match &config.tls.client_ca {
+        Some(p) => Some(crate::tls::load_roots(&config.data_path(p))?),
+        None => None,
+    };
+    let tls_config = crate::tls::server_config(store.clone(), client_roots)?;
     let (spool, existing) = Spool::open(&config.data_dir.join("spool"))
         .map_err(|e| format!("opening the spool: {e}"))?;
     if !existing.is_empty() {
@@ -128,8 +146,22 @@ pub async fn serve(config: Config) -> Result<(), String> {
         tls_required_networks: config
             .inbound_rules
             .iter()
-            .filter(|r| r.require_tls)
+            .filter(|r| r.require_tls || r.client_cert.is_some())
             .flat_map(|r| r.networks.iter().filter_map(|n| n.parse().ok()))
+            .collect(),
+        client_cert_networks: config
+            .inbound_rules
+            .iter()
+            .filter_map(|r| {
+                r.client_cert
+                    .as_ref()
+                    .map(|name| (r, name.to_ascii_lowercase()))
+            })
+            .flat_map(|(r, name)| {
+                r.networks
+                    .iter()
+                    .filter_map(move |n| n.parse().ok().map(|n| (n, name.clone())))
+            })
             .collect(),
         shutdown: shutdown_rx.clone(),
     });

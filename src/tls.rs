@@ -145,15 +145,73 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
-/// The rustls server configuration shared by all listeners.
-pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, String> {
+/// The rustls server configuration shared by all listeners. With `client_roots`, clients are
+/// asked for a certificate (optional) and one that is sent must chain to those roots.
+pub fn server_config(
+    store: Arc<CertStore>,
+    client_roots: Option<rustls::RootCertStore>,
+) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = ServerConfig::builder_with_provider(provider)
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_cert_resolver(store);
+        .map_err(|e| e.to_string())?;
+    let config = match client_roots {
+        Some(roots) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| format!("client certificate CA: {e}"))?;
+            builder
+                .with_client_cert_verifier(verifier)
+                .with_cert_resolver(store)
+        }
+        None => builder.with_no_client_auth().with_cert_resolver(store),
+    };
     Ok(Arc::new(config))
+}
+
+/// Loads PEM CA certificates into a root store.
+pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))?
+    {
+        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no CA certificate found", path.display()));
+    }
+    Ok(roots)
+}
+
+/// The names a certificate is issued to: subject common names and DNS subject alternative
+/// names, lowercased.
+pub fn certificate_names(der: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::*;
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .map(str::to_ascii_lowercase)
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let GeneralName::DNSName(d) = n {
+                names.push(d.to_ascii_lowercase());
+            }
+        }
+    }
+    names.dedup();
+    names
 }
 
 /// Makes `cert.pem` / `key.pem` for `hostname` under `dir` unless they exist already.
@@ -222,6 +280,11 @@ pub fn summarize(conn: &rustls::ServerConnection) -> TlsInfo {
             .negotiated_key_exchange_group()
             .map(|g| format!("{:?}", g.name())),
         sni: conn.server_name().map(str::to_string),
+        client_names: conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| certificate_names(c))
+            .unwrap_or_default(),
     }
 }
 

@@ -665,3 +665,48 @@ fn embedded_default_runs_without_config() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn partner_rule_requires_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, leaves) = make_certs(
+        dir.path(),
+        &["mx.moat.test", "partner.moat.test", "other.moat.test"],
+    );
+    let extra = format!(
+        "[tls]\nclient_ca = \"{}\"\n[[tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n\n[[inbound_rule]]\nnetworks = [\"127.0.0.1/32\"]\nclient_cert = \"partner.moat.test\"\n",
+        ca.display(),
+        leaves[0].0.display(),
+        leaves[0].1.display()
+    );
+    let m = Moat::start_with("127.0.10.22", &extra, "");
+    // Plaintext: TLS first.
+    let mut c = Client::connect(m.addr(SMTP));
+    c.ehlo();
+    assert!(c.cmd("MAIL FROM:<a@partner.moat.test>").is("530 5.7.0"));
+    // TLS without a client certificate, and with one issued to another name: refused.
+    c.starttls("mx.moat.test");
+    c.ehlo();
+    let r = c.cmd("MAIL FROM:<a@partner.moat.test>");
+    assert!(
+        r.is("530 5.7.0") && r.text().contains("partner.moat.test"),
+        "{r}"
+    );
+    let mut c = Client::connect(m.addr(SMTP));
+    c.ehlo();
+    c.starttls_with_cert("mx.moat.test", &leaves[2]);
+    c.ehlo();
+    assert!(c.cmd("MAIL FROM:<a@partner.moat.test>").is("530 5.7.0"));
+    // The partner's certificate: accepted.
+    let mut c = Client::connect(m.addr(SMTP));
+    c.ehlo();
+    c.starttls_with_cert("mx.moat.test", &leaves[1]);
+    c.ehlo();
+    let r = c.send_mail(
+        "a@partner.moat.test",
+        &["bob@moat.test"],
+        "Subject: p\r\n\r\nx\r\n",
+    );
+    assert!(r.is("250 2.0.0"), "{r}");
+    assert_eq!(m.wait_mailbox("bob", 1).len(), 1);
+}

@@ -30,6 +30,7 @@ fn session(flags: u8) -> Session {
         domains,
         postmaster_domain: Some("example.test".into()),
         tls_required_sender_domains: vec!["partner.test".into()],
+        sender_client_certs: vec![("certified.test".into(), "relay.certified.test".into())],
     };
     let listener = ListenerRules {
         starttls: flags & 1 != 0,
@@ -47,6 +48,7 @@ fn session(flags: u8) -> Session {
         tls: None,
         trusted: flags & 16 != 0,
         tls_required_by_rule: false,
+        client_cert_required: Vec::new(),
     };
     Session::new(Arc::new(rules), Arc::new(listener), peer)
 }
@@ -105,6 +107,7 @@ fuzz_target!(|data: &[u8]| {
                         bits: 128,
                         key_exchange: None,
                         sni: None,
+                        client_names: vec!["relay.certified.test".into()],
                     });
                 }
                 Some(Action::Authenticate { username, .. }) => {

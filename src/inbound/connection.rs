@@ -32,6 +32,8 @@ pub struct Shared {
     pub auth: Authenticator,
     pub trusted: Vec<IpNet>,
     pub tls_required_networks: Vec<IpNet>,
+    /// Networks whose clients must present a certificate issued to a name.
+    pub client_cert_networks: Vec<(IpNet, String)>,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -72,6 +74,12 @@ pub async fn handle(
         tls: None,
         trusted: shared.trusted.iter().any(|n| n.contains(ip)),
         tls_required_by_rule: shared.tls_required_networks.iter().any(|n| n.contains(ip)),
+        client_cert_required: shared
+            .client_cert_networks
+            .iter()
+            .filter(|(n, _)| n.contains(ip))
+            .map(|(_, name)| name.clone())
+            .collect(),
     };
     tracing::debug!(%peer, listener = %listener.name, "connection");
     let handshake_timeout = Duration::from_secs(limits.handshake_timeout_secs);

@@ -56,6 +56,7 @@ mod tests {
                 bits: 256,
                 key_exchange: Some("X25519MLKEM768".into()),
                 sni: None,
+                client_names: Vec::new(),
             }),
             auth_user: None,
         };

@@ -31,6 +31,8 @@ pub struct TlsInfo {
     pub key_exchange: Option<String>,
     /// Server name the client asked for (SNI).
     pub sni: Option<String>,
+    /// Names (subject CN, DNS SANs) of the client certificate, when one was sent and verified.
+    pub client_names: Vec<String>,
 }
 
 /// Where mail for a domain goes, as far as the session needs to know.
@@ -55,6 +57,8 @@ pub struct Rules {
     pub postmaster_domain: Option<String>,
     /// Sender domains that must use TLS (partner connectors).
     pub tls_required_sender_domains: Vec<String>,
+    /// Sender domain patterns whose clients must present a certificate issued to a name.
+    pub sender_client_certs: Vec<(String, String)>,
 }
 
 /// Per-listener settings.
@@ -81,6 +85,8 @@ pub struct Peer {
     pub trusted: bool,
     /// An inbound rule requires TLS for this peer's network.
     pub tls_required_by_rule: bool,
+    /// Inbound rules for this peer's network require a client certificate issued to these names.
+    pub client_cert_required: Vec<String>,
 }
 
 /// The envelope of an accepted message.
@@ -395,6 +401,9 @@ impl Session {
             }
             _ => {}
         }
+        if text.trim_ascii().is_empty() {
+            return self.error("500 5.5.2 Empty command");
+        }
         if text
             .iter()
             .any(|&b| b == 0 || b == b'\r' || (b < 0x20 && b != b'\t') || b == 0x7f)
@@ -413,11 +422,6 @@ impl Session {
         let parsed = Request::parse(&mut owned.iter()).map(|r| r.into_owned());
         match parsed {
             Ok(req) => self.command(req, text),
-            Err(ParseError::NeedsMoreData { .. }) | Err(ParseError::SyntaxError { .. })
-                if text.is_empty() =>
-            {
-                self.error("500 5.5.2 Empty command")
-            }
             Err(ParseError::UnknownCommand) | Err(ParseError::NeedsMoreData { .. }) => {
                 self.error("500 5.5.1 Command unrecognized")
             }
@@ -443,6 +447,34 @@ impl Session {
             }
             Err(_) => self.error("500 5.5.2 Syntax error"),
         }
+    }
+
+    /// The first certificate name an inbound rule requires of this client that its verified
+    /// client certificate does not carry.
+    fn missing_client_cert(&self, sender: &str) -> Option<String> {
+        let domain = sender.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
+        let from_sender = self
+            .rules
+            .sender_client_certs
+            .iter()
+            .filter_map(|(pattern, name)| {
+                domain
+                    .as_deref()
+                    .is_some_and(|d| domain_matches(d, pattern))
+                    .then_some(name)
+            });
+        let have = self
+            .peer
+            .tls
+            .as_ref()
+            .map(|t| t.client_names.as_slice())
+            .unwrap_or(&[]);
+        self.peer
+            .client_cert_required
+            .iter()
+            .chain(from_sender)
+            .find(|name| !have.iter().any(|h| h.eq_ignore_ascii_case(name)))
+            .cloned()
     }
 
     fn tls_needed(&self) -> bool {
@@ -706,6 +738,11 @@ impl Session {
                 return self.error("530 5.7.0 Must issue a STARTTLS command first");
             }
         }
+        if let Some(name) = self.missing_client_cert(&from.address) {
+            return self.error(&format!(
+                "530 5.7.0 A client certificate issued to {name} is required"
+            ));
+        }
         let reply = format!("250 2.1.0 Sender <{}> OK", from.address);
         self.tx = Some(Transaction {
             sender: from.address,
@@ -956,7 +993,9 @@ impl Session {
                 None
             }
             Err(_) => {
-                self.error("451 4.3.0 Temporary failure writing to the queue, try again later")
+                // Our failure, not the client's: not counted towards max_errors.
+                self.reply("451 4.3.0 Temporary failure writing to the queue, try again later");
+                None
             }
         }
     }

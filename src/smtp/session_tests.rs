@@ -66,6 +66,10 @@ fn rules() -> Rules {
         domains,
         postmaster_domain: Some("example.test".to_string()),
         tls_required_sender_domains: vec!["partner.test".to_string(), "*.corp.test".to_string()],
+        sender_client_certs: vec![(
+            "certified.test".to_string(),
+            "relay.certified.test".to_string(),
+        )],
     }
 }
 
@@ -97,6 +101,7 @@ fn peer() -> Peer {
         tls: None,
         trusted: false,
         tls_required_by_rule: false,
+        client_cert_required: Vec::new(),
     }
 }
 
@@ -107,6 +112,7 @@ fn tls_info() -> TlsInfo {
         bits: 256,
         key_exchange: Some("X25519MLKEM768".to_string()),
         sni: Some(HOST.to_string()),
+        client_names: Vec::new(),
     }
 }
 
@@ -562,6 +568,7 @@ fn require_tls_listener_refuses_mail_rcpt_data_before_tls() {
 fn tls_required_by_rule_for_peer() {
     let mut h = H::peer(Peer {
         tls_required_by_rule: true,
+        client_cert_required: Vec::new(),
         ..peer()
     });
     h.ehlo();
@@ -2245,4 +2252,42 @@ fn random_bytes_byte_by_byte() {
         }
         s.take_output();
     }
+}
+
+#[test]
+fn sender_rule_requires_client_certificate() {
+    // The harness rules say: senders at certified.test need a certificate for relay.certified.test.
+    let mut h = H::mx();
+    let out = h.send("EHLO c\r\nMAIL FROM:<a@certified.test>\r\n");
+    assert!(
+        out.ends_with(
+            "530 5.7.0 A client certificate issued to relay.certified.test is required\r\n"
+        ),
+        "{out}"
+    );
+    let mut with_cert = tls_info();
+    with_cert.client_names = vec!["other.test".into()];
+    let mut h = H::peer(Peer {
+        tls: Some(with_cert.clone()),
+        ..peer()
+    });
+    let out = h.send("EHLO c\r\nMAIL FROM:<a@certified.test>\r\nMAIL FROM:<a@elsewhere.test>\r\n");
+    assert!(
+        out.contains("530 5.7.0 A client certificate issued to relay.certified.test"),
+        "{out}"
+    );
+    assert!(
+        out.ends_with("250 2.1.0 Sender <a@elsewhere.test> OK\r\n"),
+        "{out}"
+    );
+    with_cert.client_names = vec!["Relay.Certified.Test".into()];
+    let mut h = H::peer(Peer {
+        tls: Some(with_cert),
+        ..peer()
+    });
+    let out = h.send("EHLO c\r\nMAIL FROM:<a@certified.test>\r\n");
+    assert!(
+        out.ends_with("250 2.1.0 Sender <a@certified.test> OK\r\n"),
+        "{out}"
+    );
 }

@@ -271,14 +271,33 @@ fn provider() -> rustls::crypto::CryptoProvider {
 pub fn client_config(
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> Arc<rustls::ClientConfig> {
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
-            .with_protocol_versions(versions)
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCert))
-            .with_no_client_auth(),
-    )
+    client_config_with(versions, None)
+}
+
+/// As [`client_config`], presenting the client certificate `(cert.pem, key.pem)` if given.
+pub fn client_config_with(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    identity: Option<&(PathBuf, PathBuf)>,
+) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert));
+    Arc::new(match identity {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .unwrap()
+                .map(|c| c.unwrap())
+                .collect();
+            builder
+                .with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(key).unwrap())
+                .unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    })
 }
 
 enum Stream {
@@ -384,6 +403,22 @@ impl Client {
         sni: &str,
         versions: &[&'static rustls::SupportedProtocolVersion],
     ) -> Result<(), rustls::Error> {
+        self.handshake_with(sni, client_config(versions))
+    }
+
+    /// STARTTLS presenting a client certificate.
+    pub fn starttls_with_cert(&mut self, sni: &str, identity: &(PathBuf, PathBuf)) {
+        let r = self.cmd("STARTTLS");
+        assert!(r.is("220 2.0.0"), "STARTTLS: {r}");
+        let config = client_config_with(&[&rustls::version::TLS13], Some(identity));
+        self.handshake_with(sni, config).unwrap();
+    }
+
+    pub fn handshake_with(
+        &mut self,
+        sni: &str,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Result<(), rustls::Error> {
         let tcp = match std::mem::replace(self.reader.get_mut(), Stream::None) {
             Stream::Plain(s) => s,
             _ => panic!("already TLS"),
@@ -393,7 +428,7 @@ impl Client {
             "unread plaintext before TLS"
         );
         let name = ServerName::try_from(sni.to_string()).unwrap();
-        let mut conn = ClientConnection::new(client_config(versions), name).unwrap();
+        let mut conn = ClientConnection::new(config, name).unwrap();
         let mut tcp = tcp;
         while conn.is_handshaking() {
             match conn.complete_io(&mut tcp) {
