@@ -710,3 +710,35 @@ fn partner_rule_requires_client_certificate() {
     assert!(r.is("250 2.0.0"), "{r}");
     assert_eq!(m.wait_mailbox("bob", 1).len(), 1);
 }
+
+#[test]
+fn client_that_never_reads_is_dropped() {
+    // Pipelines NOOPs without reading a reply: once the socket buffers fill, the server's
+    // write waits at most the command timeout, then it drops the connection.
+    let m = Moat::start_with("127.0.10.23", "", "command_timeout_secs = 1");
+    let mut s = std::net::TcpStream::connect(m.addr(SMTP)).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    let chunk = b"NOOP\r\n".repeat(10_000);
+    let start = Instant::now();
+    let mut sent = 0usize;
+    let dropped = loop {
+        use std::io::Write;
+        match s.write_all(&chunk) {
+            Ok(()) => sent += chunk.len(),
+            // Our own write timing out means the server is still holding the connection.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break false;
+            }
+            Err(_) => break true,
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            break false;
+        }
+    };
+    assert!(dropped, "still connected after {sent} bytes");
+}

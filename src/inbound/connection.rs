@@ -142,12 +142,19 @@ async fn handshake(
     }
 }
 
-async fn write_out<S: AsyncWrite + Unpin>(s: &mut S, session: &mut Session) -> bool {
+/// Writes the session's pending replies in one buffer. A client that stops reading (its
+/// window full) gets the command timeout, then the connection is dropped.
+async fn write_out<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    session: &mut Session,
+    limit: Duration,
+) -> bool {
     if !session.has_output() {
         return true;
     }
     let out = session.take_output();
-    s.write_all(&out).await.is_ok() && s.flush().await.is_ok()
+    let write = async { s.write_all(&out).await.and(s.flush().await) };
+    matches!(timeout(limit, write).await, Ok(Ok(())))
 }
 
 async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
@@ -161,6 +168,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     let mut auth_failures = 0u32;
     let mut pending: Option<Action> = None;
     let ip = session.peer_ip();
+    let write_limit = Duration::from_secs(shared.limits.command_timeout_secs);
     loop {
         let action = match pending.take() {
             Some(a) => Some(a),
@@ -172,7 +180,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         };
         match action {
             None => {
-                if !write_out(s, session).await || session.is_closed() {
+                if !write_out(s, session, write_limit).await || session.is_closed() {
                     return Next::Close;
                 }
                 let limits = &shared.limits;
@@ -191,19 +199,19 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                         Ok(Ok(_)) => {}
                         Err(_) => {
                             session.shutdown("Error: timeout exceeded");
-                            write_out(s, session).await;
+                            write_out(s, session, write_limit).await;
                             return Next::Close;
                         }
                     },
                     _ = shutdown.changed() => {
                         session.shutdown("Service shutting down, try again later");
-                        write_out(s, session).await;
+                        write_out(s, session, write_limit).await;
                         return Next::Close;
                     }
                 }
             }
             Some(Action::StartTls) => {
-                if !write_out(s, session).await {
+                if !write_out(s, session, write_limit).await {
                     return Next::Close;
                 }
                 // CVE-2011-0411: nothing sent before the handshake may be read after it.
@@ -246,7 +254,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 pending = session.queued(result.map(|_| id).map_err(|e| e.to_string()));
             }
             Some(Action::Close) => {
-                write_out(s, session).await;
+                write_out(s, session, write_limit).await;
                 return Next::Close;
             }
         }
