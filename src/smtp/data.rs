@@ -192,6 +192,41 @@ impl ChunkChecker {
     }
 }
 
+/// Encodes a message for DATA: every bare `<CR>` or `<LF>` becomes `<CR><LF>`, lines starting
+/// with `.` are dot-stuffed, the content ends in `<CR><LF>`, and `.<CR><LF>` is appended.
+/// Whatever the stored message holds, the output contains exactly one end-of-data sequence,
+/// at its end, so no smuggling sequence ever leaves Moat.
+pub fn encode_for_data(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
+    let mut at_line_start = true;
+    let mut i = 0;
+    while i < body.len() {
+        let b = body[i];
+        i += 1;
+        match b {
+            b'\r' | b'\n' => {
+                if b == b'\r' && body.get(i) == Some(&b'\n') {
+                    i += 1;
+                }
+                out.extend_from_slice(b"\r\n");
+                at_line_start = true;
+            }
+            _ => {
+                if at_line_start && b == b'.' {
+                    out.push(b'.');
+                }
+                out.push(b);
+                at_line_start = false;
+            }
+        }
+    }
+    if !at_line_start {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +305,33 @@ mod tests {
         assert!(r.feed(b"123456\r\n.\r\n").is_some());
         assert!(r.oversized);
         assert!(r.body.is_empty());
+    }
+
+    #[test]
+    fn encoding_normalises_and_stuffs() {
+        assert_eq!(encode_for_data(b""), b".\r\n");
+        assert_eq!(encode_for_data(b"a"), b"a\r\n.\r\n");
+        assert_eq!(encode_for_data(b".x\r\n..\r\n"), b"..x\r\n...\r\n.\r\n");
+        assert_eq!(
+            encode_for_data(b"a\n.\nb\r.\r\n"),
+            b"a\r\n..\r\nb\r\n..\r\n.\r\n"
+        );
+    }
+
+    #[test]
+    fn encoding_roundtrips_through_the_receiver() {
+        // Whatever goes out is received back as one message with CRLF line endings.
+        for body in [
+            &b"x\r\n.\r\nMAIL FROM:<a@b>\r\n"[..],
+            b"a\n.\nb",
+            b"\r\r\n.",
+            b"..\r\n.",
+        ] {
+            let wire = encode_for_data(body);
+            let mut r = DataReceiver::new(BareNewline::Reject, 1 << 20);
+            assert_eq!(r.feed(&wire), Some(wire.len()), "{body:?}");
+            assert!(!r.bare_newline, "{body:?}");
+        }
     }
 
     #[test]

@@ -2,5 +2,6 @@
 //! receiving, and the server session state machine.
 
 pub mod address;
+pub mod client;
 pub mod data;
 pub mod session;

@@ -1,0 +1,608 @@
+//! The outbound SMTP client as a sans-IO state machine.
+//!
+//! The delivery task connects, feeds server bytes to [`Client::process`], writes
+//! [`Client::take_output`], and reacts to [`Event`]s: it does the TLS handshake on
+//! [`Event::StartTls`] (first discarding every byte the server sent after its `220`, so a
+//! man in the middle cannot inject replies: CVE-2021-38371), hands a message over on
+//! [`Event::Ready`], and records per-recipient results on [`Event::Transaction`].
+//!
+//! With PIPELINING, MAIL, every RCPT and DATA go out in one write (RFC 2920); the message and
+//! its terminating dot go out in one write too (a split write stalls about 40 ms against
+//! Postfix/OpenSSL; see INTEROP-NOTES). One recipient's rejection never fails the others.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use super::data::encode_for_data;
+
+/// A parsed server reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    /// Text of each line, without the code and separator.
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    /// The enhanced status code (RFC 3463) at the start of the first line, if any.
+    pub fn enhanced(&self) -> Option<&str> {
+        let first = self.lines.first()?;
+        let token = first.split(' ').next()?;
+        let parts: Vec<&str> = token.split('.').collect();
+        let ok = parts.len() == 3
+            && matches!(parts[0], "2" | "4" | "5")
+            && parts[1..]
+                .iter()
+                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()));
+        ok.then_some(token)
+    }
+
+    pub fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+
+    pub fn is_permanent(&self) -> bool {
+        self.code >= 500
+    }
+
+    /// One line for logs and DSNs: `550 5.1.1 User unknown`.
+    pub fn one_line(&self) -> String {
+        format!("{} {}", self.code, self.lines.join(" "))
+    }
+}
+
+impl std::fmt::Display for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.one_line())
+    }
+}
+
+/// Extensions the server announced in its EHLO reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    pub esmtp: bool,
+    pub pipelining: bool,
+    pub starttls: bool,
+    pub eight_bit_mime: bool,
+    pub smtputf8: bool,
+    pub chunking: bool,
+    /// `SIZE n`; 0 or absent means no fixed limit.
+    pub size: Option<u64>,
+}
+
+impl Capabilities {
+    fn from_ehlo(reply: &Reply) -> Capabilities {
+        let mut c = Capabilities {
+            esmtp: true,
+            ..Capabilities::default()
+        };
+        for line in reply.lines.iter().skip(1) {
+            let mut words = line.split_ascii_whitespace();
+            let Some(keyword) = words.next() else {
+                continue;
+            };
+            match keyword.to_ascii_uppercase().as_str() {
+                "PIPELINING" => c.pipelining = true,
+                "STARTTLS" => c.starttls = true,
+                "8BITMIME" => c.eight_bit_mime = true,
+                "SMTPUTF8" => c.smtputf8 = true,
+                "CHUNKING" => c.chunking = true,
+                "SIZE" => c.size = words.next().and_then(|n| n.parse().ok()),
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
+/// Whether to use STARTTLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartTls {
+    /// Never (plaintext retry after a failed opportunistic handshake, or policy `none`).
+    Never,
+    /// When offered; plaintext otherwise.
+    Opportunistic,
+    /// Required: missing STARTTLS or a refusal ends the session without sending mail.
+    Required,
+}
+
+/// Settings for one connection.
+#[derive(Debug, Clone)]
+pub struct ClientParams {
+    /// Our name for EHLO.
+    pub helo_name: String,
+    pub starttls: StartTls,
+    /// The connection is already TLS (implicit TLS, port 465).
+    pub implicit_tls: bool,
+}
+
+/// A message to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub sender: String,
+    pub recipients: Vec<String>,
+    /// The message, as stored (encoded for DATA when sent).
+    pub message: Vec<u8>,
+    pub smtputf8: bool,
+    pub eight_bit: bool,
+}
+
+/// What happened to one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptOutcome {
+    /// The server accepted the message for this recipient (final reply after the data).
+    Delivered(Reply),
+    /// The server refused (at MAIL, RCPT, DATA or after the data): 4xx or 5xx.
+    Refused(Reply),
+    /// We did not send: a capability the message needs is missing.
+    NotSent {
+        permanent: bool,
+        enhanced: &'static str,
+        text: String,
+    },
+}
+
+/// Why a session ended before a message could be offered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionError {
+    /// Greeting was not 220 (e.g. `554 no service`).
+    Greeting(Reply),
+    /// EHLO and HELO were refused.
+    Hello(Reply),
+    /// TLS was required and the server did not offer STARTTLS.
+    StartTlsNotOffered,
+    /// TLS was required and the server refused STARTTLS.
+    StartTlsRefused(Reply),
+    /// The server broke the protocol (unparseable or oversized reply).
+    Protocol(String),
+    /// The server closed the connection (421 or EOF).
+    Closed(Option<Reply>),
+}
+
+impl std::fmt::Display for SessionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionError::Greeting(r) => write!(f, "greeting refused: {r}"),
+            SessionError::Hello(r) => write!(f, "EHLO/HELO refused: {r}"),
+            SessionError::StartTlsNotOffered => f.write_str("the server did not offer STARTTLS"),
+            SessionError::StartTlsRefused(r) => write!(f, "STARTTLS refused: {r}"),
+            SessionError::Protocol(m) => write!(f, "protocol error: {m}"),
+            SessionError::Closed(Some(r)) => write!(f, "connection closed by the server: {r}"),
+            SessionError::Closed(None) => f.write_str("connection closed by the server"),
+        }
+    }
+}
+
+/// What the connection layer must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Write the output, drop any unread server bytes, do the TLS handshake, then call
+    /// [`Client::tls_established`].
+    StartTls,
+    /// The session is ready for a message: call [`Client::send`] or [`Client::quit`].
+    Ready,
+    /// A transaction finished; one outcome per recipient, in order.
+    Transaction(Vec<RcptOutcome>),
+    /// The session failed before or between transactions. Pending recipients were not tried.
+    Failed(SessionError),
+    /// QUIT was answered (or the server closed after it): close the connection.
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Greeting,
+    Ehlo,
+    Helo,
+    StartTls,
+    Mail,
+    Rcpt(usize),
+    Data,
+    DataEnd,
+    Rset,
+    Quit,
+}
+
+const MAX_REPLY_LINES: usize = 200;
+const MAX_REPLY_LINE: usize = 4096;
+
+/// One outbound SMTP session.
+#[derive(Debug)]
+pub struct Client {
+    params: ClientParams,
+    caps: Capabilities,
+    tls: bool,
+    out: Vec<u8>,
+    expect: VecDeque<Expect>,
+    msg: Option<Outgoing>,
+    results: Vec<Option<RcptOutcome>>,
+    mail_reply: Option<Reply>,
+    accepted: Vec<usize>,
+    partial: Vec<String>,
+    done: bool,
+    /// The last transaction ended before its data was accepted: RSET before the next MAIL.
+    needs_rset: bool,
+}
+
+impl Client {
+    /// A new session, waiting for the server's greeting.
+    pub fn new(params: ClientParams) -> Client {
+        let tls = params.implicit_tls;
+        Client {
+            params,
+            caps: Capabilities::default(),
+            tls,
+            out: Vec::new(),
+            expect: VecDeque::from([Expect::Greeting]),
+            msg: None,
+            results: Vec::new(),
+            mail_reply: None,
+            accepted: Vec::new(),
+            partial: Vec::new(),
+            done: false,
+            needs_rset: false,
+        }
+    }
+
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// How long to wait for the next reply (RFC 5321 §4.5.3.2).
+    pub fn wait_limit(&self) -> Duration {
+        match self.expect.front() {
+            Some(Expect::Data) => Duration::from_secs(120),
+            Some(Expect::DataEnd) => Duration::from_secs(600),
+            _ => Duration::from_secs(300),
+        }
+    }
+
+    fn command(&mut self, line: &str, expect: Expect) {
+        self.out.extend_from_slice(line.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+        self.expect.push_back(expect);
+    }
+
+    /// The TLS handshake succeeded: start over with EHLO (RFC 3207 §4.2).
+    pub fn tls_established(&mut self) {
+        self.tls = true;
+        self.caps = Capabilities::default();
+        let line = format!("EHLO {}", self.params.helo_name);
+        self.command(&line, Expect::Ehlo);
+    }
+
+    /// Sends QUIT.
+    pub fn quit(&mut self) {
+        self.command("QUIT", Expect::Quit);
+    }
+
+    /// Offers a message (after [`Event::Ready`] or a finished transaction).
+    /// Returns the outcome at once when the server lacks something the message needs.
+    pub fn send(&mut self, msg: Outgoing) -> Option<Event> {
+        let n = msg.recipients.len();
+        if n == 0 {
+            return Some(Event::Transaction(Vec::new()));
+        }
+        let refuse = |permanent, enhanced, text: &str| {
+            Some(Event::Transaction(vec![
+                RcptOutcome::NotSent {
+                    permanent,
+                    enhanced,
+                    text: text.to_string()
+                };
+                n
+            ]))
+        };
+        if msg.smtputf8 && !self.caps.smtputf8 {
+            return refuse(
+                true,
+                "5.6.7",
+                "the receiving server does not support SMTPUTF8 (RFC 6531)",
+            );
+        }
+        // RFC 1870: the size of the message, without dot-stuffing or the final dot.
+        let size = msg.message.len() as u64;
+        if let Some(limit) = self.caps.size.filter(|l| *l > 0)
+            && size > limit
+        {
+            return refuse(
+                true,
+                "5.3.4",
+                &format!("message size exceeds the receiving server's limit of {limit} bytes"),
+            );
+        }
+        let mut mail = format!("MAIL FROM:<{}>", msg.sender);
+        if self.caps.size.is_some() {
+            mail.push_str(&format!(" SIZE={size}"));
+        }
+        if msg.eight_bit && self.caps.eight_bit_mime {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if msg.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        self.results = vec![None; n];
+        self.accepted.clear();
+        self.mail_reply = None;
+        if std::mem::take(&mut self.needs_rset) {
+            self.command("RSET", Expect::Rset);
+        }
+        self.command(&mail, Expect::Mail);
+        if self.caps.pipelining {
+            for (i, r) in msg.recipients.iter().enumerate() {
+                self.command(&format!("RCPT TO:<{r}>"), Expect::Rcpt(i));
+            }
+            self.command("DATA", Expect::Data);
+        }
+        self.msg = Some(msg);
+        None
+    }
+
+    /// Feeds server bytes. Consumes up to and including the reply that produced the event;
+    /// after [`Event::StartTls`] the caller must discard whatever it has not fed.
+    pub fn process(&mut self, input: &[u8]) -> (usize, Option<Event>) {
+        let mut pos = 0;
+        while let Some(n) = input[pos..].iter().position(|&b| b == b'\n') {
+            let raw = &input[pos..pos + n];
+            pos += n + 1;
+            let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+            match self.reply_line(line) {
+                Ok(None) => {}
+                Ok(Some(reply)) => {
+                    if let Some(ev) = self.on_reply(reply) {
+                        return (pos, Some(ev));
+                    }
+                }
+                Err(e) => return (pos, Some(self.fail(SessionError::Protocol(e)))),
+            }
+        }
+        if input.len() - pos > MAX_REPLY_LINE {
+            return (
+                input.len(),
+                Some(self.fail(SessionError::Protocol("reply line too long".into()))),
+            );
+        }
+        (pos, None)
+    }
+
+    /// The server closed the connection.
+    pub fn eof(&mut self) -> Event {
+        if self.done || self.expect.front() == Some(&Expect::Quit) {
+            return Event::Closed;
+        }
+        self.fail(SessionError::Closed(None))
+    }
+
+    fn fail(&mut self, e: SessionError) -> Event {
+        self.done = true;
+        self.expect.clear();
+        Event::Failed(e)
+    }
+
+    fn reply_line(&mut self, line: &[u8]) -> Result<Option<Reply>, String> {
+        if line.len() > MAX_REPLY_LINE || self.partial.len() >= MAX_REPLY_LINES {
+            return Err("reply too long".into());
+        }
+        let text = String::from_utf8_lossy(line);
+        let bytes = text.as_bytes();
+        if bytes.len() < 3 || !bytes[..3].iter().all(u8::is_ascii_digit) {
+            return Err(format!(
+                "malformed reply line {:?}",
+                text.chars().take(80).collect::<String>()
+            ));
+        }
+        let code: u16 = text[..3].parse().map_err(|_| "bad code".to_string())?;
+        if !(200..600).contains(&code) {
+            return Err(format!("reply code {code} out of range"));
+        }
+        let sep = bytes.get(3).copied();
+        let rest = text.get(4..).unwrap_or("").to_string();
+        match sep {
+            Some(b'-') => {
+                self.partial.push(rest);
+                Ok(None)
+            }
+            None | Some(b' ') => {
+                let mut lines = std::mem::take(&mut self.partial);
+                lines.push(rest);
+                Ok(Some(Reply { code, lines }))
+            }
+            Some(_) => Err("bad separator after reply code".into()),
+        }
+    }
+
+    fn on_reply(&mut self, reply: Reply) -> Option<Event> {
+        let Some(expect) = self.expect.pop_front() else {
+            return Some(self.fail(SessionError::Protocol(format!("unexpected reply {reply}"))));
+        };
+        if reply.code == 421 && !matches!(expect, Expect::Quit) {
+            // Service closing: whatever is in flight is not delivered (temporary).
+            if self.msg.is_some() {
+                let ev = self.finish_with(&reply);
+                self.done = true;
+                return Some(ev);
+            }
+            return Some(self.fail(SessionError::Closed(Some(reply))));
+        }
+        match expect {
+            Expect::Greeting => {
+                if reply.code != 220 {
+                    return Some(self.fail(SessionError::Greeting(reply)));
+                }
+                let line = format!("EHLO {}", self.params.helo_name);
+                self.command(&line, Expect::Ehlo);
+                None
+            }
+            Expect::Ehlo => {
+                if reply.code == 250 {
+                    self.caps = Capabilities::from_ehlo(&reply);
+                    return self.after_hello();
+                }
+                if reply.is_permanent() && !self.tls {
+                    let line = format!("HELO {}", self.params.helo_name);
+                    self.command(&line, Expect::Helo);
+                    return None;
+                }
+                Some(self.fail(SessionError::Hello(reply)))
+            }
+            Expect::Helo => {
+                if reply.code != 250 {
+                    return Some(self.fail(SessionError::Hello(reply)));
+                }
+                self.caps = Capabilities::default();
+                self.after_hello()
+            }
+            Expect::StartTls => {
+                if reply.code == 220 {
+                    return Some(Event::StartTls);
+                }
+                if self.params.starttls == StartTls::Required {
+                    return Some(self.fail(SessionError::StartTlsRefused(reply)));
+                }
+                Some(Event::Ready)
+            }
+            Expect::Mail => {
+                if !reply.is_positive() {
+                    self.mail_reply = Some(reply.clone());
+                    if !self.caps.pipelining {
+                        return Some(self.finish_with(&reply));
+                    }
+                } else if !self.caps.pipelining {
+                    self.next_rcpt(0);
+                }
+                None
+            }
+            Expect::Rcpt(i) => {
+                if reply.is_positive() && self.mail_reply.is_none() {
+                    self.accepted.push(i);
+                } else if let Some(slot) = self.results.get_mut(i) {
+                    // After a failed MAIL, every RCPT reply (503) is noise: report MAIL's.
+                    let r = self.mail_reply.clone().unwrap_or(reply);
+                    *slot = Some(RcptOutcome::Refused(r));
+                }
+                if !self.caps.pipelining {
+                    let next = i + 1;
+                    if next < self.results.len() {
+                        self.next_rcpt(next);
+                    } else if self.accepted.is_empty() {
+                        return Some(self.finish_transaction(None));
+                    } else {
+                        self.command("DATA", Expect::Data);
+                    }
+                }
+                None
+            }
+            Expect::Data => {
+                if reply.code == 354 {
+                    if self.accepted.is_empty() {
+                        // RFC 2920 §3.1: DATA accepted without recipients; end it empty.
+                        self.out.extend_from_slice(b".\r\n");
+                        self.expect.push_back(Expect::DataEnd);
+                        return None;
+                    }
+                    let wire = self
+                        .msg
+                        .as_ref()
+                        .map(|m| encode_for_data(&m.message))
+                        .unwrap_or_default();
+                    self.out.extend_from_slice(&wire);
+                    self.expect.push_back(Expect::DataEnd);
+                    return None;
+                }
+                if let Some(m) = self.mail_reply.clone() {
+                    return Some(self.finish_with(&m));
+                }
+                if self.accepted.is_empty() {
+                    return Some(self.finish_transaction(None));
+                }
+                Some(self.finish_transaction(Some(reply)))
+            }
+            Expect::DataEnd => {
+                let ev = if self.accepted.is_empty() {
+                    self.finish_transaction(None)
+                } else {
+                    self.finish_transaction(Some(reply))
+                };
+                // The data phase completed: the server's transaction is closed either way.
+                self.needs_rset = false;
+                Some(ev)
+            }
+            Expect::Rset => None,
+            Expect::Quit => {
+                self.done = true;
+                Some(Event::Closed)
+            }
+        }
+    }
+
+    fn next_rcpt(&mut self, i: usize) {
+        let line = match self.msg.as_ref().and_then(|m| m.recipients.get(i)) {
+            Some(r) => format!("RCPT TO:<{r}>"),
+            None => return,
+        };
+        self.command(&line, Expect::Rcpt(i));
+    }
+
+    fn after_hello(&mut self) -> Option<Event> {
+        if !self.tls && self.params.starttls != StartTls::Never && self.caps.starttls {
+            self.command("STARTTLS", Expect::StartTls);
+            return None;
+        }
+        if !self.tls && self.params.starttls == StartTls::Required {
+            return Some(self.fail(SessionError::StartTlsNotOffered));
+        }
+        Some(Event::Ready)
+    }
+
+    /// Every recipient gets `reply` (a MAIL refusal or a 421).
+    fn finish_with(&mut self, reply: &Reply) -> Event {
+        for slot in self.results.iter_mut() {
+            *slot = Some(RcptOutcome::Refused(reply.clone()));
+        }
+        self.expect.clear();
+        self.collect()
+    }
+
+    /// Accepted recipients get the final reply (or stay refused when there is none).
+    fn finish_transaction(&mut self, final_reply: Option<Reply>) -> Event {
+        if let Some(reply) = final_reply {
+            for &i in &self.accepted {
+                if let Some(slot) = self.results.get_mut(i) {
+                    *slot = Some(if reply.is_positive() {
+                        RcptOutcome::Delivered(reply.clone())
+                    } else {
+                        RcptOutcome::Refused(reply.clone())
+                    });
+                }
+            }
+        }
+        self.collect()
+    }
+
+    fn collect(&mut self) -> Event {
+        self.msg = None;
+        self.needs_rset = true;
+        self.accepted.clear();
+        let fallback = Reply {
+            code: 451,
+            lines: vec!["4.4.0 no reply received for this recipient".into()],
+        };
+        let results = std::mem::take(&mut self.results)
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| RcptOutcome::Refused(fallback.clone())))
+            .collect();
+        Event::Transaction(results)
+    }
+}
+
+#[cfg(test)]
+#[path = "client_tests.rs"]
+mod tests;
