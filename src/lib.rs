@@ -3,7 +3,9 @@
 //! See `DESIGN.md` in the shared folder for the architecture; each module's docs describe its room.
 
 pub mod config;
+pub mod dns;
 pub mod inbound;
+pub mod outbound;
 pub mod queue;
 pub mod server;
 pub mod smtp;

@@ -1,0 +1,532 @@
+//! The resolver facade: the only place that talks to `hickory-resolver`.
+//!
+//! Everything above this module sees three kinds of outcome and never a hickory type:
+//!
+//! * an answer ([`MxAnswer::Records`], a non-empty address list);
+//! * an authoritative "no": the name does not exist (NXDOMAIN) or has no records of the asked type
+//!   (NODATA). These are facts about the domain and are permanent;
+//! * a failure to get an answer at all (timeout, SERVFAIL, REFUSED, unreachable nameserver,
+//!   malformed response). These say nothing about the domain and are temporary
+//!   ([`DnsError::is_temporary`]).
+//!
+//! Unlike `res_query(3)`, which reports REFUSED, FORMERR and NOTIMP as `NO_RECOVERY` (Postfix then
+//! bounces), every response code other than NXDOMAIN/NOERROR counts as temporary here: such codes
+//! describe our path to the data, not the data, and the queue turns a temporary failure into a
+//! permanent one only after the retry window.
+//!
+//! Names are always queried as absolute names (`example.com.`), so `resolv.conf` `search` and
+//! `ndots` never rewrite a mail domain into something else. Names may be given in UTF-8 (IDNA) or
+//! ASCII form; answers are returned as lowercase ASCII (A-labels) without the trailing dot.
+//!
+//! Tests build a [`Resolver`] with [`Resolver::with_nameservers_timeout`] pointing at an in-process
+//! DNS server on a loopback address (see `tests/dns_route.rs`).
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{
+    ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
+};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError as HickoryDnsError, NetError};
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::{Name, RData};
+
+/// Default time to wait for one answer from one nameserver.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default number of retries after the first attempt (hickory's `attempts`).
+pub const DEFAULT_RETRIES: usize = 2;
+
+/// The record type(s) a lookup asked for; used in error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    /// MX records.
+    Mx,
+    /// A records only.
+    A,
+    /// AAAA records only.
+    Aaaa,
+    /// A and AAAA records (an address lookup).
+    Address,
+}
+
+impl fmt::Display for RecordKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RecordKind::Mx => "MX",
+            RecordKind::A => "A",
+            RecordKind::Aaaa => "AAAA",
+            RecordKind::Address => "A/AAAA",
+        })
+    }
+}
+
+/// What a lookup asked: the record type and the name (as given, without trailing dot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsQuery {
+    /// The record type(s).
+    pub kind: RecordKind,
+    /// The queried name.
+    pub name: String,
+}
+
+impl fmt::Display for DnsQuery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} for {}", self.kind, self.name)
+    }
+}
+
+/// The outcome of an MX lookup that got an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MxAnswer {
+    /// MX records: `(preference, exchange)`, in the order received. The exchange is lowercase
+    /// ASCII without the trailing dot; the root name (a null MX, RFC 7505) is the empty string.
+    Records(Vec<(u16, String)>),
+    /// The name exists but has no MX records (NODATA): RFC 5321 §5.1 implicit MX applies.
+    NoRecords,
+    /// The name does not exist (NXDOMAIN).
+    NxDomain,
+}
+
+/// Why a lookup did not produce records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DnsError {
+    /// The name is not a valid domain name (permanent).
+    InvalidName {
+        /// The name as given.
+        name: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// The name does not exist (NXDOMAIN; permanent). Only [`Resolver::addresses`] returns this;
+    /// [`Resolver::mx`] reports it as [`MxAnswer::NxDomain`].
+    NxDomain {
+        /// The lookup.
+        query: DnsQuery,
+    },
+    /// The name exists but has no records of the asked type (NODATA; permanent). Only
+    /// [`Resolver::addresses`] returns this; [`Resolver::mx`] reports it as [`MxAnswer::NoRecords`].
+    NoRecords {
+        /// The lookup.
+        query: DnsQuery,
+    },
+    /// No nameserver answered in time (temporary).
+    Timeout {
+        /// The lookup.
+        query: DnsQuery,
+    },
+    /// A nameserver answered with an error code such as SERVFAIL or REFUSED (temporary).
+    ServerFailure {
+        /// The lookup.
+        query: DnsQuery,
+        /// The response code, e.g. `SERVFAIL`.
+        rcode: String,
+    },
+    /// No nameserver could be reached (temporary).
+    Network {
+        /// The lookup.
+        query: DnsQuery,
+        /// What the network said, e.g. `connection refused`.
+        detail: String,
+    },
+    /// An answer arrived but could not be used: malformed, truncated, spoofing suspected
+    /// (temporary).
+    BadResponse {
+        /// The lookup.
+        query: DnsQuery,
+        /// What was wrong with it.
+        detail: String,
+    },
+    /// The resolver could not be set up, e.g. `/etc/resolv.conf` is unreadable.
+    Config {
+        /// What went wrong.
+        detail: String,
+    },
+}
+
+impl DnsError {
+    /// Whether asking again later may give a different result.
+    ///
+    /// NXDOMAIN, NODATA and invalid names are facts about the name; everything else is a failure
+    /// to learn the facts.
+    pub fn is_temporary(&self) -> bool {
+        match self {
+            DnsError::InvalidName { .. }
+            | DnsError::NxDomain { .. }
+            | DnsError::NoRecords { .. } => false,
+            DnsError::Timeout { .. }
+            | DnsError::ServerFailure { .. }
+            | DnsError::Network { .. }
+            | DnsError::BadResponse { .. }
+            | DnsError::Config { .. } => true,
+        }
+    }
+
+    /// The lookup this error belongs to, if any.
+    pub fn query(&self) -> Option<&DnsQuery> {
+        match self {
+            DnsError::NxDomain { query }
+            | DnsError::NoRecords { query }
+            | DnsError::Timeout { query }
+            | DnsError::ServerFailure { query, .. }
+            | DnsError::Network { query, .. }
+            | DnsError::BadResponse { query, .. } => Some(query),
+            DnsError::InvalidName { .. } | DnsError::Config { .. } => None,
+        }
+    }
+
+    /// The same error reported for another lookup (used to merge the A and AAAA halves).
+    fn with_kind(mut self, kind: RecordKind) -> Self {
+        match &mut self {
+            DnsError::NxDomain { query }
+            | DnsError::NoRecords { query }
+            | DnsError::Timeout { query }
+            | DnsError::ServerFailure { query, .. }
+            | DnsError::Network { query, .. }
+            | DnsError::BadResponse { query, .. } => query.kind = kind,
+            DnsError::InvalidName { .. } | DnsError::Config { .. } => {}
+        }
+        self
+    }
+}
+
+impl fmt::Display for DnsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DnsError::InvalidName { name, reason } => {
+                write!(
+                    f,
+                    "cannot look up {name:?}: not a valid domain name ({reason})"
+                )
+            }
+            DnsError::NxDomain { query } => write!(
+                f,
+                "DNS lookup of {query}: {} does not exist (NXDOMAIN)",
+                query.name
+            ),
+            DnsError::NoRecords { query } => write!(
+                f,
+                "DNS lookup of {query}: {} has no {} records (NODATA)",
+                query.name, query.kind
+            ),
+            DnsError::Timeout { query } => write!(
+                f,
+                "DNS lookup of {query} timed out (no nameserver answered)"
+            ),
+            DnsError::ServerFailure { query, rcode } => write!(
+                f,
+                "DNS lookup of {query} failed: the nameserver answered {rcode}"
+            ),
+            DnsError::Network { query, detail } => write!(
+                f,
+                "DNS lookup of {query} failed: could not reach a nameserver ({detail})"
+            ),
+            DnsError::BadResponse { query, detail } => write!(
+                f,
+                "DNS lookup of {query} failed: unusable response ({detail})"
+            ),
+            DnsError::Config { detail } => write!(f, "DNS resolver configuration: {detail}"),
+        }
+    }
+}
+
+impl std::error::Error for DnsError {}
+
+/// One resolver for routing lookups (plain, non-validating). Cheap to clone; clones share the
+/// cache and connections.
+#[derive(Clone, Debug)]
+pub struct Resolver {
+    inner: TokioResolver,
+}
+
+impl Resolver {
+    /// A resolver using the system configuration (`/etc/resolv.conf` on Unix), including its
+    /// timeout and attempts options. Lookups never use the hosts file.
+    pub fn system() -> Result<Self, DnsError> {
+        let mut builder = TokioResolver::builder_tokio().map_err(|e| DnsError::Config {
+            detail: format!("cannot read the system resolver configuration: {e}"),
+        })?;
+        builder.options_mut().use_hosts_file = ResolveHosts::Never;
+        let inner = builder.build().map_err(|e| DnsError::Config {
+            detail: e.to_string(),
+        })?;
+        Ok(Resolver { inner })
+    }
+
+    /// A resolver asking the given nameservers over UDP (and TCP for truncated answers), with
+    /// the default timeout ([`DEFAULT_TIMEOUT`]) and retries ([`DEFAULT_RETRIES`]).
+    pub fn with_nameservers(servers: &[SocketAddr]) -> Result<Self, DnsError> {
+        Self::with_nameservers_timeout(servers, DEFAULT_TIMEOUT, DEFAULT_RETRIES)
+    }
+
+    /// Like [`Resolver::with_nameservers`], with a per-query `timeout` and a number of `retries`
+    /// after the first attempt (0 = ask once).
+    pub fn with_nameservers_timeout(
+        servers: &[SocketAddr],
+        timeout: Duration,
+        retries: usize,
+    ) -> Result<Self, DnsError> {
+        if servers.is_empty() {
+            return Err(DnsError::Config {
+                detail: "no nameservers configured".to_owned(),
+            });
+        }
+        let name_servers = servers
+            .iter()
+            .map(|addr| {
+                let mut udp = ConnectionConfig::udp();
+                udp.port = addr.port();
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = addr.port();
+                NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
+            })
+            .collect();
+        let mut opts = ResolverOpts::default();
+        opts.timeout = timeout;
+        opts.attempts = retries;
+        opts.use_hosts_file = ResolveHosts::Never;
+        let inner = TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(name_servers),
+            TokioRuntimeProvider::default(),
+        )
+        .with_options(opts)
+        .build()
+        .map_err(|e| DnsError::Config {
+            detail: e.to_string(),
+        })?;
+        Ok(Resolver { inner })
+    }
+
+    /// MX records of `domain`.
+    ///
+    /// NXDOMAIN and NODATA are answers ([`MxAnswer::NxDomain`], [`MxAnswer::NoRecords`]), not
+    /// errors. An MX answer reached through a CNAME is followed.
+    pub async fn mx(&self, domain: &str) -> Result<MxAnswer, DnsError> {
+        let name = absolute_name(domain)?;
+        let query = DnsQuery {
+            kind: RecordKind::Mx,
+            name: display_name(domain),
+        };
+        match self.inner.mx_lookup(name).await {
+            Ok(lookup) => {
+                let records: Vec<(u16, String)> = lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|record| match &record.data {
+                        RData::MX(mx) => Some((mx.preference, normalize(&mx.exchange))),
+                        _ => None,
+                    })
+                    .collect();
+                if records.is_empty() {
+                    Ok(MxAnswer::NoRecords)
+                } else {
+                    Ok(MxAnswer::Records(records))
+                }
+            }
+            Err(e) => match classify(e, query) {
+                DnsError::NxDomain { .. } => Ok(MxAnswer::NxDomain),
+                DnsError::NoRecords { .. } => Ok(MxAnswer::NoRecords),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// IPv4 then IPv6 addresses of `host`; the A and AAAA queries are sent together.
+    ///
+    /// If either query yields addresses they are returned, even if the other one failed (mail
+    /// can go over the family that answered). Otherwise the error is, in this order: a
+    /// temporary failure of either query, [`DnsError::NxDomain`] if either said the name does not
+    /// exist, else [`DnsError::NoRecords`].
+    pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
+        let name = absolute_name(host)?;
+        let query = |kind| DnsQuery {
+            kind,
+            name: display_name(host),
+        };
+        let (v4, v6) = tokio::join!(
+            self.inner.ipv4_lookup(name.clone()),
+            self.inner.ipv6_lookup(name)
+        );
+        let v4 = v4.map_err(|e| classify(e, query(RecordKind::A)));
+        let v6 = v6.map_err(|e| classify(e, query(RecordKind::Aaaa)));
+
+        let mut addrs = Vec::new();
+        if let Ok(lookup) = &v4 {
+            addrs.extend(lookup.answers().iter().filter_map(|r| match &r.data {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                _ => None,
+            }));
+        }
+        if let Ok(lookup) = &v6 {
+            addrs.extend(lookup.answers().iter().filter_map(|r| match &r.data {
+                RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+                _ => None,
+            }));
+        }
+        if !addrs.is_empty() {
+            return Ok(addrs);
+        }
+
+        let errors = [v4.err(), v6.err()];
+        let errors = errors.into_iter().flatten();
+        let mut nx = None;
+        for e in errors {
+            match e {
+                e if e.is_temporary() => return Err(e),
+                e @ DnsError::NxDomain { .. } => nx = Some(e),
+                _ => {}
+            }
+        }
+        Err(match nx {
+            Some(e) => e.with_kind(RecordKind::Address),
+            None => DnsError::NoRecords {
+                query: query(RecordKind::Address),
+            },
+        })
+    }
+}
+
+/// `domain` as an absolute DNS name, or [`DnsError::InvalidName`].
+fn absolute_name(domain: &str) -> Result<Name, DnsError> {
+    let invalid = |reason: String| DnsError::InvalidName {
+        name: domain.to_owned(),
+        reason,
+    };
+    let trimmed = domain.strip_suffix('.').unwrap_or(domain);
+    if trimmed.is_empty() {
+        return Err(invalid("empty name".to_owned()));
+    }
+    let mut name = Name::from_str_relaxed(trimmed).map_err(|e| invalid(e.to_string()))?;
+    name.set_fqdn(true);
+    Ok(name)
+}
+
+/// The canonical form of a domain name for comparisons: lowercase ASCII (A-labels), no trailing
+/// dot. `Bücher.Example.` becomes `xn--bcher-kva.example`.
+pub fn canonical_name(domain: &str) -> Result<String, DnsError> {
+    absolute_name(domain).map(|name| normalize(&name))
+}
+
+/// `domain` as shown in messages: without the trailing dot.
+fn display_name(domain: &str) -> String {
+    domain.strip_suffix('.').unwrap_or(domain).to_owned()
+}
+
+/// Lowercase ASCII form without the trailing dot; the root name becomes `""`.
+fn normalize(name: &Name) -> String {
+    let ascii = name.to_lowercase().to_ascii();
+    match ascii.strip_suffix('.') {
+        Some(s) => s.to_owned(),
+        None => ascii,
+    }
+}
+
+/// The conventional mnemonic of a response code (`SERVFAIL`), or its description and number.
+fn rcode_name(code: ResponseCode) -> String {
+    match code {
+        ResponseCode::ServFail => "SERVFAIL".to_owned(),
+        ResponseCode::Refused => "REFUSED".to_owned(),
+        ResponseCode::FormErr => "FORMERR".to_owned(),
+        ResponseCode::NotImp => "NOTIMP".to_owned(),
+        other => format!("{} (rcode {})", other.to_str(), u16::from(other)),
+    }
+}
+
+/// Map hickory's error to ours. `query` says what was asked.
+fn classify(error: NetError, query: DnsQuery) -> DnsError {
+    match error {
+        NetError::Dns(HickoryDnsError::NoRecordsFound(no)) => {
+            if no.response_code == ResponseCode::NXDomain {
+                DnsError::NxDomain { query }
+            } else {
+                DnsError::NoRecords { query }
+            }
+        }
+        NetError::Dns(HickoryDnsError::ResponseCode(code)) => DnsError::ServerFailure {
+            query,
+            rcode: rcode_name(code),
+        },
+        NetError::Dns(HickoryDnsError::DnssecBogus) => DnsError::BadResponse {
+            query,
+            detail: "DNSSEC validation failed".to_owned(),
+        },
+        NetError::Timeout => DnsError::Timeout { query },
+        NetError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => DnsError::Timeout { query },
+        NetError::Io(e) => DnsError::Network {
+            query,
+            detail: e.to_string(),
+        },
+        NetError::NoConnections => DnsError::Network {
+            query,
+            detail: "no connection to any nameserver".to_owned(),
+        },
+        NetError::Busy => DnsError::Network {
+            query,
+            detail: "resolver busy".to_owned(),
+        },
+        NetError::Proto(e) => DnsError::BadResponse {
+            query,
+            detail: e.to_string(),
+        },
+        NetError::Truncated => DnsError::BadResponse {
+            query,
+            detail: "response truncated even over TCP".to_owned(),
+        },
+        NetError::QueryCaseMismatch | NetError::ForeignClassRecord { .. } => {
+            DnsError::BadResponse {
+                query,
+                detail: error.to_string(),
+            }
+        }
+        other => DnsError::BadResponse {
+            query,
+            detail: other.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(
+            normalize(&Name::from_ascii("MX1.Example.COM.").unwrap()),
+            "mx1.example.com"
+        );
+        assert_eq!(normalize(&Name::root()), "");
+        assert!(absolute_name("").is_err());
+        assert!(absolute_name(".").is_err());
+        assert!(absolute_name("a..b").is_err());
+        let n = absolute_name("example.com").unwrap();
+        assert!(n.is_fqdn());
+        assert_eq!(
+            normalize(&absolute_name("bücher.example.").unwrap()),
+            "xn--bcher-kva.example"
+        );
+    }
+
+    #[test]
+    fn messages_name_the_lookup() {
+        let q = DnsQuery {
+            kind: RecordKind::Mx,
+            name: "example.com".to_owned(),
+        };
+        assert_eq!(
+            DnsError::Timeout { query: q.clone() }.to_string(),
+            "DNS lookup of MX for example.com timed out (no nameserver answered)"
+        );
+        let e = DnsError::ServerFailure {
+            query: q,
+            rcode: "SERVFAIL".to_owned(),
+        };
+        assert!(e.is_temporary());
+        assert_eq!(
+            e.to_string(),
+            "DNS lookup of MX for example.com failed: the nameserver answered SERVFAIL"
+        );
+    }
+}
