@@ -3,6 +3,7 @@
 //! For now the worker delivers to local routes (Maildir, discard). Recipients in domains
 //! without a local route stay queued until outbound delivery exists (issue 3).
 
+pub mod dsn;
 pub mod local;
 pub mod spool;
 
