@@ -34,6 +34,82 @@ pub struct Config {
     pub domains: Vec<DomainConfig>,
     #[serde(default, rename = "inbound_rule")]
     pub inbound_rules: Vec<InboundRule>,
+    #[serde(default)]
+    pub queue: QueueConfig,
+    #[serde(default)]
+    pub outbound: OutboundConfig,
+    #[serde(default, rename = "tls_policy")]
+    pub tls_policies: Vec<TlsPolicyConfig>,
+}
+
+/// Outbound TLS requirement for recipient domains (DESIGN §5).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPolicyConfig {
+    /// Recipient domains: exact or `*.suffix`.
+    pub domains: Vec<String>,
+    /// `none`, `may` (the default for everything else), `encrypt` or `verify`.
+    pub level: crate::outbound::tls::TlsLevel,
+    /// Names the certificate must carry instead of the MX host name (`verify`).
+    #[serde(default)]
+    pub match_names: Vec<String>,
+    /// `sha256:cert:HEX` or `sha256:spki:HEX`; one must match when given.
+    #[serde(default)]
+    pub pins: Vec<String>,
+    /// Extra trusted CA certificates (PEM) for this destination, e.g. a private CA.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Retry schedule and lifetimes of queued mail.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Delays between attempts; the last one repeats.
+    pub retry_schedule_secs: Vec<u64>,
+    /// A message still undelivered after this long is bounced.
+    pub max_lifetime_secs: u64,
+    /// Shorter lifetime for transport-security failures (TLS required but not available).
+    pub security_lifetime_secs: u64,
+    /// Deliveries in progress at once.
+    pub max_concurrent_deliveries: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            retry_schedule_secs: vec![60, 300, 900, 1800, 3600],
+            max_lifetime_secs: 5 * 86_400,
+            security_lifetime_secs: 86_400,
+            max_concurrent_deliveries: 20,
+        }
+    }
+}
+
+/// How Moat connects to other servers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundConfig {
+    /// SMTP port used for MX hosts (25; tests use a high port).
+    pub port: u16,
+    /// DNS servers for MX and address lookups; empty uses the system resolver.
+    pub nameservers: Vec<SocketAddr>,
+    /// Name sent in EHLO; default `hostname`.
+    pub helo_name: Option<String>,
+    pub connect_timeout_secs: u64,
+    pub dns_timeout_secs: u64,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        OutboundConfig {
+            port: 25,
+            nameservers: Vec::new(),
+            helo_name: None,
+            connect_timeout_secs: 30,
+            dns_timeout_secs: 5,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -182,6 +258,8 @@ pub enum RouteKind {
     Maildir,
     /// Accept and drop (for tests, sinks and benchmarks).
     Discard,
+    /// Accept and forward to a fixed next hop (`relay = "host:port"`), e.g. an internal server.
+    Relay,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -195,6 +273,9 @@ pub struct DomainConfig {
     /// Accepted mailbox names for `maildir`; empty accepts any safe name.
     #[serde(default)]
     pub mailboxes: Vec<String>,
+    /// Next hop for `relay`: `host:port` or `[ip]:port`.
+    #[serde(default)]
+    pub relay: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -438,6 +519,66 @@ impl Config {
                 }
             }
         }
+        for (i, d) in self.domains.iter().enumerate() {
+            match (d.route, &d.relay) {
+                (RouteKind::Relay, None) => {
+                    return Err(err(
+                        "domain",
+                        i,
+                        "relay",
+                        "route = \"relay\" needs relay = \"host:port\"".into(),
+                    ));
+                }
+                (RouteKind::Relay, Some(hop)) if parse_hop(hop).is_none() => {
+                    return Err(err(
+                        "domain",
+                        i,
+                        "relay",
+                        format!("`{hop}` is not host:port"),
+                    ));
+                }
+                (RouteKind::Maildir | RouteKind::Discard, Some(_)) => {
+                    return Err(err(
+                        "domain",
+                        i,
+                        "relay",
+                        "only used with route = \"relay\"".into(),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        for (i, p) in self.tls_policies.iter().enumerate() {
+            if p.domains.is_empty() {
+                return Err(err(
+                    "tls_policy",
+                    i,
+                    "domains",
+                    "needs one or more domains".into(),
+                ));
+            }
+            for pin in &p.pins {
+                crate::outbound::tls::Pin::parse(pin)
+                    .map_err(|m| err("tls_policy", i, "pins", m))?;
+            }
+        }
+        if self.queue.retry_schedule_secs.is_empty() || self.queue.retry_schedule_secs.contains(&0)
+        {
+            return Err(err(
+                "queue",
+                0,
+                "retry_schedule_secs",
+                "needs one or more delays above 0".into(),
+            ));
+        }
+        if self.queue.max_concurrent_deliveries == 0 {
+            return Err(err(
+                "queue",
+                0,
+                "max_concurrent_deliveries",
+                "must be greater than 0".into(),
+            ));
+        }
         for (i, r) in self.inbound_rules.iter().enumerate() {
             for n in &r.networks {
                 n.parse::<IpNet>()
@@ -487,6 +628,17 @@ impl Config {
             .filter_map(|n| n.parse().ok())
             .collect()
     }
+}
+
+/// Splits `host:port` / `[ip]:port` into host and port.
+pub fn parse_hop(hop: &str) -> Option<(String, u16)> {
+    let (host, port) = hop.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    (!host.is_empty() && !host.contains(char::is_whitespace)).then(|| (host.to_string(), port))
 }
 
 /// 1-based line of a byte offset.

@@ -16,11 +16,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::config::{Config, ListenerMode, RouteKind};
+use crate::dns::Resolver;
 use crate::inbound::ConnCounter;
 use crate::inbound::auth::{AuthLimiter, Authenticator};
 use crate::inbound::connection::{ListenerCtx, Shared, handle};
+use crate::outbound::deliver::Outbound;
+use crate::outbound::tls::{Connector, Pin, TlsLevel, TlsRequirement};
 use crate::queue::spool::Spool;
-use crate::queue::{Deliverer, Route};
+use crate::queue::{Queue, Route, TlsPolicy};
 use crate::smtp::session::{DomainKind, ListenerRules, Rules};
 use crate::tls::CertStore;
 
@@ -41,7 +44,7 @@ fn rules_from(config: &Config) -> Rules {
                     mailboxes: d.mailboxes.iter().cloned().collect::<HashSet<_>>(),
                 }
             }
-            RouteKind::Discard => DomainKind::Routed,
+            RouteKind::Discard | RouteKind::Relay => DomainKind::Routed,
         };
         domains.insert(d.name.to_ascii_lowercase(), kind);
     }
@@ -91,6 +94,68 @@ fn certificate_files(config: &Config) -> Result<Vec<(PathBuf, PathBuf)>, String>
         .collect())
 }
 
+fn outbound_from(config: &Config) -> Result<Outbound, String> {
+    let o = &config.outbound;
+    let resolver = if o.nameservers.is_empty() {
+        Resolver::system()
+    } else {
+        Resolver::with_nameservers_timeout(
+            &o.nameservers,
+            Duration::from_secs(o.dns_timeout_secs),
+            1,
+        )
+    }
+    .map_err(|e| format!("DNS resolver: {e}"))?;
+    let helo = o
+        .helo_name
+        .clone()
+        .unwrap_or_else(|| config.hostname.clone());
+    Ok(Outbound {
+        resolver,
+        connector: Connector::new(true, None),
+        our_names: vec![
+            config.hostname.to_ascii_lowercase(),
+            helo.to_ascii_lowercase(),
+        ],
+        helo_name: helo,
+        port: o.port,
+        connect_timeout: Duration::from_secs(o.connect_timeout_secs.max(1)),
+    })
+}
+
+fn policy_from(config: &Config) -> Result<TlsPolicy, String> {
+    let mut rules = Vec::new();
+    for p in &config.tls_policies {
+        let pins = p
+            .pins
+            .iter()
+            .map(|s| Pin::parse(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let extra_roots = match &p.ca_file {
+            Some(f) => Some(Arc::new(crate::tls::load_roots(&config.data_path(f))?)),
+            None => None,
+        };
+        let req = TlsRequirement {
+            level: p.level,
+            match_names: p.match_names.clone(),
+            pins,
+            extra_roots,
+        };
+        for d in &p.domains {
+            rules.push((d.to_ascii_lowercase(), req.clone()));
+        }
+    }
+    Ok(TlsPolicy {
+        rules,
+        default: TlsRequirement {
+            level: TlsLevel::May,
+            match_names: Vec::new(),
+            pins: Vec::new(),
+            extra_roots: None,
+        },
+    })
+}
+
 /// Runs the server until a termination signal.
 pub async fn serve(config: Config) -> Result<(), String> {
     std::fs::create_dir_all(&config.data_dir)
@@ -115,14 +180,27 @@ pub async fn serve(config: Config) -> Result<(), String> {
                     Route::Maildir(config.data_path(d.path.as_deref().unwrap_or("mail".as_ref())))
                 }
                 RouteKind::Discard => Route::Discard,
+                RouteKind::Relay => {
+                    let (host, port) = d
+                        .relay
+                        .as_deref()
+                        .and_then(crate::config::parse_hop)
+                        .unwrap_or_default();
+                    Route::Relay { host, port }
+                }
             };
             (d.name.to_ascii_lowercase(), route)
         })
         .collect();
-    let deliver = Deliverer {
+    let outbound = outbound_from(&config)?;
+    let policy = policy_from(&config)?;
+    let deliver = Queue {
         spool: spool.clone(),
         routes,
         hostname: config.hostname.clone(),
+        outbound,
+        policy,
+        config: config.queue.clone(),
     }
     .spawn(existing);
 
@@ -211,6 +289,11 @@ pub async fn serve(config: Config) -> Result<(), String> {
                 );
             }
             RouteKind::Discard => println!("moat: mail for {} is discarded", d.name),
+            RouteKind::Relay => println!(
+                "moat: mail for {} is relayed to {}",
+                d.name,
+                d.relay.as_deref().unwrap_or("?")
+            ),
         }
     }
     println!("moat: queue in {}", config.data_dir.join("spool").display());

@@ -1,111 +1,456 @@
-//! The queue: durable spool and the delivery worker.
+//! The queue: durable spool, per-recipient state, the scheduler, and delivery (local routes
+//! here, remote ones through `outbound`), retries, expiry and bounces.
 //!
-//! For now the worker delivers to local routes (Maildir, discard). Recipients in domains
-//! without a local route stay queued until outbound delivery exists (issue 3).
+//! Every recipient is pending, deferred (with its cause and next attempt), delivered or
+//! failed. A message leaves the spool once all its recipients are final. Temporary failures
+//! are retried on the configured schedule until the lifetime runs out: 24 h for
+//! transport-security failures, 5 days for the rest; then the recipient fails with the
+//! permanent form of its code and the sender gets a DSN (never for a bounce).
 
 pub mod dsn;
 pub mod local;
 pub mod spool;
+pub mod state;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
-use spool::Spool;
+use crate::config::QueueConfig;
+use crate::outbound::deliver::{self, NextHop, Outbound, RcptResult};
+use crate::outbound::tls::TlsRequirement;
+use crate::smtp::client::Outgoing;
+use crate::smtp::session::Envelope;
+use crate::util::unix_now;
+use spool::{Spool, Spooled};
+use state::{MessageState, RcptState};
 
 /// Where one domain's mail goes.
 #[derive(Debug, Clone)]
 pub enum Route {
     Maildir(PathBuf),
     Discard,
+    Relay { host: String, port: u16 },
 }
 
-/// Outcome of one delivery run over a message.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Delivered {
-    /// Every recipient was delivered; the message left the queue.
-    All,
-    /// Some recipients have no local route; the message stays queued.
-    Kept(usize),
+/// TLS requirements per recipient domain pattern (exact or `*.suffix`); first match wins.
+#[derive(Debug, Default)]
+pub struct TlsPolicy {
+    pub rules: Vec<(String, TlsRequirement)>,
+    pub default: TlsRequirement,
 }
 
+impl TlsPolicy {
+    pub fn for_domain(&self, domain: &str) -> &TlsRequirement {
+        self.rules
+            .iter()
+            .find(|(p, _)| crate::smtp::session::domain_matches(domain, p))
+            .map(|(_, r)| r)
+            .unwrap_or(&self.default)
+    }
+}
+
+/// Everything delivery needs.
 #[derive(Debug)]
-pub struct Deliverer {
+pub struct Queue {
     pub spool: Spool,
     pub routes: HashMap<String, Route>,
     pub hostname: String,
+    pub outbound: Outbound,
+    pub policy: TlsPolicy,
+    pub config: QueueConfig,
 }
 
-impl Deliverer {
-    /// Delivers every recipient with a local route; blocking (file I/O).
-    pub fn deliver(&self, id: &str) -> std::io::Result<Delivered> {
-        let msg = self.spool.load(id)?;
-        let mut kept = 0;
-        for (i, rcpt) in msg.envelope.recipients.iter().enumerate() {
-            let domain = rcpt
+impl Queue {
+    /// Starts the scheduler with the messages already spooled; new ids go on the channel.
+    pub fn spawn(self, existing: Vec<String>) -> mpsc::UnboundedSender<String> {
+        let (tx, rx) = mpsc::unbounded_channel::<String>();
+        let this = Arc::new(self);
+        tokio::spawn(scheduler(this, existing, rx, tx.clone()));
+        tx
+    }
+
+    /// Makes one delivery pass over the due recipients of `id`. Returns when to come back.
+    pub async fn process(
+        self: &Arc<Self>,
+        id: &str,
+        requeue: &mpsc::UnboundedSender<String>,
+    ) -> std::io::Result<Option<u64>> {
+        let spool = self.spool.clone();
+        let id_owned = id.to_string();
+        let (msg, mut st) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            let msg = spool.load(&id_owned)?;
+            let st =
+                MessageState::load(&spool.state_dir(), &id_owned, msg.envelope.recipients.len())?;
+            Ok((msg, st))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        let now = unix_now();
+        let mut by_domain: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, r) in msg.envelope.recipients.iter().enumerate() {
+            if st.rcpts[i].state.is_final() || st.rcpts[i].next_attempt > now {
+                continue;
+            }
+            let domain = r
                 .rsplit_once('@')
                 .map(|(_, d)| d.to_ascii_lowercase())
                 .unwrap_or_default();
-            match self.routes.get(&domain) {
-                Some(Route::Maildir(root)) => {
-                    let path = local::deliver_maildir(root, &msg, i, &self.hostname)?;
-                    tracing::info!(queue_id = id, to = %rcpt, path = %path.display(), "delivered to maildir");
-                }
-                Some(Route::Discard) => {
-                    tracing::info!(queue_id = id, to = %rcpt, "discarded by route")
-                }
-                None => kept += 1,
-            }
+            by_domain.entry(domain).or_default().push(i);
         }
-        if kept > 0 {
-            tracing::warn!(
-                queue_id = id,
-                recipients = kept,
-                "no local route; kept in queue (remote delivery is not built yet)"
-            );
-            return Ok(Delivered::Kept(kept));
+        let msg = Arc::new(msg);
+        let mut tasks = tokio::task::JoinSet::new();
+        for (domain, idx) in by_domain {
+            let route = self.routes.get(&domain).cloned();
+            let msg = msg.clone();
+            let this = self.clone();
+            tasks.spawn(async move {
+                let results = this.deliver_group(&domain, route, &msg, &idx).await;
+                idx.into_iter().zip(results).collect::<Vec<_>>()
+            });
         }
-        self.spool.remove(id)?;
-        Ok(Delivered::All)
-    }
-
-    /// Starts the worker; queued ids are sent on the returned channel.
-    pub fn spawn(self, existing: Vec<String>) -> mpsc::UnboundedSender<String> {
-        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-        for id in existing {
-            let _ = tx.send(id);
-        }
-        let this = Arc::new(self);
-        let retry_tx = tx.clone();
-        tokio::spawn(async move {
-            let slots = Arc::new(Semaphore::new(4));
-            while let Some(id) = rx.recv().await {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    break;
-                };
-                let this = this.clone();
-                let retry = retry_tx.clone();
-                tokio::spawn(async move {
-                    let id2 = id.clone();
-                    let r = tokio::task::spawn_blocking(move || this.deliver(&id2)).await;
-                    drop(permit);
-                    match r {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => {
-                            tracing::warn!(queue_id = %id, error = %e, "local delivery failed; retrying in 60s");
-                            tokio::time::sleep(Duration::from_secs(60)).await;
-                            let _ = retry.send(id);
+        let mut newly_failed = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            let Ok(results) = done else { continue };
+            for (i, result) in results {
+                let rcpt = &msg.envelope.recipients[i];
+                let r = &mut st.rcpts[i];
+                match result {
+                    RcptResult::Delivered { remote, reply } => {
+                        tracing::info!(queue_id = id, to = %rcpt, relay = %remote, %reply, "delivered");
+                        r.state = RcptState::Delivered;
+                        r.status = "2.0.0".into();
+                        r.remote = Some(remote);
+                        r.reason = reply;
+                    }
+                    RcptResult::NotDelivered(f) => {
+                        r.attempts += 1;
+                        r.security = f.security;
+                        r.remote = f.remote.clone();
+                        r.reason = f.reason.clone();
+                        r.status = f.status.clone();
+                        let lifetime = if f.security {
+                            self.config.security_lifetime_secs
+                        } else {
+                            self.config.max_lifetime_secs
+                        };
+                        let age = now.saturating_sub(msg.arrived);
+                        if f.permanent {
+                            r.state = RcptState::Failed;
+                        } else if age >= lifetime {
+                            r.state = RcptState::Failed;
+                            r.status = permanent_form(&f.status);
+                            r.reason = format!(
+                                "{} (gave up after {} hours of retrying)",
+                                f.reason,
+                                age / 3600
+                            );
+                        } else {
+                            let schedule = &self.config.retry_schedule_secs;
+                            let step = (r.attempts as usize)
+                                .saturating_sub(1)
+                                .min(schedule.len().saturating_sub(1));
+                            r.state = RcptState::Deferred;
+                            r.next_attempt = now + schedule.get(step).copied().unwrap_or(3600);
                         }
-                        Err(e) => {
-                            tracing::error!(queue_id = %id, error = %e, "delivery task failed")
+                        tracing::warn!(queue_id = id, to = %rcpt, state = r.state.as_str(), status = %r.status,
+                            remote = r.remote.as_deref().unwrap_or("-"), cause = %r.reason, "not delivered");
+                        if r.state == RcptState::Failed && !r.notified {
+                            newly_failed.push(i);
                         }
                     }
-                });
+                }
             }
-        });
-        tx
+        }
+        if !newly_failed.is_empty() {
+            self.bounce(&msg, &st, &newly_failed, now, requeue).await;
+            for i in newly_failed {
+                st.rcpts[i].notified = true;
+            }
+        }
+        let spool = self.spool.clone();
+        let id_owned = id.to_string();
+        let done = st.all_final();
+        let next = st.next_due();
+        tokio::task::spawn_blocking(move || {
+            if done {
+                spool.remove(&id_owned)
+            } else {
+                st.save(&spool.state_dir(), &id_owned)
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(if done { None } else { next })
+    }
+
+    /// Sends a DSN for `failed` recipients to the sender (not for bounces).
+    async fn bounce(
+        &self,
+        msg: &Spooled,
+        st: &MessageState,
+        failed: &[usize],
+        now: u64,
+        requeue: &mpsc::UnboundedSender<String>,
+    ) {
+        if msg.envelope.sender.is_empty() {
+            tracing::info!(queue_id = %msg.id, "no DSN for a message with the null sender");
+            return;
+        }
+        let explanations: Vec<String> = failed
+            .iter()
+            .map(|&i| {
+                let r = &st.rcpts[i];
+                explain(&msg.envelope.recipients[i], r)
+            })
+            .collect();
+        let recipients = failed
+            .iter()
+            .zip(&explanations)
+            .map(|(&i, expl)| {
+                let r = &st.rcpts[i];
+                dsn::RecipientStatus {
+                    final_recipient: &msg.envelope.recipients[i],
+                    original_recipient: None,
+                    action: dsn::Action::Failed,
+                    status: &r.status,
+                    remote_mta: r.remote.as_deref(),
+                    diagnostic_code: Some(&r.reason),
+                    last_attempt: Some(now),
+                    will_retry_until: None,
+                    explanation: expl,
+                }
+            })
+            .collect();
+        let input = dsn::DsnInput {
+            reporting_mta: &self.hostname,
+            original_envelope_id: None,
+            arrival_date: msg.arrived,
+            now,
+            sender: &msg.envelope.sender,
+            recipients,
+            original_message: &msg.message,
+            return_full: false,
+            kind: dsn::DsnKind::Failure,
+        };
+        let Some(body) = dsn::build_dsn(&input) else {
+            return;
+        };
+        let envelope = Envelope {
+            sender: String::new(),
+            recipients: vec![msg.envelope.sender.clone()],
+            smtputf8: !msg.envelope.sender.is_ascii(),
+            eight_bit: !body.is_ascii(),
+        };
+        let id = crate::util::new_queue_id();
+        match self.spool.store(&id, now, &envelope, &body).await {
+            Ok(()) => {
+                tracing::info!(queue_id = %msg.id, dsn_id = %id, to = %msg.envelope.sender, "bounce (DSN) queued");
+                let _ = requeue.send(id);
+            }
+            Err(e) => tracing::error!(queue_id = %msg.id, error = %e, "could not queue the DSN"),
+        }
+    }
+
+    async fn deliver_group(
+        &self,
+        domain: &str,
+        route: Option<Route>,
+        msg: &Spooled,
+        idx: &[usize],
+    ) -> Vec<RcptResult> {
+        match route {
+            Some(Route::Discard) => idx
+                .iter()
+                .map(|_| RcptResult::Delivered {
+                    remote: "discard".into(),
+                    reply: "discarded by route".into(),
+                })
+                .collect(),
+            Some(Route::Maildir(root)) => {
+                let mut out = Vec::new();
+                for &i in idx {
+                    let (root, m, host) = (root.clone(), msg.clone(), self.hostname.clone());
+                    let r = tokio::task::spawn_blocking(move || {
+                        local::deliver_maildir(&root, &m, i, &host)
+                    })
+                    .await;
+                    out.push(match r {
+                        Ok(Ok(path)) => RcptResult::Delivered {
+                            remote: "maildir".into(),
+                            reply: path.display().to_string(),
+                        },
+                        Ok(Err(e)) => RcptResult::NotDelivered(deliver::Failure {
+                            status: "4.3.0".into(),
+                            permanent: false,
+                            security: false,
+                            remote: None,
+                            reason: format!("local delivery failed: {e}"),
+                        }),
+                        Err(e) => RcptResult::NotDelivered(deliver::Failure {
+                            status: "4.3.0".into(),
+                            permanent: false,
+                            security: false,
+                            remote: None,
+                            reason: format!("local delivery task failed: {e}"),
+                        }),
+                    });
+                }
+                out
+            }
+            Some(Route::Relay { host, port }) => {
+                self.remote(domain, NextHop::Relay { host, port }, msg, idx)
+                    .await
+            }
+            None => self.remote(domain, NextHop::Mx, msg, idx).await,
+        }
+    }
+
+    async fn remote(
+        &self,
+        domain: &str,
+        hop: NextHop,
+        msg: &Spooled,
+        idx: &[usize],
+    ) -> Vec<RcptResult> {
+        let out = Outgoing {
+            sender: msg.envelope.sender.clone(),
+            recipients: idx
+                .iter()
+                .map(|&i| msg.envelope.recipients[i].clone())
+                .collect(),
+            message: msg.message.clone(),
+            smtputf8: msg.envelope.smtputf8,
+            eight_bit: msg.envelope.eight_bit,
+        };
+        let req = self.policy.for_domain(domain);
+        deliver::deliver(&self.outbound, domain, &hop, req, out).await
+    }
+}
+
+/// `4.x.y` becomes `5.x.y` once retrying has ended.
+fn permanent_form(status: &str) -> String {
+    match status.strip_prefix('4') {
+        Some(rest) => format!("5{rest}"),
+        None => status.to_string(),
+    }
+}
+
+/// The human sentence for a DSN: what failed, where, what the receiving side must fix.
+fn explain(rcpt: &str, r: &state::RcptStatus) -> String {
+    let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d);
+    let host = r.remote.as_deref().unwrap_or(domain);
+    let code = r.status.as_str();
+    if code.ends_with(".4.317") {
+        format!(
+            "{host} did not offer STARTTLS; the policy for {domain} requires TLS. Its administrator must enable TLS on port 25."
+        )
+    } else if code.ends_with(".7.320") {
+        format!(
+            "The certificate of {host} failed validation and the policy for {domain} requires a valid one. Its administrator must install a valid certificate for {host}."
+        )
+    } else if code.ends_with(".4.316") {
+        format!(
+            "{host} refused the connection. Its administrator must make sure the mail server runs and port 25 is open."
+        )
+    } else if code.ends_with(".4.315") {
+        format!(
+            "Connecting to {host} timed out. Its administrator must make sure port 25 is reachable."
+        )
+    } else if code.ends_with(".4.312") {
+        format!(
+            "The DNS records of {domain} could not be looked up. Its administrator must fix the domain's DNS."
+        )
+    } else if code == "5.1.10" {
+        format!("{domain} publishes a null MX: it accepts no mail.")
+    } else if code.starts_with("5.7") && r.security {
+        format!(
+            "TLS with {host} failed and the policy for {domain} requires it. Its administrator must fix TLS on {host}."
+        )
+    } else {
+        format!("{host} did not accept the message for {rcpt}.")
+    }
+}
+
+/// Dispatches due messages, at most `max_concurrent_deliveries` at a time.
+async fn scheduler(
+    queue: Arc<Queue>,
+    existing: Vec<String>,
+    mut incoming: mpsc::UnboundedReceiver<String>,
+    requeue: mpsc::UnboundedSender<String>,
+) {
+    let mut due: BTreeSet<(u64, String)> = BTreeSet::new();
+    for id in existing {
+        let st_dir = queue.spool.state_dir();
+        let next = match queue.spool.load(&id) {
+            Ok(m) => MessageState::load(&st_dir, &id, m.envelope.recipients.len())
+                .ok()
+                .and_then(|s| s.next_due()),
+            Err(e) => {
+                tracing::error!(queue_id = %id, error = %e, "cannot read queued message; left in place");
+                continue;
+            }
+        };
+        due.insert((next.unwrap_or(0), id));
+    }
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Option<u64>)>();
+    let mut running: HashSet<String> = HashSet::new();
+    let max = queue.config.max_concurrent_deliveries;
+    loop {
+        let now = unix_now();
+        let ready: Vec<(u64, String)> = due
+            .iter()
+            .filter(|(t, id)| *t <= now && !running.contains(id))
+            .take(max.saturating_sub(running.len()))
+            .cloned()
+            .collect();
+        for entry in ready {
+            due.remove(&entry);
+            let id = entry.1;
+            running.insert(id.clone());
+            let (q, done, rq) = (queue.clone(), done_tx.clone(), requeue.clone());
+            tokio::spawn(async move {
+                let next = match q.process(&id, &rq).await {
+                    Ok(next) => next,
+                    Err(e) => {
+                        tracing::warn!(queue_id = %id, error = %e, "delivery pass failed; retrying in 60s");
+                        Some(unix_now() + 60)
+                    }
+                };
+                let _ = done.send((id, next));
+            });
+        }
+        let wait = due
+            .iter()
+            .find(|(_, id)| !running.contains(id))
+            .map(|(t, _)| Duration::from_secs(t.saturating_sub(unix_now()).max(1)))
+            .unwrap_or(Duration::from_secs(3600));
+        tokio::select! {
+            id = incoming.recv() => match id {
+                Some(id) => { due.insert((0, id)); }
+                None => return,
+            },
+            Some((id, next)) = done_rx.recv() => {
+                running.remove(&id);
+                if let Some(t) = next {
+                    due.insert((t, id));
+                }
+            }
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permanent_forms() {
+        assert_eq!(permanent_form("4.4.317"), "5.4.317");
+        assert_eq!(permanent_form("5.1.1"), "5.1.1");
     }
 }

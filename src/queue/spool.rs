@@ -69,6 +69,7 @@ impl Spool {
         let queue = root.join("queue");
         fs::create_dir_all(&tmp)?;
         fs::create_dir_all(&queue)?;
+        fs::create_dir_all(root.join("state"))?;
         for entry in fs::read_dir(&tmp)? {
             let entry = entry?;
             tracing::info!(file = %entry.path().display(), "removing unacknowledged spool file");
@@ -147,12 +148,21 @@ impl Spool {
         })
     }
 
-    /// Removes a fully delivered message.
+    /// Removes a message whose recipients are all final, and its state.
     pub fn remove(&self, id: &str) -> io::Result<()> {
         if !crate::util::is_queue_id(id) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad queue id"));
         }
-        fs::remove_file(self.queue_path(id))
+        fs::remove_file(self.queue_path(id))?;
+        match fs::remove_file(self.state_dir().join(id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Directory of the per-recipient state files.
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("state")
     }
 
     /// Ids currently queued, oldest first.

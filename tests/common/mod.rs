@@ -2,6 +2,8 @@
 //! temp dir, and a small synchronous SMTP client (plain, STARTTLS, implicit TLS) to talk to it.
 #![allow(dead_code)]
 
+pub mod dns;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,461 @@
+//! One delivery attempt to one destination: route (MX or fixed relay), connect to each
+//! host and address in order, run the SMTP client with the TLS level the policy demands,
+//! and classify every failure into a cause with its enhanced status code (DESIGN §4).
+//!
+//! Under `encrypt` or `verify`, a missing STARTTLS, a failed handshake or a failed
+//! certificate check moves on to the next host and finally defers; it never falls back to
+//! plaintext (invariant 2). Under `may`, a failed handshake retries the same host once in
+//! plaintext, as Postfix does, and says so in the log.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use super::route::{Hop, resolve_route};
+use super::tls::{Connector, TlsFailure, TlsLevel, TlsOutcome, TlsRequirement, Verification};
+use crate::dns::Resolver;
+use crate::smtp::client::{
+    Client, ClientParams, Event, Outgoing, RcptOutcome, SessionError, StartTls,
+};
+
+/// Where a destination's mail goes.
+#[derive(Debug, Clone)]
+pub enum NextHop {
+    /// MX lookup for the domain, port from the config.
+    Mx,
+    /// A fixed host and port (smarthost / internal server).
+    Relay { host: String, port: u16 },
+}
+
+/// Shared settings for outbound connections.
+#[derive(Debug)]
+pub struct Outbound {
+    pub resolver: Resolver,
+    pub connector: Connector,
+    pub helo_name: String,
+    /// Names that mean "this server" for MX loop detection.
+    pub our_names: Vec<String>,
+    pub port: u16,
+    pub connect_timeout: Duration,
+}
+
+/// Why a recipient was not delivered this time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Enhanced status code, `4.x.y` while retrying makes sense, `5.x.y` when it does not.
+    pub status: String,
+    pub permanent: bool,
+    /// A transport-security failure (TLS required but not achieved): 24 h lifetime.
+    pub security: bool,
+    pub remote: Option<String>,
+    /// The cause in words, or the remote reply verbatim.
+    pub reason: String,
+}
+
+/// The result for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptResult {
+    Delivered { remote: String, reply: String },
+    NotDelivered(Failure),
+}
+
+/// What one connection attempt to one address achieved.
+enum HostResult {
+    Done(Vec<RcptOutcome>, String),
+    /// A failure of this host; try the next one.
+    Failed(Failure),
+    /// Handshake failed under `may`: try the same address again without TLS.
+    RetryPlain(Failure),
+}
+
+fn failure(status: &str, security: bool, remote: Option<String>, reason: String) -> Failure {
+    Failure {
+        permanent: status.starts_with('5'),
+        status: status.to_string(),
+        security,
+        remote,
+        reason,
+    }
+}
+
+/// Delivers `msg` to `domain`; one result per recipient of `msg`, in order.
+pub async fn deliver(
+    out: &Outbound,
+    domain: &str,
+    hop: &NextHop,
+    req: &TlsRequirement,
+    msg: Outgoing,
+) -> Vec<RcptResult> {
+    let n = msg.recipients.len();
+    let all = |f: Failure| vec![RcptResult::NotDelivered(f); n];
+    let hosts: Vec<Hop> = match hop {
+        NextHop::Mx => match resolve_route(&out.resolver, domain, &out.our_names).await {
+            Ok(h) => h,
+            Err(e) => {
+                let status = e.enhanced_code();
+                return all(failure(status, false, None, e.reply()));
+            }
+        },
+        NextHop::Relay { host, .. } => match host.parse::<IpAddr>() {
+            Ok(ip) => vec![Hop {
+                host: host.clone(),
+                preference: 0,
+                addrs: vec![ip],
+            }],
+            Err(_) => match out.resolver.addresses(host).await {
+                Ok(addrs) => vec![Hop {
+                    host: host.clone(),
+                    preference: 0,
+                    addrs,
+                }],
+                Err(e) => {
+                    let status = if e.is_temporary() { "4.4.312" } else { "5.4.4" };
+                    return all(failure(
+                        status,
+                        false,
+                        None,
+                        format!("relay host {host}: {e}"),
+                    ));
+                }
+            },
+        },
+    };
+    let port = match hop {
+        NextHop::Relay { port, .. } => *port,
+        NextHop::Mx => out.port,
+    };
+    let mut last: Option<Failure> = None;
+    for h in &hosts {
+        for ip in &h.addrs {
+            let addr = SocketAddr::new(*ip, port);
+            let mut result = attempt(out, &h.host, addr, req, msg.clone(), false).await;
+            if let HostResult::RetryPlain(f) = result {
+                tracing::warn!(host = %h.host, %addr, cause = %f.reason, "TLS handshake failed; retrying in plaintext (policy may)");
+                result = attempt(out, &h.host, addr, req, msg.clone(), true).await;
+            }
+            match result {
+                HostResult::Done(outcomes, tls) => {
+                    return outcomes
+                        .into_iter()
+                        .map(|o| rcpt_result(o, &h.host, &tls))
+                        .collect();
+                }
+                HostResult::Failed(f) | HostResult::RetryPlain(f) => {
+                    tracing::info!(host = %h.host, %addr, status = %f.status, cause = %f.reason, "delivery attempt failed");
+                    // Keep the most telling cause: a security or protocol failure says more
+                    // than a refused connection to a backup host.
+                    let better = match &last {
+                        None => true,
+                        Some(prev) => f.security || !prev.security,
+                    };
+                    if better {
+                        last = Some(f);
+                    }
+                }
+            }
+        }
+    }
+    all(last
+        .unwrap_or_else(|| failure("4.4.4", false, None, format!("no usable host for {domain}"))))
+}
+
+fn rcpt_result(o: RcptOutcome, host: &str, tls: &str) -> RcptResult {
+    match o {
+        RcptOutcome::Delivered(r) => RcptResult::Delivered {
+            remote: host.to_string(),
+            reply: format!("{} ({tls})", r.one_line()),
+        },
+        RcptOutcome::Refused(r) => {
+            let fallback = if r.is_permanent() { "5.0.0" } else { "4.0.0" };
+            let status = r.enhanced().unwrap_or(fallback).to_string();
+            RcptResult::NotDelivered(Failure {
+                permanent: r.is_permanent(),
+                status,
+                security: false,
+                remote: Some(host.to_string()),
+                reason: format!("{host} said: {}", r.one_line()),
+            })
+        }
+        RcptOutcome::NotSent {
+            permanent,
+            enhanced,
+            text,
+        } => RcptResult::NotDelivered(Failure {
+            permanent,
+            status: enhanced.to_string(),
+            security: false,
+            remote: Some(host.to_string()),
+            reason: format!("{host}: {text}"),
+        }),
+    }
+}
+
+async fn attempt(
+    out: &Outbound,
+    host: &str,
+    addr: SocketAddr,
+    req: &TlsRequirement,
+    msg: Outgoing,
+    plain: bool,
+) -> HostResult {
+    let remote = Some(host.to_string());
+    let mut tcp = match timeout(out.connect_timeout, TcpStream::connect(addr)).await {
+        Err(_) => {
+            return HostResult::Failed(failure(
+                "4.4.315",
+                false,
+                remote,
+                format!("connection to {host} [{addr}] timed out"),
+            ));
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            return HostResult::Failed(failure(
+                "4.4.316",
+                false,
+                remote,
+                format!(
+                    "connection to {host} [{addr}] refused (nothing listening, or the port is blocked by a firewall)"
+                ),
+            ));
+        }
+        Ok(Err(e)) => {
+            return HostResult::Failed(failure(
+                "4.4.1",
+                false,
+                remote,
+                format!("cannot connect to {host} [{addr}]: {e}"),
+            ));
+        }
+        Ok(Ok(s)) => s,
+    };
+    let _ = tcp.set_nodelay(true);
+    let starttls = match (req.level, plain) {
+        (TlsLevel::None, _) | (TlsLevel::May, true) => StartTls::Never,
+        (TlsLevel::May, false) => StartTls::Opportunistic,
+        (TlsLevel::Encrypt | TlsLevel::Verify, _) => StartTls::Required,
+    };
+    let mut client = Client::new(ClientParams {
+        helo_name: out.helo_name.clone(),
+        starttls,
+        implicit_tls: false,
+    });
+    let mut pending = Some(msg);
+    let mut buf = Vec::new();
+    match drive(&mut tcp, &mut client, &mut buf, &mut pending).await {
+        Step::StartTls => {}
+        Step::Done(r) => {
+            tracing::info!(host, %addr, tls = "none", verification = "plaintext", "delivered in plaintext");
+            return HostResult::Done(r, "plaintext".into());
+        }
+        Step::Failed(f) => return HostResult::Failed(session_failure(f, host)),
+    }
+    // CVE-2021-38371: nothing the server sent after its 220 is kept.
+    buf.clear();
+    let (mut tls, outcome) = match out.connector.handshake(tcp, host, req).await {
+        Ok(x) => x,
+        Err(e) => {
+            let f = tls_failure(&e, host, req);
+            return if req.level == TlsLevel::May {
+                HostResult::RetryPlain(f)
+            } else {
+                HostResult::Failed(f)
+            };
+        }
+    };
+    let summary = tls_summary(&outcome);
+    tracing::info!(host, %addr, version = %outcome.version, cipher = %outcome.cipher, verification = %verification_word(&outcome.verification), "TLS established");
+    client.tls_established();
+    match drive(&mut tls, &mut client, &mut buf, &mut pending).await {
+        Step::Done(r) => HostResult::Done(r, summary),
+        Step::Failed(f) => HostResult::Failed(session_failure(f, host)),
+        Step::StartTls => HostResult::Failed(failure(
+            "4.4.2",
+            false,
+            Some(host.to_string()),
+            "STARTTLS inside TLS".into(),
+        )),
+    }
+}
+
+fn verification_word(v: &Verification) -> &'static str {
+    match v {
+        Verification::Verified => "verified",
+        Verification::Trusted => "trusted",
+        Verification::Untrusted(_) => "untrusted",
+    }
+}
+
+fn tls_summary(o: &TlsOutcome) -> String {
+    format!(
+        "{} with cipher {} ({}/{} bits), {}",
+        o.version,
+        o.cipher,
+        o.bits,
+        o.bits,
+        verification_word(&o.verification)
+    )
+}
+
+fn tls_failure(e: &TlsFailure, host: &str, req: &TlsRequirement) -> Failure {
+    let status = e.enhanced_code(false);
+    let why = if req.level >= TlsLevel::Encrypt {
+        "; TLS is required for this destination"
+    } else {
+        ""
+    };
+    failure(
+        status,
+        req.level >= TlsLevel::Encrypt,
+        Some(host.to_string()),
+        format!("TLS with {host} failed: {e}{why}"),
+    )
+}
+
+fn session_failure(e: SessionError, host: &str) -> Failure {
+    let remote = Some(host.to_string());
+    match e {
+        SessionError::StartTlsNotOffered => failure(
+            "4.4.317",
+            true,
+            remote,
+            format!(
+                "{host} did not offer STARTTLS, and the policy requires TLS; its administrator must enable TLS on port 25"
+            ),
+        ),
+        SessionError::StartTlsRefused(r) => failure(
+            "4.4.317",
+            true,
+            remote,
+            format!("{host} refused STARTTLS ({r}), and the policy requires TLS"),
+        ),
+        SessionError::Greeting(r) | SessionError::Hello(r) => {
+            let status = r.enhanced().map(str::to_string).unwrap_or_else(|| {
+                if r.is_permanent() {
+                    "5.0.0".into()
+                } else {
+                    "4.0.0".into()
+                }
+            });
+            Failure {
+                permanent: r.is_permanent(),
+                security: false,
+                status,
+                remote,
+                reason: format!("{host} said: {}", r.one_line()),
+            }
+        }
+        SessionError::Closed(Some(r)) => failure(
+            "4.4.2",
+            false,
+            remote,
+            format!("{host} closed the connection: {}", r.one_line()),
+        ),
+        SessionError::Closed(None) => failure(
+            "4.4.2",
+            false,
+            remote,
+            format!("{host} closed the connection unexpectedly"),
+        ),
+        SessionError::Protocol(m) => failure(
+            "4.5.0",
+            false,
+            remote,
+            format!("{host}: protocol error: {m}"),
+        ),
+    }
+}
+
+enum Step {
+    StartTls,
+    Done(Vec<RcptOutcome>),
+    Failed(SessionError),
+}
+
+/// Runs the client until STARTTLS, the end of the session, or a failure.
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    client: &mut Client,
+    buf: &mut Vec<u8>,
+    pending: &mut Option<Outgoing>,
+) -> Step {
+    let mut results: Option<Vec<RcptOutcome>> = None;
+    loop {
+        let (n, event) = client.process(buf);
+        buf.drain(..n);
+        let event = match event {
+            Some(Event::Ready) => match pending.take() {
+                Some(m) => client.send(m),
+                None => {
+                    client.quit();
+                    None
+                }
+            },
+            other => other,
+        };
+        match event {
+            Some(Event::StartTls) => {
+                let out = client.take_output();
+                if s.write_all(&out).await.is_err() {
+                    return Step::Failed(SessionError::Closed(None));
+                }
+                return Step::StartTls;
+            }
+            Some(Event::Transaction(r)) => {
+                results = Some(r);
+                client.quit();
+            }
+            Some(Event::Failed(e)) => {
+                let out = client.take_output();
+                let _ = s.write_all(&out).await;
+                return match results {
+                    Some(r) => Step::Done(r),
+                    None => Step::Failed(e),
+                };
+            }
+            Some(Event::Closed) => {
+                return results
+                    .map(Step::Done)
+                    .unwrap_or(Step::Failed(SessionError::Closed(None)));
+            }
+            Some(Event::Ready) | None => {}
+        }
+        let out = client.take_output();
+        if !out.is_empty() && s.write_all(&out).await.and(s.flush().await).is_err() {
+            return results
+                .map(Step::Done)
+                .unwrap_or(Step::Failed(SessionError::Closed(None)));
+        }
+        if event_pending(client, buf) {
+            continue;
+        }
+        buf.reserve(4096);
+        match timeout(client.wait_limit(), s.read_buf(buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return match client.eof() {
+                    Event::Closed => results
+                        .map(Step::Done)
+                        .unwrap_or(Step::Failed(SessionError::Closed(None))),
+                    _ => results
+                        .map(Step::Done)
+                        .unwrap_or(Step::Failed(SessionError::Closed(None))),
+                };
+            }
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                return results
+                    .map(Step::Done)
+                    .unwrap_or(Step::Failed(SessionError::Protocol(
+                        "timed out waiting for the server".into(),
+                    )));
+            }
+        }
+    }
+}
+
+/// More complete reply lines are already buffered.
+fn event_pending(_client: &Client, buf: &[u8]) -> bool {
+    buf.contains(&b'\n')
+}

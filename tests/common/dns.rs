@@ -1,0 +1,76 @@
+//! An authoritative DNS server (hickory-server, in-process, on its own runtime thread) serving
+//! one zone on a loopback address, for tests that send mail through MX lookups.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_server::Server;
+use hickory_server::net::runtime::TokioRuntimeProvider;
+use hickory_server::proto::rr::rdata::{A, MX, NS, SOA};
+use hickory_server::proto::rr::{LowerName, Name, RData, Record};
+use hickory_server::store::in_memory::InMemoryZoneHandler;
+use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+
+/// A record to serve.
+pub enum Rr<'a> {
+    Mx(&'a str, u16, &'a str),
+    A(&'a str, [u8; 4]),
+}
+
+fn n(s: &str) -> Name {
+    let s = if s.ends_with('.') { s.to_string() } else { format!("{s}.") };
+    Name::from_str(&s).unwrap()
+}
+
+/// Serves `origin` with `records` on `ip` (UDP and TCP, same ephemeral port); returns the address.
+pub fn serve_zone(ip: &str, origin: &str, records: &[Rr]) -> SocketAddr {
+    let origin_name = n(origin);
+    let mut zone = InMemoryZoneHandler::<TokioRuntimeProvider>::empty(
+        origin_name.clone(),
+        ZoneType::Primary,
+        AxfrPolicy::Deny,
+    );
+    let soa = SOA::new(n(&format!("ns.{origin}")), n(&format!("hostmaster.{origin}")), 1, 3600, 600, 86400, 60);
+    let mut rrs = vec![
+        Record::from_rdata(origin_name.clone(), 60, RData::SOA(soa)),
+        Record::from_rdata(origin_name.clone(), 60, RData::NS(NS(n(&format!("ns.{origin}"))))),
+    ];
+    for r in records {
+        rrs.push(match r {
+            Rr::Mx(name, pref, host) => Record::from_rdata(n(name), 60, RData::MX(MX::new(*pref, n(host)))),
+            Rr::A(name, ip) => Record::from_rdata(n(name), 60, RData::A(A::new(ip[0], ip[1], ip[2], ip[3]))),
+        });
+    }
+    for rr in rrs {
+        let serial = 1;
+        zone.upsert_mut(rr, serial);
+    }
+    let (udp, tcp) = loop {
+        let udp = std::net::UdpSocket::bind((ip, 0)).unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if let Ok(tcp) = std::net::TcpListener::bind((ip, port)) {
+            udp.set_nonblocking(true).unwrap();
+            tcp.set_nonblocking(true).unwrap();
+            break (udp, tcp);
+        }
+    };
+    let addr = udp.local_addr().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let mut catalog = Catalog::new();
+            catalog.upsert(LowerName::from(origin_name), vec![Arc::new(zone)]);
+            let mut server = Server::new(catalog);
+            server.register_socket(tokio::net::UdpSocket::from_std(udp).unwrap());
+            server.register_listener(tokio::net::TcpListener::from_std(tcp).unwrap(), Duration::from_secs(10), 64);
+            ready_tx.send(()).unwrap();
+            let _ = server.block_until_done().await;
+        });
+    });
+    ready_rx.recv().unwrap();
+    addr
+}

@@ -1,0 +1,351 @@
+//! Outbound delivery end to end: a sending Moat resolves MX records from a real DNS server
+//! on loopback and delivers to real receivers (another Moat; a plaintext-only SMTP peer; a
+//! closed port), under opportunistic and enforced TLS policies. Failures are deferred with
+//! the right code, then bounced with a DSN that names the cause.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::dns::{Rr, serve_zone};
+use common::*;
+
+/// Sender config: trusted loopback clients may relay; DNS and port point at the test world;
+/// retries every second; lifetimes of a few seconds so bounces come quickly.
+fn sender_extra(dns: SocketAddr, more: &str) -> String {
+    format!(
+        "[relay]\ntrusted_networks = [\"127.0.0.0/8\"]\n\n[outbound]\nport = 2525\nnameservers = [\"{dns}\"]\nconnect_timeout_secs = 3\ndns_timeout_secs = 2\n\n[queue]\nretry_schedule_secs = [1]\nsecurity_lifetime_secs = 3\nmax_lifetime_secs = 3\n\n{more}"
+    )
+}
+
+/// Submits one message to `m` on its SMTP port.
+fn submit(m: &Moat, from: &str, to: &[&str], subject: &str) {
+    let mut c = Client::connect(m.addr(SMTP));
+    c.ehlo();
+    let r = c.send_mail(
+        from,
+        to,
+        &format!("Subject: {subject}\r\n\r\nbody of {subject}\r\n"),
+    );
+    assert!(r.is("250 2.0.0"), "submit: {r}");
+}
+
+/// A plaintext-only SMTP peer (no STARTTLS) that records what it was sent.
+fn plain_peer(ip: &str) -> Arc<Mutex<Vec<String>>> {
+    let listener = TcpListener::bind((ip, SMTP)).unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let log = log2.clone();
+            std::thread::spawn(move || {
+                let mut w = conn.try_clone().unwrap();
+                let mut r = BufReader::new(conn);
+                let _ = w.write_all(b"220 plain.test ESMTP\r\n");
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let cmd = line.trim_end().to_string();
+                    log.lock().unwrap().push(cmd.clone());
+                    let upper = cmd.to_ascii_uppercase();
+                    let reply: &[u8] = if upper.starts_with("EHLO") {
+                        b"250-plain.test\r\n250 PIPELINING\r\n"
+                    } else if upper == "DATA" {
+                        let _ = w.write_all(b"354 go\r\n");
+                        let mut body = String::new();
+                        loop {
+                            line.clear();
+                            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line == ".\r\n" {
+                                break;
+                            }
+                            body.push_str(&line);
+                        }
+                        log.lock().unwrap().push(format!("MESSAGE {body}"));
+                        b"250 2.0.0 accepted\r\n"
+                    } else if upper == "QUIT" {
+                        let _ = w.write_all(b"221 bye\r\n");
+                        return;
+                    } else if upper.starts_with("STARTTLS") {
+                        b"502 5.5.1 not here\r\n"
+                    } else {
+                        b"250 2.0.0 ok\r\n"
+                    };
+                    let _ = w.write_all(reply);
+                }
+            });
+        }
+    });
+    log
+}
+
+fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn mx_delivery_with_opportunistic_tls() {
+    let dns = serve_zone(
+        "127.0.11.53",
+        "far.test",
+        &[
+            Rr::Mx("far.test", 10, "mx.far.test"),
+            Rr::A("mx.far.test", [127, 0, 11, 2]),
+        ],
+    );
+    let receiver = Moat::start_with(
+        "127.0.11.2",
+        "[[domain]]\nname = \"far.test\"\nroute = \"maildir\"\n",
+        "",
+    );
+    let sender = Moat::start_with("127.0.11.1", &sender_extra(dns, ""), "");
+    submit(&sender, "alice@moat.test", &["bob@far.test"], "over-mx");
+    let mail = wait_for("delivery to the MX", Duration::from_secs(20), || {
+        let m = receiver.mailbox("bob");
+        (!m.is_empty()).then_some(m)
+    });
+    let msg = &mail[0];
+    // The receiver's stamp shows the sender used STARTTLS; the sender's own stamp is below it.
+    let first = msg.find("Received: ").unwrap();
+    let second = msg[first + 1..]
+        .find("Received: ")
+        .map(|i| i + first + 1)
+        .expect("two Received headers");
+    assert!(msg[first..second].contains("with ESMTPS"), "{msg}");
+    assert!(
+        msg[first..second].contains("(using TLSv1.3 with cipher "),
+        "{msg}"
+    );
+    assert!(
+        msg.ends_with("Subject: over-mx\r\n\r\nbody of over-mx\r\n"),
+        "{msg}"
+    );
+    wait_for(
+        "the sender's queue to empty",
+        Duration::from_secs(10),
+        || (sender.queue_len() == 0).then_some(()),
+    );
+}
+
+#[test]
+fn relay_route_forwards_to_a_fixed_host() {
+    let receiver = Moat::start_with(
+        "127.0.11.12",
+        "[[domain]]\nname = \"inside.test\"\nroute = \"maildir\"\n",
+        "",
+    );
+    let extra =
+        "[[domain]]\nname = \"inside.test\"\nroute = \"relay\"\nrelay = \"127.0.11.12:2525\"\n";
+    let sender = Moat::start_with(
+        "127.0.11.11",
+        &sender_extra("127.0.11.53:53".parse().unwrap(), extra),
+        "",
+    );
+    // inside.test is a routed domain: accepted from anyone (a gateway for an internal server).
+    let mut c = Client::connect(sender.addr(SMTP));
+    c.ehlo();
+    assert!(
+        c.send_mail(
+            "x@example.org",
+            &["carol@inside.test"],
+            "Subject: gw\r\n\r\nx\r\n"
+        )
+        .is("250 2.0.0")
+    );
+    let mail = wait_for("relay delivery", Duration::from_secs(20), || {
+        let m = receiver.mailbox("carol");
+        (!m.is_empty()).then_some(m)
+    });
+    assert!(mail[0].contains("Subject: gw"), "{}", mail[0]);
+}
+
+#[test]
+fn may_policy_delivers_in_plaintext_when_starttls_is_missing() {
+    let dns = serve_zone(
+        "127.0.11.53",
+        "plain.test",
+        &[
+            Rr::Mx("plain.test", 10, "mx.plain.test"),
+            Rr::A("mx.plain.test", [127, 0, 11, 22]),
+        ],
+    );
+    let peer = plain_peer("127.0.11.22");
+    let sender = Moat::start_with("127.0.11.21", &sender_extra(dns, ""), "");
+    submit(&sender, "alice@moat.test", &["u@plain.test"], "plain-ok");
+    wait_for("plaintext delivery", Duration::from_secs(20), || {
+        peer.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with("MESSAGE ") && l.contains("Subject: plain-ok"))
+            .then_some(())
+    });
+}
+
+#[test]
+fn encrypt_policy_never_sends_in_plaintext_and_bounces() {
+    let dns = serve_zone(
+        "127.0.11.53",
+        "notls.test",
+        &[
+            Rr::Mx("notls.test", 10, "mx.notls.test"),
+            Rr::A("mx.notls.test", [127, 0, 11, 32]),
+        ],
+    );
+    let peer = plain_peer("127.0.11.32");
+    let policy = "[[tls_policy]]\ndomains = [\"notls.test\"]\nlevel = \"encrypt\"\n";
+    let sender = Moat::start_with("127.0.11.31", &sender_extra(dns, policy), "");
+    submit(
+        &sender,
+        "alice@moat.test",
+        &["u@notls.test"],
+        "must-encrypt",
+    );
+    // After the (3 s) security lifetime the sender gets a DSN naming the cause.
+    let dsn = wait_for("the bounce", Duration::from_secs(30), || {
+        sender.mailbox("alice").into_iter().next()
+    });
+    assert!(dsn.contains("Status: 5.4.317"), "{dsn}");
+    assert!(dsn.contains("did not offer STARTTLS"), "{dsn}");
+    assert!(
+        dsn.contains("Final-Recipient: rfc822; u@notls.test"),
+        "{dsn}"
+    );
+    assert!(
+        dsn.contains("From: \"Mail Delivery System\" <MAILER-DAEMON@mx.moat.test>"),
+        "{dsn}"
+    );
+    // Invariant 2: the plaintext peer never saw a transaction.
+    let log = peer.lock().unwrap().clone();
+    assert!(
+        !log.iter()
+            .any(|l| l.to_ascii_uppercase().starts_with("MAIL FROM")),
+        "{log:?}"
+    );
+    wait_for("the queue to empty", Duration::from_secs(10), || {
+        (sender.queue_len() == 0).then_some(())
+    });
+}
+
+#[test]
+fn verify_policy_rejects_an_untrusted_certificate() {
+    // The receiver's certificate is self-signed: fine for `may`, not for `verify`.
+    let dns = serve_zone(
+        "127.0.11.53",
+        "strict.test",
+        &[
+            Rr::Mx("strict.test", 10, "mx.strict.test"),
+            Rr::A("mx.strict.test", [127, 0, 11, 42]),
+        ],
+    );
+    let receiver = Moat::start_with(
+        "127.0.11.42",
+        "[[domain]]\nname = \"strict.test\"\nroute = \"maildir\"\n",
+        "",
+    );
+    let policy = "[[tls_policy]]\ndomains = [\"strict.test\"]\nlevel = \"verify\"\n";
+    let sender = Moat::start_with("127.0.11.41", &sender_extra(dns, policy), "");
+    submit(
+        &sender,
+        "alice@moat.test",
+        &["v@strict.test"],
+        "must-verify",
+    );
+    let dsn = wait_for("the bounce", Duration::from_secs(30), || {
+        sender.mailbox("alice").into_iter().next()
+    });
+    assert!(dsn.contains("Status: 5.7.320"), "{dsn}");
+    assert!(dsn.contains("mx.strict.test"), "{dsn}");
+    assert!(
+        receiver.mailbox("v").is_empty(),
+        "delivered despite a failed verification"
+    );
+}
+
+#[test]
+fn verify_policy_with_private_ca_delivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, leaves) = make_certs(dir.path(), &["mx.trusted.test"]);
+    let dns = serve_zone(
+        "127.0.11.53",
+        "trusted.test",
+        &[
+            Rr::Mx("trusted.test", 10, "mx.trusted.test"),
+            Rr::A("mx.trusted.test", [127, 0, 11, 52]),
+        ],
+    );
+    let receiver_extra = format!(
+        "[[domain]]\nname = \"trusted.test\"\nroute = \"maildir\"\n\n[tls]\n[[tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
+        leaves[0].0.display(),
+        leaves[0].1.display()
+    );
+    let receiver = Moat::start_with("127.0.11.52", &receiver_extra, "");
+    let policy = format!(
+        "[[tls_policy]]\ndomains = [\"trusted.test\"]\nlevel = \"verify\"\nca_file = \"{}\"\n",
+        ca.display()
+    );
+    let sender = Moat::start_with("127.0.11.51", &sender_extra(dns, &policy), "");
+    submit(&sender, "alice@moat.test", &["w@trusted.test"], "verified");
+    let mail = wait_for("verified delivery", Duration::from_secs(20), || {
+        receiver.mailbox("w").into_iter().next()
+    });
+    assert!(mail.contains("with ESMTPS"), "{mail}");
+    assert!(sender.log().contains("verified"), "{}", sender.log());
+}
+
+#[test]
+fn refused_connection_defers_then_bounces_and_null_mx_fails_at_once() {
+    let dns = serve_zone(
+        "127.0.11.53",
+        "down.test",
+        &[
+            Rr::Mx("down.test", 10, "mx.down.test"),
+            Rr::A("mx.down.test", [127, 0, 11, 62]),
+            Rr::Mx("nullmx.down.test", 0, "."),
+        ],
+    );
+    let sender = Moat::start_with("127.0.11.61", &sender_extra(dns, ""), "");
+    submit(
+        &sender,
+        "alice@moat.test",
+        &["x@nullmx.down.test"],
+        "to-null-mx",
+    );
+    let dsn = wait_for("the null MX bounce", Duration::from_secs(20), || {
+        sender.mailbox("alice").into_iter().next()
+    });
+    assert!(dsn.contains("Status: 5.1.10"), "{dsn}");
+    submit(
+        &sender,
+        "alice@moat.test",
+        &["y@down.test"],
+        "to-closed-port",
+    );
+    let dsn = wait_for(
+        "the refused-connection bounce",
+        Duration::from_secs(30),
+        || {
+            sender
+                .mailbox("alice")
+                .into_iter()
+                .find(|m| m.contains("y@down.test"))
+        },
+    );
+    assert!(dsn.contains("Status: 5.4.316"), "{dsn}");
+    assert!(dsn.contains("refused"), "{dsn}");
+}
