@@ -67,6 +67,75 @@ enum Command {
     /// Manage SMTP AUTH users (stored as argon2 hashes in the users file).
     #[command(subcommand)]
     User(UserCommand),
+    /// Inspect and act on the running server's queue (through its local admin socket).
+    #[command(subcommand)]
+    Queue(QueueCommand),
+}
+
+/// Which messages a queue action applies to.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct Selection {
+    /// One message, by queue id.
+    id: Option<String>,
+    /// Every message with a recipient in DOMAIN.
+    #[arg(long)]
+    domain: Option<String>,
+    /// Every queued message.
+    #[arg(long)]
+    all: bool,
+}
+
+impl Selection {
+    fn words(&self) -> String {
+        match (&self.id, &self.domain) {
+            (Some(id), _) => format!("id {id}"),
+            (None, Some(d)) => format!("domain {d}"),
+            _ => "all".into(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueCommand {
+    /// List queued messages with each recipient's state, next attempt and last cause.
+    List {
+        /// Only messages with a recipient in DOMAIN.
+        #[arg(long)]
+        domain: Option<String>,
+        /// Only messages with a recipient in STATE: pending, deferred, delivered, failed.
+        #[arg(long)]
+        state: Option<String>,
+        #[command(flatten)]
+        source: Source,
+    },
+    /// Show one message: recipients, causes, route and TLS policy per domain, header.
+    Show {
+        id: String,
+        #[command(flatten)]
+        source: Source,
+    },
+    /// Make deferred recipients due now (e.g. after the far side fixed its certificate).
+    Retry {
+        #[command(flatten)]
+        which: Selection,
+        #[command(flatten)]
+        source: Source,
+    },
+    /// Remove messages from the queue without notifying anyone.
+    Delete {
+        #[command(flatten)]
+        which: Selection,
+        #[command(flatten)]
+        source: Source,
+    },
+    /// Fail every undelivered recipient now and send the sender a bounce (DSN).
+    Bounce {
+        #[command(flatten)]
+        which: Selection,
+        #[command(flatten)]
+        source: Source,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,7 +213,39 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::User(cmd) => user(cmd),
+        Command::Queue(cmd) => queue(cmd),
     }
+}
+
+fn queue(cmd: QueueCommand) -> Result<(), String> {
+    let (source, line) = match &cmd {
+        QueueCommand::List {
+            domain,
+            state,
+            source,
+        } => {
+            let mut line = "list".to_string();
+            if let Some(d) = domain {
+                line.push_str(&format!(" domain={d}"));
+            }
+            if let Some(s) = state {
+                line.push_str(&format!(" state={s}"));
+            }
+            (source, line)
+        }
+        QueueCommand::Show { id, source } => (source, format!("show {id}")),
+        QueueCommand::Retry { which, source } => (source, format!("retry {}", which.words())),
+        QueueCommand::Delete { which, source } => (source, format!("delete {}", which.words())),
+        QueueCommand::Bounce { which, source } => (source, format!("bounce {}", which.words())),
+    };
+    if line.contains(['\n', '\r']) {
+        return Err("arguments may not contain line breaks".into());
+    }
+    let config = source.load()?;
+    let path = config.data_dir.join(moat::queue::admin::SOCKET);
+    let body = moat::queue::admin::request(&path, &line)?;
+    print!("{body}");
+    Ok(())
 }
 
 fn user(cmd: UserCommand) -> Result<(), String> {

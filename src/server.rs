@@ -194,7 +194,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
         .collect();
     let outbound = outbound_from(&config)?;
     let policy = policy_from(&config)?;
-    let deliver = Queue {
+    let (deliver, queue) = Queue {
         spool: spool.clone(),
         routes,
         hostname: config.hostname.clone(),
@@ -211,7 +211,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
         limits: l.clone(),
         acceptor: tokio_rustls::TlsAcceptor::from(tls_config),
         spool,
-        deliver,
+        deliver: deliver.clone(),
         auth: Authenticator {
             users_file: config.data_path(&config.auth.users_file),
             limiter: AuthLimiter::new(
@@ -297,6 +297,14 @@ pub async fn serve(config: Config) -> Result<(), String> {
         }
     }
     println!("moat: queue in {}", config.data_dir.join("spool").display());
+    let admin_path = config.data_dir.join(crate::queue::admin::SOCKET);
+    let admin = crate::queue::admin::bind(&admin_path)
+        .map_err(|e| format!("admin socket {}: {e}", admin_path.display()))?;
+    tokio::spawn(crate::queue::admin::serve(
+        admin,
+        queue.clone(),
+        deliver.clone(),
+    ));
 
     for (socket, ctx) in bound {
         let shared = shared.clone();

@@ -349,3 +349,107 @@ fn refused_connection_defers_then_bounces_and_null_mx_fails_at_once() {
     assert!(dsn.contains("Status: 5.4.316"), "{dsn}");
     assert!(dsn.contains("refused"), "{dsn}");
 }
+
+fn moat_cli(m: &Moat, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args(args)
+        .arg("--config")
+        .arg(&m.config)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn queue_admin_list_show_retry_bounce_delete() {
+    let dns = serve_zone(
+        "127.0.11.53",
+        "later.test",
+        &[
+            Rr::Mx("later.test", 10, "mx.later.test"),
+            Rr::A("mx.later.test", [127, 0, 11, 72]),
+            Rr::Mx("never.later.test", 10, "mx.never.later.test"),
+            Rr::A("mx.never.later.test", [127, 0, 11, 73]),
+        ],
+    );
+    // Retries only hourly: anything delivered within the test was pushed by `queue retry`.
+    let extra = format!(
+        "[relay]\ntrusted_networks = [\"127.0.0.0/8\"]\n\n[outbound]\nport = 2525\nnameservers = [\"{dns}\"]\nconnect_timeout_secs = 3\n\n[queue]\nretry_schedule_secs = [3600]\n"
+    );
+    let sender = Moat::start_with("127.0.11.71", &extra, "");
+    submit(&sender, "alice@moat.test", &["x@later.test"], "waits");
+    let listing = wait_for("a deferred entry", Duration::from_secs(20), || {
+        let (ok, text) = moat_cli(&sender, &["queue", "list", "--state", "deferred"]);
+        (ok && text.contains("4.4.316")).then_some(text)
+    });
+    assert!(
+        listing.contains("x@later.test  deferred  attempts 1"),
+        "{listing}"
+    );
+    assert!(listing.contains("refused"), "{listing}");
+    let id = listing.split_whitespace().next().unwrap().to_string();
+    let (ok, shown) = moat_cli(&sender, &["queue", "show", &id]);
+    assert!(ok, "{shown}");
+    assert!(
+        shown.contains("later.test: route mx, TLS policy may"),
+        "{shown}"
+    );
+    assert!(shown.contains("Subject: waits"), "{shown}");
+    // The far side comes up; retry delivers now instead of in an hour.
+    let receiver = Moat::start_with(
+        "127.0.11.72",
+        "[[domain]]\nname = \"later.test\"\nroute = \"maildir\"\n",
+        "",
+    );
+    let (ok, text) = moat_cli(&sender, &["queue", "retry", &id]);
+    assert!(ok && text.contains(&format!("retrying {id}")), "{text}");
+    wait_for("delivery after retry", Duration::from_secs(20), || {
+        receiver.mailbox("x").into_iter().next()
+    });
+    // Bounce: the sender gets a DSN saying so.
+    submit(
+        &sender,
+        "alice@moat.test",
+        &["y@never.later.test"],
+        "give-up",
+    );
+    wait_for("a second deferral", Duration::from_secs(20), || {
+        let (_, text) = moat_cli(&sender, &["queue", "list", "--domain", "never.later.test"]);
+        text.contains("deferred").then_some(())
+    });
+    let (ok, text) = moat_cli(
+        &sender,
+        &["queue", "bounce", "--domain", "never.later.test"],
+    );
+    assert!(ok && text.contains("bounced"), "{text}");
+    let dsn = wait_for("the bounce", Duration::from_secs(20), || {
+        sender.mailbox("alice").into_iter().next()
+    });
+    assert!(
+        dsn.contains("returned to the sender by the administrator"),
+        "{dsn}"
+    );
+    // Delete: gone without a trace.
+    submit(
+        &sender,
+        "alice@moat.test",
+        &["z@never.later.test"],
+        "delete-me",
+    );
+    let listing = wait_for("a third deferral", Duration::from_secs(20), || {
+        let (_, text) = moat_cli(&sender, &["queue", "list", "--domain", "never.later.test"]);
+        text.contains("deferred").then_some(text)
+    });
+    let id = listing.split_whitespace().next().unwrap().to_string();
+    let (ok, text) = moat_cli(&sender, &["queue", "delete", &id]);
+    assert!(ok && text.contains("deleted"), "{text}");
+    let (_, text) = moat_cli(&sender, &["queue", "list"]);
+    assert!(text.contains("0 message(s)"), "{text}");
+    let (ok, text) = moat_cli(&sender, &["queue", "show", "0000000000000000"]);
+    assert!(!ok && text.contains("no message"), "{text}");
+}

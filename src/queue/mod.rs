@@ -7,6 +7,7 @@
 //! transport-security failures, 5 days for the rest; then the recipient fails with the
 //! permanent form of its code and the sender gets a DSN (never for a bounce).
 
+pub mod admin;
 pub mod dsn;
 pub mod local;
 pub mod spool;
@@ -66,11 +67,12 @@ pub struct Queue {
 
 impl Queue {
     /// Starts the scheduler with the messages already spooled; new ids go on the channel.
-    pub fn spawn(self, existing: Vec<String>) -> mpsc::UnboundedSender<String> {
+    /// Returns the channel for new ids and the shared queue (for the admin socket).
+    pub fn spawn(self, existing: Vec<String>) -> (mpsc::UnboundedSender<String>, Arc<Queue>) {
         let (tx, rx) = mpsc::unbounded_channel::<String>();
         let this = Arc::new(self);
-        tokio::spawn(scheduler(this, existing, rx, tx.clone()));
-        tx
+        tokio::spawn(scheduler(this.clone(), existing, rx, tx.clone()));
+        (tx, this)
     }
 
     /// Makes one delivery pass over the due recipients of `id`. Returns when to come back.
@@ -178,6 +180,9 @@ impl Queue {
         tokio::task::spawn_blocking(move || {
             if done {
                 spool.remove(&id_owned)
+            } else if !spool.exists(&id_owned) {
+                // Deleted by the administrator during this pass.
+                Ok(())
             } else {
                 st.save(&spool.state_dir(), &id_owned)
             }
@@ -188,7 +193,7 @@ impl Queue {
     }
 
     /// Sends a DSN for `failed` recipients to the sender (not for bounces).
-    async fn bounce(
+    pub(crate) async fn bounce(
         &self,
         msg: &Spooled,
         st: &MessageState,
@@ -415,6 +420,7 @@ async fn scheduler(
             tokio::spawn(async move {
                 let next = match q.process(&id, &rq).await {
                     Ok(next) => next,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                     Err(e) => {
                         tracing::warn!(queue_id = %id, error = %e, "delivery pass failed; retrying in 60s");
                         Some(unix_now() + 60)

@@ -160,6 +160,11 @@ impl Spool {
         }
     }
 
+    /// The message is (still) queued.
+    pub fn exists(&self, id: &str) -> bool {
+        crate::util::is_queue_id(id) && self.queue_path(id).exists()
+    }
+
     /// Directory of the per-recipient state files.
     pub fn state_dir(&self) -> PathBuf {
         self.root.join("state")

@@ -1,0 +1,350 @@
+//! Queue administration over a local Unix socket (`<data_dir>/admin.sock`, mode 0600): no
+//! network exposure. `moat queue …` is the client.
+//!
+//! Protocol: one request line, `VERB ARGS…`; the answer is `ok` or `error TEXT`, then body
+//! lines, then a line holding a single `.` (body lines starting with `.` are dot-stuffed).
+//!
+//! | request | effect |
+//! |---|---|
+//! | `list [domain=D] [state=S]` | one block per message: id, age, size, sender, then each recipient's state and cause |
+//! | `show ID` | the same for one message, plus the TLS policy per domain and the header |
+//! | `retry id ID` / `retry domain D` / `retry all` | deferred recipients become due now (e.g. after the far side fixed its certificate) |
+//! | `delete …` | removes messages without notice |
+//! | `bounce …` | fails every undelivered recipient and sends the sender a DSN |
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use super::Queue;
+use super::spool::Spooled;
+use super::state::{MessageState, RcptState};
+use crate::util::unix_now;
+
+/// The socket's file name in the data dir.
+pub const SOCKET: &str = "admin.sock";
+
+/// Binds the socket, replacing a stale one left by a crash; owner-only permissions.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another moat is running on this data dir",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Answers requests until the process ends.
+pub async fn serve(
+    listener: UnixListener,
+    queue: Arc<Queue>,
+    requeue: mpsc::UnboundedSender<String>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (q, rq) = (queue.clone(), requeue.clone());
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &q, &rq).await {
+                tracing::warn!(error = %e, "admin request failed");
+            }
+        });
+    }
+}
+
+async fn handle(
+    stream: UnixStream,
+    queue: &Arc<Queue>,
+    requeue: &mpsc::UnboundedSender<String>,
+) -> io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(r.take(4096)).read_line(&mut line).await?;
+    let words: Vec<&str> = line.split_ascii_whitespace().collect();
+    let answer = match run(queue, requeue, &words).await {
+        Ok(body) => format!("ok\n{}.\n", stuff(&body)),
+        Err(e) => format!("error {}\n.\n", e.replace('\n', " ")),
+    };
+    w.write_all(answer.as_bytes()).await?;
+    w.shutdown().await
+}
+
+fn stuff(body: &str) -> String {
+    let mut out = String::new();
+    for l in body.lines() {
+        if l.starts_with('.') {
+            out.push('.');
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
+}
+
+/// Which messages a retry/delete/bounce applies to.
+fn select(queue: &Queue, words: &[&str]) -> Result<Vec<String>, String> {
+    let ids = queue.spool.list().map_err(|e| e.to_string())?;
+    match words {
+        ["id", id] => {
+            if queue.spool.exists(id) {
+                Ok(vec![id.to_string()])
+            } else {
+                Err(format!("no message {id} in the queue"))
+            }
+        }
+        ["domain", d] => {
+            let d = d.to_ascii_lowercase();
+            Ok(ids
+                .into_iter()
+                .filter(|id| queue.spool.load(id).is_ok_and(|m| has_domain(&m, &d)))
+                .collect())
+        }
+        ["all"] => Ok(ids),
+        _ => Err("give `id ID`, `domain DOMAIN` or `all`".into()),
+    }
+}
+
+fn has_domain(m: &Spooled, d: &str) -> bool {
+    m.envelope.recipients.iter().any(|r| {
+        r.rsplit_once('@')
+            .is_some_and(|(_, rd)| rd.eq_ignore_ascii_case(d))
+    })
+}
+
+fn load(queue: &Queue, id: &str) -> io::Result<(Spooled, MessageState)> {
+    let m = queue.spool.load(id)?;
+    let st = MessageState::load(&queue.spool.state_dir(), id, m.envelope.recipients.len())?;
+    Ok((m, st))
+}
+
+fn describe(queue: &Queue, m: &Spooled, st: &MessageState, now: u64, detail: bool) -> String {
+    let mut s = format!(
+        "{}  age {}  {} bytes  from <{}>\n",
+        m.id,
+        age(now.saturating_sub(m.arrived)),
+        m.message.len(),
+        m.envelope.sender
+    );
+    for (rcpt, r) in m.envelope.recipients.iter().zip(&st.rcpts) {
+        let next = if r.state == RcptState::Deferred {
+            format!("  next in {}", age(r.next_attempt.saturating_sub(now)))
+        } else {
+            String::new()
+        };
+        s.push_str(&format!(
+            "    {rcpt}  {}  attempts {}{next}",
+            r.state.as_str(),
+            r.attempts
+        ));
+        if !r.status.is_empty() {
+            s.push_str(&format!("  {}", r.status));
+        }
+        if let Some(remote) = &r.remote {
+            s.push_str(&format!("  via {remote}"));
+        }
+        if !r.reason.is_empty() {
+            s.push_str(&format!("\n        {}", r.reason));
+        }
+        s.push('\n');
+    }
+    if detail {
+        let mut domains: Vec<&str> = m
+            .envelope
+            .recipients
+            .iter()
+            .filter_map(|r| r.rsplit_once('@').map(|(_, d)| d))
+            .collect();
+        domains.sort();
+        domains.dedup();
+        for d in domains {
+            let lower = d.to_ascii_lowercase();
+            let route = match queue.routes.get(&lower) {
+                Some(super::Route::Maildir(p)) => format!("maildir {}", p.display()),
+                Some(super::Route::Discard) => "discard".into(),
+                Some(super::Route::Relay { host, port }) => format!("relay {host}:{port}"),
+                None => "mx".into(),
+            };
+            s.push_str(&format!(
+                "  {d}: route {route}, TLS policy {}\n",
+                queue.policy.for_domain(&lower).level.as_str()
+            ));
+        }
+        let header_end = m
+            .message
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or(m.message.len());
+        s.push_str("  header:\n");
+        for l in String::from_utf8_lossy(&m.message[..header_end]).lines() {
+            s.push_str(&format!("    {l}\n"));
+        }
+    }
+    s
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        7200..=172_799 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
+}
+
+async fn run(
+    queue: &Arc<Queue>,
+    requeue: &mpsc::UnboundedSender<String>,
+    words: &[&str],
+) -> Result<String, String> {
+    let now = unix_now();
+    let Some((verb, args)) = words.split_first() else {
+        return Err("empty request".into());
+    };
+    match *verb {
+        "list" => {
+            let mut domain = None;
+            let mut state = None;
+            for a in args {
+                match a.split_once('=') {
+                    Some(("domain", d)) => domain = Some(d.to_ascii_lowercase()),
+                    Some(("state", s)) => state = Some(s.to_ascii_lowercase()),
+                    _ => return Err(format!("unknown filter `{a}`")),
+                }
+            }
+            if let Some(s) = &state
+                && !["pending", "deferred", "delivered", "failed"].contains(&s.as_str())
+            {
+                return Err(format!(
+                    "unknown state `{s}` (pending, deferred, delivered, failed)"
+                ));
+            }
+            let mut out = String::new();
+            let mut n = 0;
+            for id in queue.spool.list().map_err(|e| e.to_string())? {
+                let Ok((m, st)) = load(queue, &id) else {
+                    continue;
+                };
+                if domain.as_deref().is_some_and(|d| !has_domain(&m, d)) {
+                    continue;
+                }
+                if state
+                    .as_deref()
+                    .is_some_and(|s| !st.rcpts.iter().any(|r| r.state.as_str() == s))
+                {
+                    continue;
+                }
+                n += 1;
+                out.push_str(&describe(queue, &m, &st, now, false));
+            }
+            out.push_str(&format!("{n} message(s)\n"));
+            Ok(out)
+        }
+        "show" => {
+            let [id] = args else {
+                return Err("usage: show ID".into());
+            };
+            let (m, st) = load(queue, id).map_err(|_| format!("no message {id} in the queue"))?;
+            Ok(describe(queue, &m, &st, now, true))
+        }
+        "retry" => {
+            let mut out = String::new();
+            for id in select(queue, args)? {
+                let Ok((_, mut st)) = load(queue, &id) else {
+                    continue;
+                };
+                for r in st.rcpts.iter_mut().filter(|r| !r.state.is_final()) {
+                    r.next_attempt = 0;
+                }
+                st.save(&queue.spool.state_dir(), &id)
+                    .map_err(|e| e.to_string())?;
+                let _ = requeue.send(id.clone());
+                out.push_str(&format!("retrying {id}\n"));
+            }
+            Ok(out)
+        }
+        "delete" => {
+            let mut out = String::new();
+            for id in select(queue, args)? {
+                queue.spool.remove(&id).map_err(|e| format!("{id}: {e}"))?;
+                tracing::info!(queue_id = %id, "deleted by the administrator");
+                out.push_str(&format!("deleted {id}\n"));
+            }
+            Ok(out)
+        }
+        "bounce" => {
+            let mut out = String::new();
+            for id in select(queue, args)? {
+                let Ok((m, mut st)) = load(queue, &id) else {
+                    continue;
+                };
+                let mut failed = Vec::new();
+                for (i, r) in st.rcpts.iter_mut().enumerate() {
+                    if r.state.is_final() {
+                        continue;
+                    }
+                    r.state = RcptState::Failed;
+                    r.status = "5.0.0".into();
+                    r.reason = if r.reason.is_empty() {
+                        "returned to the sender by the administrator".into()
+                    } else {
+                        format!(
+                            "returned to the sender by the administrator; last cause: {}",
+                            r.reason
+                        )
+                    };
+                    failed.push(i);
+                }
+                if !failed.is_empty() {
+                    queue.bounce(&m, &st, &failed, now, requeue).await;
+                }
+                queue.spool.remove(&id).map_err(|e| format!("{id}: {e}"))?;
+                tracing::info!(queue_id = %id, recipients = failed.len(), "bounced by the administrator");
+                out.push_str(&format!("bounced {id} ({} recipient(s))\n", failed.len()));
+            }
+            Ok(out)
+        }
+        other => Err(format!("unknown request `{other}`")),
+    }
+}
+
+/// Client side: sends one request and returns the body, or the server's error.
+pub fn request(path: &Path, line: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+        format!(
+            "moat is not running for this data dir (no admin socket at {}: {e}); start it with `moat serve`",
+            path.display()
+        )
+    })?;
+    s.write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let mut lines = text.lines();
+    let status = lines.next().unwrap_or("error empty answer from the server");
+    let mut body = String::new();
+    for l in lines {
+        if l == "." {
+            break;
+        }
+        body.push_str(l.strip_prefix('.').unwrap_or(l));
+        body.push('\n');
+    }
+    match status.strip_prefix("error ") {
+        Some(e) => Err(e.to_string()),
+        None if status == "ok" => Ok(body),
+        None => Err(format!("unexpected answer: {status}")),
+    }
+}
