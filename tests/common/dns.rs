@@ -21,7 +21,11 @@ pub enum Rr<'a> {
 }
 
 fn n(s: &str) -> Name {
-    let s = if s.ends_with('.') { s.to_string() } else { format!("{s}.") };
+    let s = if s.ends_with('.') {
+        s.to_string()
+    } else {
+        format!("{s}.")
+    };
     Name::from_str(&s).unwrap()
 }
 
@@ -33,15 +37,31 @@ pub fn serve_zone(ip: &str, origin: &str, records: &[Rr]) -> SocketAddr {
         ZoneType::Primary,
         AxfrPolicy::Deny,
     );
-    let soa = SOA::new(n(&format!("ns.{origin}")), n(&format!("hostmaster.{origin}")), 1, 3600, 600, 86400, 60);
+    let soa = SOA::new(
+        n(&format!("ns.{origin}")),
+        n(&format!("hostmaster.{origin}")),
+        1,
+        3600,
+        600,
+        86400,
+        60,
+    );
     let mut rrs = vec![
         Record::from_rdata(origin_name.clone(), 60, RData::SOA(soa)),
-        Record::from_rdata(origin_name.clone(), 60, RData::NS(NS(n(&format!("ns.{origin}"))))),
+        Record::from_rdata(
+            origin_name.clone(),
+            60,
+            RData::NS(NS(n(&format!("ns.{origin}")))),
+        ),
     ];
     for r in records {
         rrs.push(match r {
-            Rr::Mx(name, pref, host) => Record::from_rdata(n(name), 60, RData::MX(MX::new(*pref, n(host)))),
-            Rr::A(name, ip) => Record::from_rdata(n(name), 60, RData::A(A::new(ip[0], ip[1], ip[2], ip[3]))),
+            Rr::Mx(name, pref, host) => {
+                Record::from_rdata(n(name), 60, RData::MX(MX::new(*pref, n(host))))
+            }
+            Rr::A(name, ip) => {
+                Record::from_rdata(n(name), 60, RData::A(A::new(ip[0], ip[1], ip[2], ip[3])))
+            }
         });
     }
     for rr in rrs {
@@ -60,13 +80,20 @@ pub fn serve_zone(ip: &str, origin: &str, records: &[Rr]) -> SocketAddr {
     let addr = udp.local_addr().unwrap();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let mut catalog = Catalog::new();
             catalog.upsert(LowerName::from(origin_name), vec![Arc::new(zone)]);
             let mut server = Server::new(catalog);
             server.register_socket(tokio::net::UdpSocket::from_std(udp).unwrap());
-            server.register_listener(tokio::net::TcpListener::from_std(tcp).unwrap(), Duration::from_secs(10), 64);
+            server.register_listener(
+                tokio::net::TcpListener::from_std(tcp).unwrap(),
+                Duration::from_secs(10),
+                64,
+            );
             ready_tx.send(()).unwrap();
             let _ = server.block_until_done().await;
         });
