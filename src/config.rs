@@ -47,7 +47,11 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct TlsPolicyConfig {
     /// Recipient domains: exact or `*.suffix`.
+    #[serde(default)]
     pub domains: Vec<String>,
+    /// Sender domains: a message from one of these gets this level for all its recipients.
+    #[serde(default)]
+    pub sender_domains: Vec<String>,
     /// `none`, `may` (the default for everything else), `encrypt` or `verify`.
     pub level: crate::outbound::tls::TlsLevel,
     /// Names the certificate must carry instead of the MX host name (`verify`).
@@ -98,6 +102,10 @@ pub struct OutboundConfig {
     pub helo_name: Option<String>,
     pub connect_timeout_secs: u64,
     pub dns_timeout_secs: u64,
+    /// With a `[[tls_policy]]` matching some recipients of a message: true delivers only those
+    /// under the enforced level and the others opportunistically (the message is split);
+    /// false lifts every recipient of that message to the strictest matched level.
+    pub opportunistic_for_unmatched: bool,
 }
 
 impl Default for OutboundConfig {
@@ -108,6 +116,7 @@ impl Default for OutboundConfig {
             helo_name: None,
             connect_timeout_secs: 30,
             dns_timeout_secs: 5,
+            opportunistic_for_unmatched: true,
         }
     }
 }
@@ -549,12 +558,12 @@ impl Config {
             }
         }
         for (i, p) in self.tls_policies.iter().enumerate() {
-            if p.domains.is_empty() {
+            if p.domains.is_empty() && p.sender_domains.is_empty() {
                 return Err(err(
                     "tls_policy",
                     i,
                     "domains",
-                    "needs one or more domains".into(),
+                    "needs domains or sender_domains".into(),
                 ));
             }
             for pin in &p.pins {

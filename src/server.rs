@@ -125,6 +125,7 @@ fn outbound_from(config: &Config) -> Result<Outbound, String> {
 
 fn policy_from(config: &Config) -> Result<TlsPolicy, String> {
     let mut rules = Vec::new();
+    let mut sender_rules = Vec::new();
     for p in &config.tls_policies {
         let pins = p
             .pins
@@ -144,9 +145,14 @@ fn policy_from(config: &Config) -> Result<TlsPolicy, String> {
         for d in &p.domains {
             rules.push((d.to_ascii_lowercase(), req.clone()));
         }
+        for d in &p.sender_domains {
+            sender_rules.push((d.to_ascii_lowercase(), req.clone()));
+        }
     }
     Ok(TlsPolicy {
         rules,
+        sender_rules,
+        opportunistic_for_unmatched: config.outbound.opportunistic_for_unmatched,
         default: TlsRequirement {
             level: TlsLevel::May,
             match_names: Vec::new(),

@@ -453,3 +453,94 @@ fn queue_admin_list_show_retry_bounce_delete() {
     let (ok, text) = moat_cli(&sender, &["queue", "show", "0000000000000000"]);
     assert!(!ok && text.contains("no message"), "{text}");
 }
+
+/// One message to a `verify` domain (untrusted certificate there) and an unmatched domain
+/// whose server has no STARTTLS.
+fn split_world(base: u8) -> (SocketAddr, Moat, Arc<Mutex<Vec<String>>>) {
+    let strict_ip = [127, 0, 11, base + 2];
+    let plain_ip = [127, 0, 11, base + 3];
+    let dns = serve_zone(
+        "127.0.11.53",
+        "mix.test",
+        &[
+            Rr::Mx("strict.mix.test", 10, "mx.strict.mix.test"),
+            Rr::A("mx.strict.mix.test", strict_ip),
+            Rr::Mx("plain.mix.test", 10, "mx.plain.mix.test"),
+            Rr::A("mx.plain.mix.test", plain_ip),
+        ],
+    );
+    let receiver = Moat::start_with(
+        &format!("127.0.11.{}", base + 2),
+        "[[domain]]\nname = \"strict.mix.test\"\nroute = \"maildir\"\n",
+        "",
+    );
+    let peer = plain_peer(&format!("127.0.11.{}", base + 3));
+    (dns, receiver, peer)
+}
+
+#[test]
+fn opportunistic_for_unmatched_splits_the_message() {
+    let (dns, receiver, peer) = split_world(80);
+    let policy = "[[tls_policy]]\ndomains = [\"strict.mix.test\"]\nlevel = \"verify\"\n";
+    let sender = Moat::start_with("127.0.11.81", &sender_extra(dns, policy), "");
+    submit(
+        &sender,
+        "alice@moat.test",
+        &["a@strict.mix.test", "b@plain.mix.test"],
+        "split-on",
+    );
+    // The unmatched recipient goes out (in plaintext: its server has no TLS)...
+    wait_for("the unmatched copy", Duration::from_secs(20), || {
+        peer.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("Subject: split-on"))
+            .then_some(())
+    });
+    // ...the matched one is held to `verify` and bounced.
+    let dsn = wait_for("the bounce", Duration::from_secs(30), || {
+        sender.mailbox("alice").into_iter().next()
+    });
+    assert!(
+        dsn.contains("Final-Recipient: rfc822; a@strict.mix.test"),
+        "{dsn}"
+    );
+    assert!(!dsn.contains("b@plain.mix.test"), "{dsn}");
+    assert!(receiver.mailbox("a").is_empty());
+}
+
+#[test]
+fn without_opportunistic_for_unmatched_every_recipient_needs_tls() {
+    let (dns, _receiver, peer) = split_world(90);
+    let extra = sender_extra(
+        dns,
+        "[[tls_policy]]\ndomains = [\"strict.mix.test\"]\nlevel = \"verify\"\n",
+    )
+    .replace(
+        "dns_timeout_secs = 2\n",
+        "dns_timeout_secs = 2\nopportunistic_for_unmatched = false\n",
+    );
+    let sender = Moat::start_with("127.0.11.91", &extra, "");
+    submit(
+        &sender,
+        "alice@moat.test",
+        &["a@strict.mix.test", "b@plain.mix.test"],
+        "split-off",
+    );
+    let dsn = wait_for("the bounce for both", Duration::from_secs(30), || {
+        sender
+            .mailbox("alice")
+            .into_iter()
+            .find(|m| m.contains("b@plain.mix.test") && m.contains("a@strict.mix.test"))
+    });
+    assert!(
+        dsn.contains("Status: 5.4.317"),
+        "the plaintext-only server fails the lifted requirement: {dsn}"
+    );
+    let log = peer.lock().unwrap().clone();
+    assert!(
+        !log.iter()
+            .any(|l| l.to_ascii_uppercase().starts_with("MAIL FROM")),
+        "{log:?}"
+    );
+}

@@ -37,20 +37,62 @@ pub enum Route {
     Relay { host: String, port: u16 },
 }
 
-/// TLS requirements per recipient domain pattern (exact or `*.suffix`); first match wins.
+/// TLS requirements per recipient domain pattern (exact or `*.suffix`; first match wins) and
+/// per sender domain pattern.
 #[derive(Debug, Default)]
 pub struct TlsPolicy {
     pub rules: Vec<(String, TlsRequirement)>,
+    pub sender_rules: Vec<(String, TlsRequirement)>,
     pub default: TlsRequirement,
+    /// See `OutboundConfig::opportunistic_for_unmatched`.
+    pub opportunistic_for_unmatched: bool,
+}
+
+fn find<'a>(rules: &'a [(String, TlsRequirement)], domain: &str) -> Option<&'a TlsRequirement> {
+    rules
+        .iter()
+        .find(|(p, _)| crate::smtp::session::domain_matches(domain, p))
+        .map(|(_, r)| r)
+}
+
+fn domain_of(addr: &str) -> String {
+    addr.rsplit_once('@')
+        .map(|(_, d)| d.to_ascii_lowercase())
+        .unwrap_or_default()
 }
 
 impl TlsPolicy {
+    /// The rule for a recipient domain alone.
     pub fn for_domain(&self, domain: &str) -> &TlsRequirement {
-        self.rules
-            .iter()
-            .find(|(p, _)| crate::smtp::session::domain_matches(domain, p))
-            .map(|(_, r)| r)
-            .unwrap_or(&self.default)
+        find(&self.rules, domain).unwrap_or(&self.default)
+    }
+
+    /// The requirement for `domain` within a message from `sender` to `recipients`: the domain's
+    /// own rule, raised (never lowered) by a sender rule and, when
+    /// `opportunistic_for_unmatched` is off, by the strictest rule any recipient matched.
+    pub fn for_message(&self, domain: &str, sender: &str, recipients: &[String]) -> TlsRequirement {
+        let own = self.for_domain(domain).clone();
+        let mut floor = find(&self.sender_rules, &domain_of(sender));
+        if !self.opportunistic_for_unmatched {
+            for r in recipients {
+                if let Some(req) = find(&self.rules, &domain_of(r))
+                    && floor.is_none_or(|f| req.level > f.level)
+                {
+                    floor = Some(req);
+                }
+            }
+        }
+        match floor {
+            // A rule written for another domain lends its level (and private CA), not its
+            // names or pins, which describe that domain's servers.
+            Some(f) if f.level > own.level => TlsRequirement {
+                level: f.level,
+                match_names: Vec::new(),
+                pins: Vec::new(),
+                extra_roots: f.extra_roots.clone(),
+            },
+            _ => own,
+        }
     }
 }
 
@@ -331,8 +373,11 @@ impl Queue {
             smtputf8: msg.envelope.smtputf8,
             eight_bit: msg.envelope.eight_bit,
         };
-        let req = self.policy.for_domain(domain);
-        deliver::deliver(&self.outbound, domain, &hop, req, out).await
+        let req = self
+            .policy
+            .for_message(domain, &msg.envelope.sender, &msg.envelope.recipients);
+        tracing::debug!(queue_id = %msg.id, domain, level = req.level.as_str(), "TLS requirement");
+        deliver::deliver(&self.outbound, domain, &hop, &req, out).await
     }
 }
 
@@ -453,6 +498,66 @@ async fn scheduler(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbound::tls::TlsLevel;
+
+    fn policy(split: bool) -> TlsPolicy {
+        TlsPolicy {
+            rules: vec![
+                (
+                    "strict.test".into(),
+                    TlsRequirement {
+                        level: TlsLevel::Verify,
+                        match_names: vec!["mx.strict.test".into()],
+                        ..Default::default()
+                    },
+                ),
+                (
+                    "*.enc.test".into(),
+                    TlsRequirement::level(TlsLevel::Encrypt),
+                ),
+            ],
+            sender_rules: vec![("bank.test".into(), TlsRequirement::level(TlsLevel::Encrypt))],
+            default: TlsRequirement::level(TlsLevel::May),
+            opportunistic_for_unmatched: split,
+        }
+    }
+
+    #[test]
+    fn message_level_policy() {
+        let rcpts = vec!["a@strict.test".to_string(), "b@other.test".to_string()];
+        let p = policy(true);
+        assert_eq!(
+            p.for_message("other.test", "x@me.test", &rcpts).level,
+            TlsLevel::May
+        );
+        assert_eq!(
+            p.for_message("strict.test", "x@me.test", &rcpts)
+                .match_names,
+            vec!["mx.strict.test"]
+        );
+        let p = policy(false);
+        let lifted = p.for_message("other.test", "x@me.test", &rcpts);
+        assert_eq!(lifted.level, TlsLevel::Verify);
+        assert!(
+            lifted.match_names.is_empty(),
+            "names of another domain's rule are not lent"
+        );
+        // Sender rules lift every recipient, whatever the switch says; never lower.
+        let p = policy(true);
+        assert_eq!(
+            p.for_message("other.test", "x@bank.test", &rcpts).level,
+            TlsLevel::Encrypt
+        );
+        assert_eq!(
+            p.for_message("strict.test", "x@bank.test", &rcpts).level,
+            TlsLevel::Verify
+        );
+        let one = vec!["c@mx.enc.test".to_string()];
+        assert_eq!(
+            p.for_message("mx.enc.test", "x@me.test", &one).level,
+            TlsLevel::Encrypt
+        );
+    }
 
     #[test]
     fn permanent_forms() {
