@@ -544,3 +544,67 @@ fn without_opportunistic_for_unmatched_every_recipient_needs_tls() {
         "{log:?}"
     );
 }
+
+#[test]
+fn kill_9_keeps_deferred_state_and_delivers_each_message_once() {
+    let dns = serve_zone(
+        "127.0.11.53",
+        "crash.test",
+        &[
+            Rr::Mx("crash.test", 10, "mx.crash.test"),
+            Rr::A("mx.crash.test", [127, 0, 11, 102]),
+        ],
+    );
+    let extra = format!(
+        "[relay]\ntrusted_networks = [\"127.0.0.0/8\"]\n\n[outbound]\nport = 2525\nnameservers = [\"{dns}\"]\nconnect_timeout_secs = 3\n\n[queue]\nretry_schedule_secs = [3600]\n"
+    );
+    let mut sender = Moat::start_with("127.0.11.101", &extra, "");
+    for i in 0..10 {
+        submit(
+            &sender,
+            "alice@moat.test",
+            &[&format!("u{i}@crash.test")],
+            &format!("crash-{i}"),
+        );
+    }
+    let before = wait_for("ten deferred messages", Duration::from_secs(30), || {
+        let (_, text) = moat_cli(&sender, &["queue", "list", "--state", "deferred"]);
+        text.contains("10 message(s)").then_some(text)
+    });
+    assert_eq!(before.matches("attempts 1").count(), 10, "{before}");
+    sender.kill9();
+    sender.spawn();
+    // After the crash: same messages, same attempt counts, next attempt still in the future.
+    let (_, after) = moat_cli(&sender, &["queue", "list", "--state", "deferred"]);
+    assert!(after.contains("10 message(s)"), "{after}");
+    assert_eq!(after.matches("attempts 1").count(), 10, "{after}");
+    assert!(
+        after.contains("next in 59m") || after.contains("next in 60m"),
+        "{after}"
+    );
+    let receiver = Moat::start_with(
+        "127.0.11.102",
+        "[[domain]]\nname = \"crash.test\"\nroute = \"maildir\"\n",
+        "",
+    );
+    let (ok, text) = moat_cli(&sender, &["queue", "retry", "--all"]);
+    assert!(ok, "{text}");
+    for i in 0..10 {
+        let mb = format!("u{i}");
+        let mail = wait_for("delivery after the crash", Duration::from_secs(20), || {
+            let m = receiver.mailbox(&mb);
+            (!m.is_empty()).then_some(m)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            receiver.mailbox(&mb).len(),
+            1,
+            "{mb} got {} copies",
+            mail.len()
+        );
+        assert!(mail[0].contains(&format!("Subject: crash-{i}")));
+    }
+    wait_for("an empty queue", Duration::from_secs(10), || {
+        (sender.queue_len() == 0).then_some(())
+    });
+}
