@@ -57,6 +57,37 @@ pub fn compact_utc(unix: u64) -> String {
     )
 }
 
+/// RFC 3461 xtext: `+` `=` and bytes outside `!`..`~` become `+HH`.
+pub fn xtext_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Inverse of [`xtext_encode`]; `None` for malformed input.
+pub fn xtext_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'+' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A new queue id: 16 uppercase hex digits, microseconds since the epoch then a counter, so
@@ -90,6 +121,17 @@ mod tests {
         );
         assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
         assert_eq!(compact_utc(1_795_468_016), "20261123210656");
+    }
+
+    #[test]
+    fn xtext_roundtrip() {
+        for s in ["plain", "a+b=c", "sp ace", "nul\0x", "ünï"] {
+            let e = xtext_encode(s);
+            assert!(e.bytes().all(|b| (33..=126).contains(&b)), "{e}");
+            assert_eq!(xtext_decode(&e).as_deref(), Some(s));
+        }
+        assert_eq!(xtext_decode("a+2"), None);
+        assert_eq!(xtext_decode("a+ZZ"), None);
     }
 
     #[test]

@@ -608,3 +608,93 @@ fn kill_9_keeps_deferred_state_and_delivers_each_message_once() {
         (sender.queue_len() == 0).then_some(())
     });
 }
+
+/// MAIL/RCPT with raw parameters, then a small message.
+fn submit_raw(m: &Moat, mail: &str, rcpts: &[&str], subject: &str) {
+    let mut c = Client::connect(m.addr(SMTP));
+    c.ehlo();
+    let r = c.cmd(mail);
+    assert_eq!(r.code, 250, "{mail}: {r}");
+    for rc in rcpts {
+        let r = c.cmd(rc);
+        assert_eq!(r.code, 250, "{rc}: {r}");
+    }
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(format!("Subject: {subject}\r\n\r\nbody\r\n.\r\n").as_bytes());
+    let r = c.read_reply();
+    assert!(r.is("250 2.0.0"), "{r}");
+}
+
+#[test]
+fn dsn_notify_never_success_and_pass_on() {
+    let receiver = Moat::start_with(
+        "127.0.11.112",
+        "[[domain]]\nname = \"dsn.test\"\nroute = \"maildir\"\n",
+        "",
+    );
+    let extra = "[[domain]]\nname = \"dsn.test\"\nroute = \"relay\"\nrelay = \"127.0.11.112:2525\"\n\n[[domain]]\nname = \"gone.test\"\nroute = \"relay\"\nrelay = \"127.0.11.113:2525\"\n";
+    let sender = Moat::start_with(
+        "127.0.11.111",
+        &sender_extra("127.0.11.53:53".parse().unwrap(), extra),
+        "",
+    );
+    let c = Client::connect(sender.addr(SMTP)).ehlo();
+    assert!(c.lines.iter().any(|l| l == "DSN"), "{c}");
+    // NOTIFY=NEVER: the failure is silent.
+    submit_raw(
+        &sender,
+        "MAIL FROM:<alice@moat.test>",
+        &["RCPT TO:<x@gone.test> NOTIFY=NEVER"],
+        "never",
+    );
+    wait_for("the silent failure", Duration::from_secs(20), || {
+        (sender.queue_len() == 0).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        sender.mailbox("alice").is_empty(),
+        "NOTIFY=NEVER produced a notice"
+    );
+    // NOTIFY=SUCCESS on local delivery: a "delivered" report.
+    submit_raw(
+        &sender,
+        "MAIL FROM:<alice@moat.test> ENVID=env+2D1",
+        &["RCPT TO:<bob@moat.test> NOTIFY=SUCCESS"],
+        "local",
+    );
+    let report = wait_for("the success report", Duration::from_secs(20), || {
+        sender.mailbox("alice").into_iter().next()
+    });
+    assert!(
+        report.contains("Subject: Successful Mail Delivery Report"),
+        "{report}"
+    );
+    assert!(report.contains("Action: delivered"), "{report}");
+    assert!(report.contains("Original-Envelope-Id: env-1"), "{report}");
+    // Relayed to a DSN-capable server: the parameters go along, and the final hop reports.
+    submit_raw(
+        &sender,
+        "MAIL FROM:<alice@moat.test> RET=HDRS ENVID=pass1",
+        &["RCPT TO:<carol@dsn.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Carol@DSN.test"],
+        "pass-on",
+    );
+    wait_for("relay delivery", Duration::from_secs(20), || {
+        receiver.mailbox("carol").into_iter().next()
+    });
+    // The receiver's own `moat.test` mailbox for alice gets the report from the final hop.
+    let report = wait_for("the final hop's report", Duration::from_secs(20), || {
+        receiver.mailbox("alice").into_iter().next()
+    });
+    assert!(report.contains("Action: delivered"), "{report}");
+    assert!(
+        report.contains("Original-Recipient: rfc822; Carol@DSN.test"),
+        "{report}"
+    );
+    assert!(report.contains("Original-Envelope-Id: pass1"), "{report}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        sender.mailbox("alice").len(),
+        1,
+        "the first hop must not report a relay the next hop reports"
+    );
+}

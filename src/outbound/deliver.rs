@@ -58,13 +58,19 @@ pub struct Failure {
 /// The result for one recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RcptResult {
-    Delivered { remote: String, reply: String },
+    /// `dsn_passed`: the next hop took our DSN parameters, so success notices are its job.
+    Delivered {
+        remote: String,
+        reply: String,
+        dsn_passed: bool,
+    },
     NotDelivered(Failure),
 }
 
 /// What one connection attempt to one address achieved.
 enum HostResult {
-    Done(Vec<RcptOutcome>, String),
+    /// Outcomes, TLS summary, and whether the server supports DSN.
+    Done(Vec<RcptOutcome>, String, bool),
     /// A failure of this host; try the next one.
     Failed(Failure),
     /// Handshake failed under `may`: try the same address again without TLS.
@@ -137,10 +143,10 @@ pub async fn deliver(
                 result = attempt(out, &h.host, addr, req, msg.clone(), true).await;
             }
             match result {
-                HostResult::Done(outcomes, tls) => {
+                HostResult::Done(outcomes, tls, dsn) => {
                     return outcomes
                         .into_iter()
-                        .map(|o| rcpt_result(o, &h.host, &tls))
+                        .map(|o| rcpt_result(o, &h.host, &tls, dsn))
                         .collect();
                 }
                 HostResult::Failed(f) | HostResult::RetryPlain(f) => {
@@ -162,11 +168,12 @@ pub async fn deliver(
         .unwrap_or_else(|| failure("4.4.4", false, None, format!("no usable host for {domain}"))))
 }
 
-fn rcpt_result(o: RcptOutcome, host: &str, tls: &str) -> RcptResult {
+fn rcpt_result(o: RcptOutcome, host: &str, tls: &str, dsn_passed: bool) -> RcptResult {
     match o {
         RcptOutcome::Delivered(r) => RcptResult::Delivered {
             remote: host.to_string(),
             reply: format!("{} ({tls})", r.one_line()),
+            dsn_passed,
         },
         RcptOutcome::Refused(r) => {
             let fallback = if r.is_permanent() { "5.0.0" } else { "4.0.0" };
@@ -248,7 +255,7 @@ async fn attempt(
         Step::StartTls => {}
         Step::Done(r) => {
             tracing::info!(host, %addr, tls = "none", verification = "plaintext", "delivered in plaintext");
-            return HostResult::Done(r, "plaintext".into());
+            return HostResult::Done(r, "plaintext".into(), client.capabilities().dsn);
         }
         Step::Failed(f) => return HostResult::Failed(session_failure(f, host)),
     }
@@ -269,7 +276,7 @@ async fn attempt(
     tracing::info!(host, %addr, version = %outcome.version, cipher = %outcome.cipher, verification = %verification_word(&outcome.verification), "TLS established");
     client.tls_established();
     match drive(&mut tls, &mut client, &mut buf, &mut pending).await {
-        Step::Done(r) => HostResult::Done(r, summary),
+        Step::Done(r) => HostResult::Done(r, summary, client.capabilities().dsn),
         Step::Failed(f) => HostResult::Failed(session_failure(f, host)),
         Step::StartTls => HostResult::Failed(failure(
             "4.4.2",

@@ -56,6 +56,8 @@ pub enum DsnKind {
     Failure,
     /// Delivery is still being retried (a delay warning).
     Delay,
+    /// Delivered or relayed, reported because the sender asked with `NOTIFY=SUCCESS`.
+    Success,
 }
 
 /// RFC 3464 §2.3.3 `Action` for one recipient.
@@ -206,6 +208,7 @@ pub fn build_dsn(input: &DsnInput) -> Option<Vec<u8>> {
     let subject = match input.kind {
         DsnKind::Failure => "Undelivered Mail Returned to Sender",
         DsnKind::Delay => "Delayed Mail (still being retried)",
+        DsnKind::Success => "Successful Mail Delivery Report",
     };
     push_field(&mut head, "Subject", subject);
     push_field(&mut head, "Date", &rfc5322_date(input.now));
@@ -386,6 +389,10 @@ fn human_part(input: &DsnInput, host: &str, recipients: &[Rcpt], full: bool) -> 
              The mail system is still trying, so you do not need to send it again. For each \
              recipient listed below, it says what is failing, where, and what must be fixed. \
              You will be told again if delivery finally fails."
+        }
+        DsnKind::Success => {
+            "Your message was delivered to the recipients listed below, or handed on to a \
+             server that does not report delivery; you asked to be told (NOTIFY=SUCCESS)."
         }
     };
     wrap(&mut s, intro, "");

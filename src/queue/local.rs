@@ -76,6 +76,7 @@ mod tests {
                 recipients: vec!["Bob+tag@localhost".into()],
                 smtputf8: false,
                 eight_bit: false,
+                ..Envelope::default()
             },
             message: b"Subject: hi\r\n\r\nhello\r\n".to_vec(),
         };
@@ -101,6 +102,7 @@ mod tests {
                 recipients: vec!["../evil@localhost".into()],
                 smtputf8: false,
                 eight_bit: false,
+                ..Envelope::default()
             },
             message: Vec::new(),
         };

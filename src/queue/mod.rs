@@ -157,13 +157,26 @@ impl Queue {
             });
         }
         let mut newly_failed = Vec::new();
+        let mut succeeded: Vec<(usize, dsn::Action)> = Vec::new();
         while let Some(done) = tasks.join_next().await {
             let Ok(results) = done else { continue };
             for (i, result) in results {
                 let rcpt = &msg.envelope.recipients[i];
                 let r = &mut st.rcpts[i];
                 match result {
-                    RcptResult::Delivered { remote, reply } => {
+                    RcptResult::Delivered {
+                        remote,
+                        reply,
+                        dsn_passed,
+                    } => {
+                        if msg.envelope.dsn_of(i).wants_success() && !dsn_passed {
+                            let action = if remote == "maildir" || remote == "discard" {
+                                dsn::Action::Delivered
+                            } else {
+                                dsn::Action::Relayed
+                            };
+                            succeeded.push((i, action));
+                        }
                         tracing::info!(queue_id = id, to = %rcpt, relay = %remote, %reply, "delivered");
                         r.state = RcptState::Delivered;
                         r.status = "2.0.0".into();
@@ -215,6 +228,10 @@ impl Queue {
                 st.rcpts[i].notified = true;
             }
         }
+        if !succeeded.is_empty() {
+            self.notify(&msg, &st, &succeeded, dsn::DsnKind::Success, now, requeue)
+                .await;
+        }
         let spool = self.spool.clone();
         let id_owned = id.to_string();
         let done = st.all_final();
@@ -234,7 +251,8 @@ impl Queue {
         Ok(if done { None } else { next })
     }
 
-    /// Sends a DSN for `failed` recipients to the sender (not for bounces).
+    /// Sends a DSN for `failed` recipients to the sender (not for bounces, and not for
+    /// recipients whose NOTIFY excludes FAILURE).
     pub(crate) async fn bounce(
         &self,
         msg: &Spooled,
@@ -243,29 +261,66 @@ impl Queue {
         now: u64,
         requeue: &mpsc::UnboundedSender<String>,
     ) {
+        let wanted: Vec<(usize, dsn::Action)> = failed
+            .iter()
+            .filter(|&&i| msg.envelope.dsn_of(i).wants_failure())
+            .map(|&i| (i, dsn::Action::Failed))
+            .collect();
+        if wanted.len() < failed.len() {
+            tracing::info!(queue_id = %msg.id, skipped = failed.len() - wanted.len(), "no failure notice: NOTIFY excludes FAILURE");
+        }
+        if !wanted.is_empty() {
+            self.notify(msg, st, &wanted, dsn::DsnKind::Failure, now, requeue)
+                .await;
+        }
+    }
+
+    /// Queues a DSN of `kind` about `rcpts` to the message's sender.
+    async fn notify(
+        &self,
+        msg: &Spooled,
+        st: &MessageState,
+        rcpts: &[(usize, dsn::Action)],
+        kind: dsn::DsnKind,
+        now: u64,
+        requeue: &mpsc::UnboundedSender<String>,
+    ) {
         if msg.envelope.sender.is_empty() {
             tracing::info!(queue_id = %msg.id, "no DSN for a message with the null sender");
             return;
         }
-        let explanations: Vec<String> = failed
+        let explanations: Vec<String> = rcpts
             .iter()
-            .map(|&i| {
-                let r = &st.rcpts[i];
-                explain(&msg.envelope.recipients[i], r)
+            .map(|&(i, action)| match action {
+                dsn::Action::Failed => explain(&msg.envelope.recipients[i], &st.rcpts[i]),
+                dsn::Action::Relayed => format!(
+                    "Handed on to {}, which does not report delivery; no further notice will come.",
+                    st.rcpts[i].remote.as_deref().unwrap_or("the next server")
+                ),
+                _ => "Delivered to the mailbox.".to_string(),
             })
             .collect();
-        let recipients = failed
+        let orcpts: Vec<Option<String>> = rcpts
+            .iter()
+            .map(|&(i, _)| msg.envelope.dsn_of(i).orcpt)
+            .collect();
+        let recipients = rcpts
             .iter()
             .zip(&explanations)
-            .map(|(&i, expl)| {
+            .zip(&orcpts)
+            .map(|((&(i, action), expl), orcpt)| {
                 let r = &st.rcpts[i];
+                let failed = action == dsn::Action::Failed;
                 dsn::RecipientStatus {
                     final_recipient: &msg.envelope.recipients[i],
-                    original_recipient: None,
-                    action: dsn::Action::Failed,
-                    status: &r.status,
-                    remote_mta: r.remote.as_deref(),
-                    diagnostic_code: Some(&r.reason),
+                    original_recipient: orcpt.as_deref(),
+                    action,
+                    status: if failed { &r.status } else { "2.0.0" },
+                    remote_mta: r
+                        .remote
+                        .as_deref()
+                        .filter(|h| *h != "maildir" && *h != "discard"),
+                    diagnostic_code: failed.then_some(r.reason.as_str()),
                     last_attempt: Some(now),
                     will_retry_until: None,
                     explanation: expl,
@@ -274,14 +329,14 @@ impl Queue {
             .collect();
         let input = dsn::DsnInput {
             reporting_mta: &self.hostname,
-            original_envelope_id: None,
+            original_envelope_id: msg.envelope.envid.as_deref(),
             arrival_date: msg.arrived,
             now,
             sender: &msg.envelope.sender,
             recipients,
             original_message: &msg.message,
-            return_full: false,
-            kind: dsn::DsnKind::Failure,
+            return_full: msg.envelope.ret_full == Some(true),
+            kind,
         };
         let Some(body) = dsn::build_dsn(&input) else {
             return;
@@ -291,11 +346,12 @@ impl Queue {
             recipients: vec![msg.envelope.sender.clone()],
             smtputf8: !msg.envelope.sender.is_ascii(),
             eight_bit: !body.is_ascii(),
+            ..Envelope::default()
         };
         let id = crate::util::new_queue_id();
         match self.spool.store(&id, now, &envelope, &body).await {
             Ok(()) => {
-                tracing::info!(queue_id = %msg.id, dsn_id = %id, to = %msg.envelope.sender, "bounce (DSN) queued");
+                tracing::info!(queue_id = %msg.id, dsn_id = %id, to = %msg.envelope.sender, kind = ?kind, "DSN queued");
                 let _ = requeue.send(id);
             }
             Err(e) => tracing::error!(queue_id = %msg.id, error = %e, "could not queue the DSN"),
@@ -313,6 +369,7 @@ impl Queue {
             Some(Route::Discard) => idx
                 .iter()
                 .map(|_| RcptResult::Delivered {
+                    dsn_passed: false,
                     remote: "discard".into(),
                     reply: "discarded by route".into(),
                 })
@@ -327,6 +384,7 @@ impl Queue {
                     .await;
                     out.push(match r {
                         Ok(Ok(path)) => RcptResult::Delivered {
+                            dsn_passed: false,
                             remote: "maildir".into(),
                             reply: path.display().to_string(),
                         },
@@ -372,6 +430,9 @@ impl Queue {
             message: msg.message.clone(),
             smtputf8: msg.envelope.smtputf8,
             eight_bit: msg.envelope.eight_bit,
+            ret_full: msg.envelope.ret_full,
+            envid: msg.envelope.envid.clone(),
+            dsn: idx.iter().map(|&i| msg.envelope.dsn_of(i)).collect(),
         };
         let req = self
             .policy

@@ -26,7 +26,8 @@ use std::sync::mpsc as std_mpsc;
 
 use tokio::sync::oneshot;
 
-use crate::smtp::session::Envelope;
+use crate::smtp::session::{Envelope, RcptDsn};
+use crate::util::{xtext_decode, xtext_encode};
 
 const MAGIC: &str = "MOAT-SPOOL 1";
 
@@ -212,10 +213,27 @@ fn encode_header(arrived: u64, env: &Envelope) -> Vec<u8> {
         h.push('\n');
     }
     h.push_str(&format!(
-        "utf8 {}\n8bit {}\n\n",
+        "utf8 {}\n8bit {}\n",
         u8::from(env.smtputf8),
         u8::from(env.eight_bit)
     ));
+    if let Some(full) = env.ret_full {
+        h.push_str(if full { "ret full\n" } else { "ret hdrs\n" });
+    }
+    if let Some(id) = &env.envid {
+        h.push_str(&format!("envid {}\n", xtext_encode(id)));
+    }
+    for (i, d) in env.dsn.iter().enumerate() {
+        if *d != RcptDsn::default() {
+            let orcpt = d
+                .orcpt
+                .as_deref()
+                .map(xtext_encode)
+                .unwrap_or_else(|| "-".into());
+            h.push_str(&format!("dsn {i} {} {orcpt}\n", d.notify));
+        }
+    }
+    h.push('\n');
     h.into_bytes()
 }
 
@@ -226,12 +244,7 @@ fn decode(id: &str, data: &[u8]) -> Option<Spooled> {
     if lines.next()? != MAGIC {
         return None;
     }
-    let mut env = Envelope {
-        sender: String::new(),
-        recipients: Vec::new(),
-        smtputf8: false,
-        eight_bit: false,
-    };
+    let mut env = Envelope::default();
     let mut arrived = 0;
     for line in lines {
         let (k, v) = line.split_once(' ').unwrap_or((line, ""));
@@ -241,12 +254,37 @@ fn decode(id: &str, data: &[u8]) -> Option<Spooled> {
             "rcpt" => env.recipients.push(v.to_string()),
             "utf8" => env.smtputf8 = v == "1",
             "8bit" => env.eight_bit = v == "1",
+            "ret" => env.ret_full = Some(v == "full"),
+            "envid" => env.envid = xtext_decode(v),
+            "dsn" => {
+                let mut f = v.split(' ');
+                let (Some(i), Some(notify), Some(orcpt)) = (f.next(), f.next(), f.next()) else {
+                    return None;
+                };
+                let i: usize = i.parse().ok()?;
+                if i >= 1000 {
+                    return None;
+                }
+                if env.dsn.len() <= i {
+                    env.dsn.resize(i + 1, RcptDsn::default());
+                }
+                env.dsn[i] = RcptDsn {
+                    notify: notify.parse().ok()?,
+                    orcpt: if orcpt == "-" {
+                        None
+                    } else {
+                        xtext_decode(orcpt)
+                    },
+                };
+            }
             _ => {}
         }
     }
-    if env.recipients.is_empty() {
+    if env.recipients.is_empty() || env.dsn.len() > env.recipients.len() {
         return None;
     }
+    // One entry per recipient, as the session records them.
+    env.dsn.resize(env.recipients.len(), RcptDsn::default());
     Some(Spooled {
         id: id.to_string(),
         arrived,
@@ -265,6 +303,15 @@ mod tests {
             recipients: vec!["b@localhost".into(), "c@localhost".into()],
             smtputf8: false,
             eight_bit: true,
+            ret_full: Some(false),
+            envid: Some("QQ 3=14+".into()),
+            dsn: vec![
+                RcptDsn {
+                    notify: 2 | 4,
+                    orcpt: Some("B@Example.Test".into()),
+                },
+                RcptDsn::default(),
+            ],
         }
     }
 

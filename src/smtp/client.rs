@@ -66,6 +66,8 @@ pub struct Capabilities {
     pub eight_bit_mime: bool,
     pub smtputf8: bool,
     pub chunking: bool,
+    /// DSN (RFC 3461): NOTIFY, ORCPT, RET and ENVID may be passed on.
+    pub dsn: bool,
     /// `SIZE n`; 0 or absent means no fixed limit.
     pub size: Option<u64>,
 }
@@ -87,6 +89,7 @@ impl Capabilities {
                 "8BITMIME" => c.eight_bit_mime = true,
                 "SMTPUTF8" => c.smtputf8 = true,
                 "CHUNKING" => c.chunking = true,
+                "DSN" => c.dsn = true,
                 "SIZE" => c.size = words.next().and_then(|n| n.parse().ok()),
                 _ => {}
             }
@@ -125,6 +128,11 @@ pub struct Outgoing {
     pub message: Vec<u8>,
     pub smtputf8: bool,
     pub eight_bit: bool,
+    /// DSN parameters (RFC 3461), passed on when the server supports DSN.
+    pub ret_full: Option<bool>,
+    pub envid: Option<String>,
+    /// Per recipient, parallel to `recipients` (missing entries: none given).
+    pub dsn: Vec<crate::smtp::session::RcptDsn>,
 }
 
 /// What happened to one recipient.
@@ -329,6 +337,16 @@ impl Client {
         if msg.smtputf8 {
             mail.push_str(" SMTPUTF8");
         }
+        if self.caps.dsn {
+            match msg.ret_full {
+                Some(true) => mail.push_str(" RET=FULL"),
+                Some(false) => mail.push_str(" RET=HDRS"),
+                None => {}
+            }
+            if let Some(id) = &msg.envid {
+                mail.push_str(&format!(" ENVID={}", crate::util::xtext_encode(id)));
+            }
+        }
         self.results = vec![None; n];
         self.accepted.clear();
         self.mail_reply = None;
@@ -337,8 +355,9 @@ impl Client {
         }
         self.command(&mail, Expect::Mail);
         if self.caps.pipelining {
-            for (i, r) in msg.recipients.iter().enumerate() {
-                self.command(&format!("RCPT TO:<{r}>"), Expect::Rcpt(i));
+            for i in 0..msg.recipients.len() {
+                let line = self.rcpt_line(&msg, i);
+                self.command(&line, Expect::Rcpt(i));
             }
             self.command("DATA", Expect::Data);
         }
@@ -544,11 +563,38 @@ impl Client {
     }
 
     fn next_rcpt(&mut self, i: usize) {
-        let line = match self.msg.as_ref().and_then(|m| m.recipients.get(i)) {
-            Some(r) => format!("RCPT TO:<{r}>"),
-            None => return,
+        let line = match self.msg.as_ref() {
+            Some(m) if i < m.recipients.len() => self.rcpt_line(m, i),
+            _ => return,
         };
         self.command(&line, Expect::Rcpt(i));
+    }
+
+    /// `RCPT TO:<…>` with NOTIFY/ORCPT when the server takes them.
+    fn rcpt_line(&self, msg: &Outgoing, i: usize) -> String {
+        use crate::smtp::session::{NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_NEVER, NOTIFY_SUCCESS};
+        let mut line = format!("RCPT TO:<{}>", msg.recipients[i]);
+        if !self.caps.dsn {
+            return line;
+        }
+        let d = msg.dsn.get(i).cloned().unwrap_or_default();
+        if d.notify != 0 {
+            let words: Vec<&str> = [
+                (NOTIFY_NEVER, "NEVER"),
+                (NOTIFY_SUCCESS, "SUCCESS"),
+                (NOTIFY_FAILURE, "FAILURE"),
+                (NOTIFY_DELAY, "DELAY"),
+            ]
+            .iter()
+            .filter(|(bit, _)| d.notify & bit != 0)
+            .map(|(_, w)| *w)
+            .collect();
+            line.push_str(&format!(" NOTIFY={}", words.join(",")));
+        }
+        if let Some(o) = &d.orcpt {
+            line.push_str(&format!(" ORCPT=rfc822;{}", crate::util::xtext_encode(o)));
+        }
+        line
     }
 
     fn after_hello(&mut self) -> Option<Event> {

@@ -17,6 +17,9 @@ fn msg(rcpts: &[&str]) -> Outgoing {
         message: b"Subject: t\r\n\r\n.dot\nbare\r\n".to_vec(),
         smtputf8: false,
         eight_bit: false,
+        ret_full: None,
+        envid: None,
+        dsn: Vec::new(),
     }
 }
 
@@ -305,6 +308,36 @@ fn eof_handling() {
     feed(&mut c, "250 mx\r\n");
     c.quit();
     assert_eq!(c.eof(), Event::Closed);
+}
+
+#[test]
+fn dsn_parameters_passed_only_when_offered() {
+    use crate::smtp::session::{NOTIFY_FAILURE, NOTIFY_SUCCESS, RcptDsn};
+    let mut m = msg(&["b@far.test", "c@far.test"]);
+    m.ret_full = Some(false);
+    m.envid = Some("id 1".into());
+    m.dsn = vec![RcptDsn {
+        notify: NOTIFY_SUCCESS | NOTIFY_FAILURE,
+        orcpt: Some("B@far.test".into()),
+    }];
+    let mut c = Client::new(params(StartTls::Never));
+    feed(&mut c, "220 hi\r\n");
+    feed(&mut c, "250-mx\r\n250-PIPELINING\r\n250 DSN\r\n");
+    c.send(m.clone());
+    let out = String::from_utf8(c.take_output()).unwrap();
+    assert_eq!(
+        out,
+        "MAIL FROM:<a@moat.test> RET=HDRS ENVID=id+201\r\nRCPT TO:<b@far.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;B@far.test\r\nRCPT TO:<c@far.test>\r\nDATA\r\n"
+    );
+    let mut c = Client::new(params(StartTls::Never));
+    feed(&mut c, "220 hi\r\n");
+    feed(&mut c, "250-mx\r\n250 PIPELINING\r\n");
+    c.send(m);
+    let out = String::from_utf8(c.take_output()).unwrap();
+    assert!(
+        !out.contains("NOTIFY") && !out.contains("RET=") && !out.contains("ORCPT"),
+        "{out}"
+    );
 }
 
 #[test]

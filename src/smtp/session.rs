@@ -90,13 +90,51 @@ pub struct Peer {
 }
 
 /// The envelope of an accepted message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Envelope {
     /// Reverse path; empty for the null sender.
     pub sender: String,
     pub recipients: Vec<String>,
     pub smtputf8: bool,
     pub eight_bit: bool,
+    /// DSN `RET` (RFC 3461): `Some(true)` FULL, `Some(false)` HDRS.
+    pub ret_full: Option<bool>,
+    /// DSN `ENVID`, decoded.
+    pub envid: Option<String>,
+    /// DSN parameters per recipient, parallel to `recipients` (may be shorter: defaults).
+    pub dsn: Vec<RcptDsn>,
+}
+
+/// `NOTIFY` bits (RFC 3461 §4.1); 0 means not given.
+pub const NOTIFY_NEVER: u8 = 1;
+pub const NOTIFY_SUCCESS: u8 = 2;
+pub const NOTIFY_FAILURE: u8 = 4;
+pub const NOTIFY_DELAY: u8 = 8;
+
+/// A recipient's DSN parameters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RcptDsn {
+    /// `NOTIFY_*` bits; 0 = not given (failure and delay notices by default).
+    pub notify: u8,
+    /// `ORCPT=rfc822;…`, decoded address.
+    pub orcpt: Option<String>,
+}
+
+impl RcptDsn {
+    /// Whether a failure notice is wanted.
+    pub fn wants_failure(&self) -> bool {
+        self.notify == 0 || self.notify & NOTIFY_FAILURE != 0
+    }
+    pub fn wants_success(&self) -> bool {
+        self.notify & NOTIFY_SUCCESS != 0
+    }
+}
+
+impl Envelope {
+    /// DSN parameters of recipient `i` (defaults when not given).
+    pub fn dsn_of(&self, i: usize) -> RcptDsn {
+        self.dsn.get(i).cloned().unwrap_or_default()
+    }
 }
 
 /// What the Received header needs to say about the session.
@@ -166,6 +204,9 @@ struct Transaction {
     seen: HashSet<String>,
     smtputf8: bool,
     eight_bit: bool,
+    ret_full: Option<bool>,
+    envid: Option<String>,
+    dsn: Vec<RcptDsn>,
     /// BDAT in progress: accumulated content and line-ending checks.
     bdat: Option<(Vec<u8>, ChunkChecker)>,
     /// Octets of BDAT content received so far (before any line-ending rewrite).
@@ -563,6 +604,7 @@ impl Session {
             "8BITMIME".to_string(),
             "ENHANCEDSTATUSCODES".to_string(),
             "SMTPUTF8".to_string(),
+            "DSN".to_string(),
             "CHUNKING".to_string(),
         ];
         if self.listener.starttls && self.peer.tls.is_none() {
@@ -744,10 +786,19 @@ impl Session {
             ));
         }
         let reply = format!("250 2.1.0 Sender <{}> OK", from.address);
+        let ret_full = if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
+            Some(true)
+        } else if from.flags & smtp_proto::MAIL_RET_HDRS != 0 {
+            Some(false)
+        } else {
+            None
+        };
         self.tx = Some(Transaction {
             sender: from.address,
             smtputf8,
             eight_bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
+            ret_full,
+            envid: from.env_id.filter(|e| !e.chars().any(char::is_control)),
             ..Transaction::default()
         });
         self.reply(&reply);
@@ -810,10 +861,24 @@ impl Session {
         }
         let canonical = addr.to_string();
         let reply = format!("250 2.1.5 Recipient <{canonical}> OK");
+        let notify = [
+            (smtp_proto::RCPT_NOTIFY_NEVER, NOTIFY_NEVER),
+            (smtp_proto::RCPT_NOTIFY_SUCCESS, NOTIFY_SUCCESS),
+            (smtp_proto::RCPT_NOTIFY_FAILURE, NOTIFY_FAILURE),
+            (smtp_proto::RCPT_NOTIFY_DELAY, NOTIFY_DELAY),
+        ]
+        .iter()
+        .filter(|(flag, _)| to.flags & flag != 0)
+        .fold(0u8, |acc, (_, bit)| acc | bit);
+        if notify & NOTIFY_NEVER != 0 && notify != NOTIFY_NEVER {
+            return self.error("501 5.5.4 NOTIFY=NEVER cannot be combined with other values");
+        }
+        let orcpt = to.orcpt.filter(|o| !o.chars().any(char::is_control));
         if let Some(tx) = self.tx.as_mut()
             && tx.seen.insert(canonical.to_ascii_lowercase())
         {
             tx.recipients.push(canonical);
+            tx.dsn.push(RcptDsn { notify, orcpt });
         }
         self.reply(&reply);
         None
@@ -972,6 +1037,9 @@ impl Session {
                 recipients: tx.recipients,
                 smtputf8: tx.smtputf8,
                 eight_bit: tx.eight_bit,
+                ret_full: tx.ret_full,
+                envid: tx.envid,
+                dsn: tx.dsn,
             },
             body,
             trace: Trace {

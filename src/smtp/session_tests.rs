@@ -26,6 +26,7 @@ const EHLO_CAPS: &str = "250-mx.example.test\r\n\
                          250-8BITMIME\r\n\
                          250-ENHANCEDSTATUSCODES\r\n\
                          250-SMTPUTF8\r\n\
+                         250-DSN\r\n\
                          250-CHUNKING\r\n";
 
 const OK: &str = "250 2.0.0 Ok\r\n";
@@ -1456,6 +1457,8 @@ fn data_is_unstuffed_and_queued() {
             recipients: vec!["b@example.test".to_string()],
             smtputf8: false,
             eight_bit: true,
+            dsn: vec![RcptDsn::default()],
+            ..Envelope::default()
         }
     );
     assert_eq!(trace.helo, "client.test");
