@@ -77,6 +77,10 @@ pub struct QueueConfig {
     pub security_lifetime_secs: u64,
     /// Deliveries in progress at once.
     pub max_concurrent_deliveries: usize,
+    /// Deliveries in progress at once to one destination (domain, or relay host).
+    pub max_per_destination: usize,
+    /// Send a "still trying" DSN once a recipient has been deferred this long; 0 = never.
+    pub delay_warning_secs: u64,
 }
 
 impl Default for QueueConfig {
@@ -86,6 +90,8 @@ impl Default for QueueConfig {
             max_lifetime_secs: 5 * 86_400,
             security_lifetime_secs: 86_400,
             max_concurrent_deliveries: 20,
+            max_per_destination: 10,
+            delay_warning_secs: 0,
         }
     }
 }
@@ -578,6 +584,14 @@ impl Config {
                 0,
                 "retry_schedule_secs",
                 "needs one or more delays above 0".into(),
+            ));
+        }
+        if self.queue.max_per_destination == 0 {
+            return Err(err(
+                "queue",
+                0,
+                "max_per_destination",
+                "must be greater than 0".into(),
             ));
         }
         if self.queue.max_concurrent_deliveries == 0 {

@@ -207,6 +207,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
         outbound,
         policy,
         config: config.queue.clone(),
+        dest_slots: Default::default(),
     }
     .spawn(existing);
 

@@ -88,6 +88,16 @@ pub fn xtext_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// A duration for people: `45s`, `12m`, `5h`, `3d`.
+pub fn human_duration(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        7200..=172_799 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A new queue id: 16 uppercase hex digits, microseconds since the epoch then a counter, so

@@ -698,3 +698,33 @@ fn dsn_notify_never_success_and_pass_on() {
         "the first hop must not report a relay the next hop reports"
     );
 }
+
+#[test]
+fn delay_warning_then_still_queued() {
+    let extra =
+        "[[domain]]\nname = \"slow.test\"\nroute = \"relay\"\nrelay = \"127.0.11.123:2525\"\n";
+    let cfg = sender_extra("127.0.11.53:53".parse().unwrap(), extra).replace(
+        "security_lifetime_secs = 3\nmax_lifetime_secs = 3\n",
+        "max_lifetime_secs = 600\ndelay_warning_secs = 1\n",
+    );
+    let sender = Moat::start_with("127.0.11.121", &cfg, "");
+    submit(&sender, "alice@moat.test", &["s@slow.test"], "slowly");
+    let warning = wait_for("the delay warning", Duration::from_secs(20), || {
+        sender.mailbox("alice").into_iter().next()
+    });
+    assert!(
+        warning.contains("Subject: Delayed Mail (still being retried)"),
+        "{warning}"
+    );
+    assert!(warning.contains("Action: delayed"), "{warning}");
+    assert!(warning.contains("Status: 4.4.316"), "{warning}");
+    assert!(warning.contains("Will-Retry-Until: "), "{warning}");
+    // Only one warning, and the message stays queued.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(sender.mailbox("alice").len(), 1);
+    let (_, text) = moat_cli(&sender, &["queue", "list"]);
+    assert!(
+        text.contains("1 message(s)") && text.contains("deferred"),
+        "{text}"
+    );
+}

@@ -90,6 +90,7 @@ fn failure(status: &str, security: bool, remote: Option<String>, reason: String)
 /// Delivers `msg` to `domain`; one result per recipient of `msg`, in order.
 pub async fn deliver(
     out: &Outbound,
+    queue_id: &str,
     domain: &str,
     hop: &NextHop,
     req: &TlsRequirement,
@@ -137,10 +138,15 @@ pub async fn deliver(
     for h in &hosts {
         for ip in &h.addrs {
             let addr = SocketAddr::new(*ip, port);
-            let mut result = attempt(out, &h.host, addr, req, msg.clone(), false).await;
-            if let HostResult::RetryPlain(f) = result {
-                tracing::warn!(host = %h.host, %addr, cause = %f.reason, "TLS handshake failed; retrying in plaintext (policy may)");
-                result = attempt(out, &h.host, addr, req, msg.clone(), true).await;
+            let who = Attempt {
+                queue_id,
+                domain,
+                host: &h.host,
+                addr,
+            };
+            let mut result = attempt(out, &who, req, msg.clone(), false).await;
+            if let HostResult::RetryPlain(_) = result {
+                result = attempt(out, &who, req, msg.clone(), true).await;
             }
             match result {
                 HostResult::Done(outcomes, tls, dsn) => {
@@ -150,7 +156,6 @@ pub async fn deliver(
                         .collect();
                 }
                 HostResult::Failed(f) | HostResult::RetryPlain(f) => {
-                    tracing::info!(host = %h.host, %addr, status = %f.status, cause = %f.reason, "delivery attempt failed");
                     // Keep the most telling cause: a security or protocol failure says more
                     // than a refused connection to a backup host.
                     let better = match &last {
@@ -200,13 +205,53 @@ fn rcpt_result(o: RcptOutcome, host: &str, tls: &str, dsn_passed: bool) -> RcptR
     }
 }
 
+/// Who an attempt is for, for its log line.
+struct Attempt<'a> {
+    queue_id: &'a str,
+    domain: &'a str,
+    host: &'a str,
+    addr: SocketAddr,
+}
+
+/// One connection attempt, logged as one line: destination, address, TLS (version, cipher,
+/// verification) or plaintext, and the outcome.
 async fn attempt(
+    out: &Outbound,
+    who: &Attempt<'_>,
+    req: &TlsRequirement,
+    msg: Outgoing,
+    plain: bool,
+) -> HostResult {
+    let mut tls = String::from("none");
+    let result = attempt_inner(out, who.host, who.addr, req, msg, plain, &mut tls).await;
+    let outcome = match &result {
+        HostResult::Done(r, ..) => {
+            let ok = r
+                .iter()
+                .filter(|o| matches!(o, RcptOutcome::Delivered(_)))
+                .count();
+            format!("{ok} of {} recipient(s) accepted", r.len())
+        }
+        HostResult::Failed(f) => format!("{} {}", f.status, f.reason),
+        HostResult::RetryPlain(f) => format!(
+            "{} {}; retrying in plaintext (policy may)",
+            f.status, f.reason
+        ),
+    };
+    tracing::info!(queue_id = who.queue_id, domain = who.domain, host = who.host, ip = %who.addr,
+        level = req.level.as_str(), %tls, %outcome, "delivery attempt");
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn attempt_inner(
     out: &Outbound,
     host: &str,
     addr: SocketAddr,
     req: &TlsRequirement,
     msg: Outgoing,
     plain: bool,
+    tls_desc: &mut String,
 ) -> HostResult {
     let remote = Some(host.to_string());
     let mut tcp = match timeout(out.connect_timeout, TcpStream::connect(addr)).await {
@@ -254,7 +299,7 @@ async fn attempt(
     match drive(&mut tcp, &mut client, &mut buf, &mut pending).await {
         Step::StartTls => {}
         Step::Done(r) => {
-            tracing::info!(host, %addr, tls = "none", verification = "plaintext", "delivered in plaintext");
+            *tls_desc = "plaintext".into();
             return HostResult::Done(r, "plaintext".into(), client.capabilities().dsn);
         }
         Step::Failed(f) => return HostResult::Failed(session_failure(f, host)),
@@ -273,7 +318,7 @@ async fn attempt(
         }
     };
     let summary = tls_summary(&outcome);
-    tracing::info!(host, %addr, version = %outcome.version, cipher = %outcome.cipher, verification = %verification_word(&outcome.verification), "TLS established");
+    *tls_desc = summary.clone();
     client.tls_established();
     match drive(&mut tls, &mut client, &mut buf, &mut pending).await {
         Step::Done(r) => HostResult::Done(r, summary, client.capabilities().dsn),
@@ -329,7 +374,7 @@ fn session_failure(e: SessionError, host: &str) -> Failure {
             true,
             remote,
             format!(
-                "{host} did not offer STARTTLS, and the policy requires TLS; its administrator must enable TLS on port 25"
+                "{host} did not offer STARTTLS, and the policy requires TLS; its administrator must enable STARTTLS on that mail server"
             ),
         ),
         SessionError::StartTlsRefused(r) => failure(

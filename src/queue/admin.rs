@@ -133,13 +133,16 @@ fn describe(queue: &Queue, m: &Spooled, st: &MessageState, now: u64, detail: boo
     let mut s = format!(
         "{}  age {}  {} bytes  from <{}>\n",
         m.id,
-        age(now.saturating_sub(m.arrived)),
+        crate::util::human_duration(now.saturating_sub(m.arrived)),
         m.message.len(),
         m.envelope.sender
     );
     for (rcpt, r) in m.envelope.recipients.iter().zip(&st.rcpts) {
         let next = if r.state == RcptState::Deferred {
-            format!("  next in {}", age(r.next_attempt.saturating_sub(now)))
+            format!(
+                "  next in {}",
+                crate::util::human_duration(r.next_attempt.saturating_sub(now))
+            )
         } else {
             String::new()
         };
@@ -192,15 +195,6 @@ fn describe(queue: &Queue, m: &Spooled, st: &MessageState, now: u64, detail: boo
         }
     }
     s
-}
-
-fn age(secs: u64) -> String {
-    match secs {
-        0..=119 => format!("{secs}s"),
-        120..=7199 => format!("{}m", secs / 60),
-        7200..=172_799 => format!("{}h", secs / 3600),
-        _ => format!("{}d", secs / 86_400),
-    }
 }
 
 async fn run(

@@ -301,7 +301,13 @@ impl Rcpt {
             let d = clean_text(d);
             let (kind, text) = split_type(&d).unwrap_or_else(|| {
                 let t = d.trim();
-                let smtp = t.len() >= 3 && t.as_bytes()[..3].iter().all(u8::is_ascii_digit);
+                // An SMTP reply: a 2xx-5xx code followed by a space or dash (so a cause such
+                // as "127.0.0.32 did not offer STARTTLS" is not mistaken for one).
+                let b = t.as_bytes();
+                let smtp = b.len() >= 4
+                    && (b'2'..=b'5').contains(&b[0])
+                    && b[1..3].iter().all(u8::is_ascii_digit)
+                    && (b[3] == b' ' || b[3] == b'-');
                 (if smtp { "smtp" } else { "X-Moat" }, t)
             });
             (!text.is_empty()).then(|| (kind.to_string(), text.to_string()))
@@ -759,6 +765,19 @@ the body text is here.\r\n";
             explanation: "The receiving server mx2.example.net says this mailbox does not \
                           exist. Check the address for typing mistakes.",
         }
+    }
+
+    #[test]
+    fn only_real_replies_are_labelled_smtp() {
+        let mut r = failed_carol();
+        r.diagnostic_code = Some("127.0.0.32 did not offer STARTTLS");
+        let out = String::from_utf8(build_dsn(&input(vec![r])).unwrap()).unwrap();
+        assert!(
+            out.contains("Diagnostic-Code: X-Moat; 127.0.0.32 did not offer STARTTLS"),
+            "{out}"
+        );
+        let out = String::from_utf8(build_dsn(&input(vec![failed_carol()])).unwrap()).unwrap();
+        assert!(out.contains("Diagnostic-Code: smtp; 550 5.1.1"), "{out}");
     }
 
     fn input<'a>(recipients: Vec<RecipientStatus<'a>>) -> DsnInput<'a> {

@@ -105,6 +105,8 @@ pub struct Queue {
     pub outbound: Outbound,
     pub policy: TlsPolicy,
     pub config: QueueConfig,
+    /// One semaphore per destination, `max_per_destination` permits each.
+    pub dest_slots: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
 impl Queue {
@@ -158,6 +160,7 @@ impl Queue {
         }
         let mut newly_failed = Vec::new();
         let mut succeeded: Vec<(usize, dsn::Action)> = Vec::new();
+        let mut delayed: Vec<(usize, dsn::Action)> = Vec::new();
         while let Some(done) = tasks.join_next().await {
             let Ok(results) = done else { continue };
             for (i, result) in results {
@@ -201,9 +204,9 @@ impl Queue {
                             r.state = RcptState::Failed;
                             r.status = permanent_form(&f.status);
                             r.reason = format!(
-                                "{} (gave up after {} hours of retrying)",
+                                "{} (gave up after {} of retrying)",
                                 f.reason,
-                                age / 3600
+                                crate::util::human_duration(age)
                             );
                         } else {
                             let schedule = &self.config.retry_schedule_secs;
@@ -218,6 +221,17 @@ impl Queue {
                         if r.state == RcptState::Failed && !r.notified {
                             newly_failed.push(i);
                         }
+                        let warn_after = self.config.delay_warning_secs;
+                        let d = msg.envelope.dsn_of(i);
+                        if r.state == RcptState::Deferred
+                            && warn_after > 0
+                            && age >= warn_after
+                            && !r.warned
+                            && (d.notify == 0 || d.notify & crate::smtp::session::NOTIFY_DELAY != 0)
+                        {
+                            r.warned = true;
+                            delayed.push((i, dsn::Action::Delayed));
+                        }
                     }
                 }
             }
@@ -227,6 +241,10 @@ impl Queue {
             for i in newly_failed {
                 st.rcpts[i].notified = true;
             }
+        }
+        if !delayed.is_empty() {
+            self.notify(&msg, &st, &delayed, dsn::DsnKind::Delay, now, requeue)
+                .await;
         }
         if !succeeded.is_empty() {
             self.notify(&msg, &st, &succeeded, dsn::DsnKind::Success, now, requeue)
@@ -292,7 +310,9 @@ impl Queue {
         let explanations: Vec<String> = rcpts
             .iter()
             .map(|&(i, action)| match action {
-                dsn::Action::Failed => explain(&msg.envelope.recipients[i], &st.rcpts[i]),
+                dsn::Action::Failed | dsn::Action::Delayed => {
+                    explain(&msg.envelope.recipients[i], &st.rcpts[i])
+                }
                 dsn::Action::Relayed => format!(
                     "Handed on to {}, which does not report delivery; no further notice will come.",
                     st.rcpts[i].remote.as_deref().unwrap_or("the next server")
@@ -311,18 +331,33 @@ impl Queue {
             .map(|((&(i, action), expl), orcpt)| {
                 let r = &st.rcpts[i];
                 let failed = action == dsn::Action::Failed;
+                let delayed = action == dsn::Action::Delayed;
+                let lifetime = if r.security {
+                    self.config.security_lifetime_secs
+                } else {
+                    self.config.max_lifetime_secs
+                };
                 dsn::RecipientStatus {
                     final_recipient: &msg.envelope.recipients[i],
                     original_recipient: orcpt.as_deref(),
                     action,
-                    status: if failed { &r.status } else { "2.0.0" },
+                    status: if failed || delayed {
+                        &r.status
+                    } else {
+                        "2.0.0"
+                    },
                     remote_mta: r
                         .remote
                         .as_deref()
                         .filter(|h| *h != "maildir" && *h != "discard"),
-                    diagnostic_code: failed.then_some(r.reason.as_str()),
+                    // "host said: 550 …" carries the remote reply verbatim: report it as such.
+                    diagnostic_code: (failed || delayed).then(|| {
+                        r.reason
+                            .split_once(" said: ")
+                            .map_or(r.reason.as_str(), |(_, reply)| reply)
+                    }),
                     last_attempt: Some(now),
-                    will_retry_until: None,
+                    will_retry_until: delayed.then_some(msg.arrived + lifetime),
                     explanation: expl,
                 }
             })
@@ -434,11 +469,25 @@ impl Queue {
             envid: msg.envelope.envid.clone(),
             dsn: idx.iter().map(|&i| msg.envelope.dsn_of(i)).collect(),
         };
+        let key = match &hop {
+            NextHop::Relay { host, port } => format!("{host}:{port}"),
+            NextHop::Mx => domain.to_string(),
+        };
+        let slots = match self.dest_slots.lock() {
+            Ok(mut map) => map
+                .entry(key)
+                .or_insert_with(|| {
+                    Arc::new(tokio::sync::Semaphore::new(self.config.max_per_destination))
+                })
+                .clone(),
+            Err(_) => Arc::new(tokio::sync::Semaphore::new(self.config.max_per_destination)),
+        };
+        let _permit = slots.acquire_owned().await;
         let req = self
             .policy
             .for_message(domain, &msg.envelope.sender, &msg.envelope.recipients);
         tracing::debug!(queue_id = %msg.id, domain, level = req.level.as_str(), "TLS requirement");
-        deliver::deliver(&self.outbound, domain, &hop, &req, out).await
+        deliver::deliver(&self.outbound, &msg.id, domain, &hop, &req, out).await
     }
 }
 
@@ -457,7 +506,7 @@ fn explain(rcpt: &str, r: &state::RcptStatus) -> String {
     let code = r.status.as_str();
     if code.ends_with(".4.317") {
         format!(
-            "{host} did not offer STARTTLS; the policy for {domain} requires TLS. Its administrator must enable TLS on port 25."
+            "{host} did not offer STARTTLS; the policy for {domain} requires TLS. Its administrator must enable STARTTLS on that mail server."
         )
     } else if code.ends_with(".7.320") {
         format!(
@@ -465,11 +514,11 @@ fn explain(rcpt: &str, r: &state::RcptStatus) -> String {
         )
     } else if code.ends_with(".4.316") {
         format!(
-            "{host} refused the connection. Its administrator must make sure the mail server runs and port 25 is open."
+            "{host} refused the connection. Its administrator must make sure the mail server runs and its SMTP port is open."
         )
     } else if code.ends_with(".4.315") {
         format!(
-            "Connecting to {host} timed out. Its administrator must make sure port 25 is reachable."
+            "Connecting to {host} timed out. Its administrator must make sure its SMTP port is reachable."
         )
     } else if code.ends_with(".4.312") {
         format!(

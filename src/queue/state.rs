@@ -54,8 +54,10 @@ pub struct RcptStatus {
     pub remote: Option<String>,
     /// The cause in words (or the remote reply verbatim).
     pub reason: String,
-    /// A DSN was already sent for this recipient.
+    /// A failure DSN was already sent for this recipient.
     pub notified: bool,
+    /// A delay warning was already sent for this recipient.
+    pub warned: bool,
 }
 
 impl RcptStatus {
@@ -69,6 +71,7 @@ impl RcptStatus {
             remote: None,
             reason: String::new(),
             notified: false,
+            warned: false,
         }
     }
 }
@@ -116,7 +119,7 @@ impl MessageState {
                 r.attempts,
                 r.next_attempt,
                 u8::from(r.security),
-                u8::from(r.notified),
+                u8::from(r.notified) | (u8::from(r.warned) << 1),
                 if r.status.is_empty() {
                     "-".to_string()
                 } else {
@@ -146,7 +149,9 @@ impl MessageState {
             r.attempts = f[2].parse().ok()?;
             r.next_attempt = f[3].parse().ok()?;
             r.security = f[4] == "1";
-            r.notified = f[5] == "1";
+            let flags: u8 = f[5].parse().ok()?;
+            r.notified = flags & 1 != 0;
+            r.warned = flags & 2 != 0;
             r.status = if f[6] == "-" {
                 String::new()
             } else {
@@ -205,6 +210,7 @@ mod tests {
             remote: Some("mx.far.test".into()),
             reason: "STARTTLS\tnot\noffered".into(),
             notified: false,
+            warned: true,
         };
         st.rcpts[2].next_attempt = 100;
         st.save(dir.path(), "0000000000000001").unwrap();
@@ -212,6 +218,7 @@ mod tests {
         assert_eq!(back.rcpts[1].reason, "STARTTLS not offered");
         assert_eq!(back.rcpts[1].remote.as_deref(), Some("mx.far.test"));
         assert_eq!(back.rcpts[0].state, RcptState::Delivered);
+        assert!(back.rcpts[1].warned && !back.rcpts[1].notified);
         assert_eq!(back.next_due(), Some(100));
         assert!(!back.all_final());
         let missing = MessageState::load(dir.path(), "0000000000000002", 2).unwrap();

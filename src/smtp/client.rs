@@ -403,6 +403,10 @@ impl Client {
     fn fail(&mut self, e: SessionError) -> Event {
         self.done = true;
         self.expect.clear();
+        // RFC 5321 §4.1.1.10: say QUIT before closing, unless the server already went away.
+        if !matches!(e, SessionError::Closed(_) | SessionError::Protocol(_)) {
+            self.out.extend_from_slice(b"QUIT\r\n");
+        }
         Event::Failed(e)
     }
 

@@ -104,7 +104,8 @@ fn required_tls_without_starttls_sends_no_mail() {
     let mut c = Client::new(params(StartTls::Required));
     feed(&mut c, "220 hi\r\n");
     let (out, ev) = feed(&mut c, "250-mx\r\n250 PIPELINING\r\n");
-    assert_eq!(out, "");
+    // No transaction, but a polite QUIT (RFC 5321 §4.1.1.10).
+    assert_eq!(out, "QUIT\r\n");
     assert_eq!(ev, vec![Event::Failed(SessionError::StartTlsNotOffered)]);
 }
 

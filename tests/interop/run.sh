@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Interop suite: Moat against real third-party software (swaks, OpenSSL s_client, Python's
-# ssl module, Postfix as a sending MTA, testssl.sh).
+# ssl module, Postfix as a sending MTA, testssl.sh), and Moat as a sender: a second Moat
+# relays to a real Postfix receiver (TLS policy verify/may/encrypt, DSN, SMTP smuggling).
 #
 # Runs on a fresh Debian 12 machine as root: installs what it needs (apt), builds nothing but
 # the moat binary if it is missing, uses only 127.0.0.x addresses, cleans up after itself.
@@ -58,27 +59,40 @@ fi
 W=$(mktemp -d /tmp/moat-interop.XXXXXX)
 chmod 755 "$W"   # Postfix daemons run as the postfix user and must reach their queue under $W
 MOAT_PID=""
+MOAT2_PID=""      # second Moat: the sender toward the Postfix receiver (section 4e)
 PF_DIR="$W/postfix/etc"
 PF_STARTED=0
+PR_DIR="$W/postfix-rx/etc"
+PR_STARTED=0
+
+# stop_moat PID: SIGTERM, wait up to 5 s, then SIGKILL.
+stop_moat() {
+    local pid=$1
+    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+}
+
+# stop_postfix CONFIG_DIR QUEUE_DIR: postfix stop, then make sure its master is gone.
+stop_postfix() {
+    local dir=$1 queue=$2 mpid
+    postfix -c "$dir" stop >/dev/null 2>&1
+    mpid=$(cat "$queue/pid/master.pid" 2>/dev/null | tr -d ' ')
+    if [[ -n "$mpid" ]]; then
+        for _ in $(seq 50); do kill -0 "$mpid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$mpid" 2>/dev/null
+    fi
+}
 
 cleanup() {
     local rc=$?
     set +e
-    if [[ -n "$MOAT_PID" ]] && kill -0 "$MOAT_PID" 2>/dev/null; then
-        kill -TERM "$MOAT_PID" 2>/dev/null
-        for _ in $(seq 50); do kill -0 "$MOAT_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$MOAT_PID" 2>/dev/null
-        wait "$MOAT_PID" 2>/dev/null
-    fi
-    if ((PF_STARTED)); then
-        postfix -c "$PF_DIR" stop >/dev/null 2>&1
-        local mpid
-        mpid=$(cat "$W/postfix/queue/pid/master.pid" 2>/dev/null | tr -d ' ')
-        if [[ -n "$mpid" ]]; then
-            for _ in $(seq 50); do kill -0 "$mpid" 2>/dev/null || break; sleep 0.1; done
-            kill -KILL "$mpid" 2>/dev/null
-        fi
-    fi
+    stop_moat "$MOAT_PID"
+    stop_moat "$MOAT2_PID"
+    ((PF_STARTED)) && stop_postfix "$PF_DIR" "$W/postfix/queue"
+    ((PR_STARTED)) && stop_postfix "$PR_DIR" "$W/postfix-rx/queue"
     if [[ -n "${INTEROP_KEEP:-}" ]]; then
         echo "interop: work dir kept: $W" >&2
     else
@@ -150,8 +164,15 @@ cd "$W"
         "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" > server.ext
     openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -sha256 -days 2 \
         -extfile server.ext -out server.crt
+    # Certificate of the Postfix receiver that Moat sends to (section 4e).
+    openssl ecparam -name prime256v1 -genkey -noout -out pf-mx.key
+    openssl req -new -key pf-mx.key -subj "/CN=mx.postfix.test" -out pf-mx.csr
+    printf '%s\n' "subjectAltName=DNS:mx.postfix.test" "basicConstraints=critical,CA:FALSE" \
+        "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" > pf-mx.ext
+    openssl x509 -req -in pf-mx.csr -CA ca.crt -CAkey ca.key -CAcreateserial -sha256 -days 2 \
+        -extfile pf-mx.ext -out pf-mx.crt
 } >"$W/openssl-ca.log" 2>&1 || { cat "$W/openssl-ca.log"; echo "interop: making the test CA failed" >&2; exit 2; }
-chmod 644 ca.crt server.crt
+chmod 644 ca.crt server.crt pf-mx.crt
 
 DATA="$W/moat-data"
 CFG="$W/moat.toml"
@@ -641,7 +662,543 @@ if ((pf_ok)); then
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 4e. testssl.sh
+# 4e. Moat as a sender: a second Moat relays to a real Postfix receiver
+# ---------------------------------------------------------------------------------------------
+# Postfix receiver (own config dir):
+#   127.0.0.31:2526  STARTTLS (may) with a certificate for mx.postfix.test from the test CA
+#   127.0.0.32:2526  no TLS; Postfix 3.7 defaults (lenient about bare LF: a useful downstream
+#                    to show that Moat never relays an SMTP smuggling sequence); CHUNKING is
+#                    not offered so that Moat must use DATA and dot-stuffing.
+# Every domain below lands in a Maildir under $PR/vmail/<domain>/ (victim@postfix.test in
+# $PR/vmail/victim/). The second Moat (127.0.0.10) routes by `relay` with per-domain TLS policy.
+log "Moat -> Postfix receiver checks"
+PR="$W/postfix-rx"
+PR_RX_TLS=127.0.0.31
+PR_RX_PLAIN=127.0.0.32
+PR_PORT=2526
+IP2=127.0.0.10
+P2_SMTP=2525
+P2_NORM=2526
+DATA2="$W/moat2-data"
+CFG2="$W/moat2.toml"
+mkdir -p "$PR_DIR" "$PR/queue" "$PR/data" "$PR/log" "$PR/vmail"
+chown postfix "$PR/data"
+chown "$(id -u nobody):$(id -g nobody)" "$PR/vmail"
+chmod 755 "$PR" "$PR/log" "$PR/vmail"
+cat >"$PR_DIR/vmailbox" <<'EOF'
+victim@postfix.test     victim/
+@postfix.test           postfix.test/
+@plain.test             plain.test/
+@secure-plain.test      secure-plain.test/
+@badname.test           badname.test/
+EOF
+chmod 644 "$PR_DIR/vmailbox"
+cat >"$PR_DIR/main.cf" <<EOF
+compatibility_level = 3.6
+config_directory = $PR_DIR
+queue_directory = $PR/queue
+data_directory = $PR/data
+command_directory = /usr/sbin
+daemon_directory = /usr/lib/postfix/sbin
+meta_directory = /etc/postfix
+shlib_directory = /usr/lib/postfix
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = mx.postfix.test
+mydomain = postfix.test
+myorigin = \$myhostname
+mydestination =
+alias_maps =
+alias_database =
+local_recipient_maps =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relayhost =
+smtp_dns_support_level = disabled
+maillog_file = $PR/log/maillog
+maillog_file_prefixes = $PR/log
+virtual_mailbox_domains = postfix.test plain.test secure-plain.test badname.test
+virtual_mailbox_base = $PR/vmail
+virtual_mailbox_maps = texthash:$PR_DIR/vmailbox
+virtual_uid_maps = static:$(id -u nobody)
+virtual_gid_maps = static:$(id -g nobody)
+smtpd_tls_security_level = may
+smtpd_tls_cert_file = $W/pf-mx.crt
+smtpd_tls_key_file = $W/pf-mx.key
+smtpd_tls_received_header = yes
+smtpd_tls_loglevel = 1
+smtpd_tls_session_cache_database =
+smtpd_peername_lookup = no
+bounce_queue_lifetime = 0
+EOF
+cat >"$PR_DIR/master.cf" <<EOF
+$PR_RX_TLS:$PR_PORT inet n - n - - smtpd
+  -o syslog_name=postfix-rx-tls
+$PR_RX_PLAIN:$PR_PORT inet n - n - - smtpd
+  -o syslog_name=postfix-rx-plain
+  -o smtpd_tls_security_level=none
+  -o smtpd_discard_ehlo_keywords=chunking
+pickup      unix  n       -       n       60      1       pickup
+cleanup     unix  n       -       n       -       0       cleanup
+qmgr        unix  n       -       n       300     1       qmgr
+tlsmgr      unix  -       -       n       1000?   1       tlsmgr
+rewrite     unix  -       -       n       -       -       trivial-rewrite
+bounce      unix  -       -       n       -       0       bounce
+defer       unix  -       -       n       -       0       bounce
+trace       unix  -       -       n       -       0       bounce
+verify      unix  -       -       n       -       1       verify
+flush       unix  n       -       n       1000?   0       flush
+proxymap    unix  -       -       n       -       -       proxymap
+showq       unix  n       -       n       -       -       showq
+error       unix  -       -       n       -       -       error
+retry       unix  -       -       n       -       -       error
+discard     unix  -       -       n       -       -       discard
+anvil       unix  -       -       n       -       1       anvil
+scache      unix  -       -       n       -       1       scache
+postlog     unix-dgram n  -       n       -       1       postlogd
+smtp        unix  -       -       n       -       -       smtp
+virtual     unix  -       n       n       -       -       virtual
+EOF
+
+cat >"$CFG2" <<EOF
+hostname = "out.moat.test"
+data_dir = "$DATA2"
+
+[[listener]]
+name = "smtp"
+address = "$IP2:$P2_SMTP"
+mode = "smtp"
+
+[[listener]]
+name = "smtp-normalize"
+address = "$IP2:$P2_NORM"
+mode = "smtp"
+bare_newline = "normalize"
+
+[[tls.certificate]]
+cert = "$W/server.crt"
+key = "$W/server.key"
+
+[relay]
+trusted_networks = ["127.0.0.0/8"]
+
+[[domain]]
+name = "moat.test"
+route = "maildir"
+
+[[domain]]
+name = "postfix.test"
+route = "relay"
+relay = "$PR_RX_TLS:$PR_PORT"
+
+[[domain]]
+name = "badname.test"
+route = "relay"
+relay = "$PR_RX_TLS:$PR_PORT"
+
+[[domain]]
+name = "plain.test"
+route = "relay"
+relay = "$PR_RX_PLAIN:$PR_PORT"
+
+[[domain]]
+name = "secure-plain.test"
+route = "relay"
+relay = "$PR_RX_PLAIN:$PR_PORT"
+
+[[tls_policy]]
+domains = ["postfix.test"]
+level = "verify"
+ca_file = "$W/ca.crt"
+match_names = ["mx.postfix.test"]
+
+# Negative control for the verify check: same server, a name its certificate does not carry.
+[[tls_policy]]
+domains = ["badname.test"]
+level = "verify"
+ca_file = "$W/ca.crt"
+match_names = ["wrong.postfix.test"]
+
+[[tls_policy]]
+domains = ["secure-plain.test"]
+level = "encrypt"
+
+[queue]
+retry_schedule_secs = [1]
+security_lifetime_secs = 3
+max_lifetime_secs = 3
+
+[outbound]
+connect_timeout_secs = 5
+EOF
+
+rx_ok=1
+rc=0
+script -qec "postfix -c $PR_DIR check" /dev/null >"$W/postfix-rx-check.out" 2>&1 || rc=$?
+if ((rc != 0)); then
+    rx_ok=0
+    fail "Postfix receiver and sending Moat start" "postfix check failed (rc=$rc)" "$W/postfix-rx-check.out"
+else
+    rc=0
+    PR_STARTED=1
+    script -qec "postfix -c $PR_DIR start" /dev/null >"$W/postfix-rx-start.out" 2>&1 || rc=$?
+    if ((rc != 0)) || ! wait_port $PR_RX_TLS $PR_PORT 20 || ! wait_port $PR_RX_PLAIN $PR_PORT 20; then
+        rx_ok=0
+        fail "Postfix receiver and sending Moat start" "postfix start failed or not listening (rc=$rc)" \
+            "$W/postfix-rx-start.out" "$PR/log/maillog"
+    fi
+fi
+if ((rx_ok)); then
+    rc=0
+    "$MOAT" config check "$CFG2" >"$W/moat2-config-check.out" 2>&1 || rc=$?
+    if ((rc != 0)) || ! grep -q ': OK' "$W/moat2-config-check.out"; then
+        rx_ok=0
+        fail "Postfix receiver and sending Moat start" "moat config check of the sender config failed" "$W/moat2-config-check.out"
+    else
+        "$MOAT" serve --config "$CFG2" >"$W/moat2.log" 2>&1 &
+        MOAT2_PID=$!
+        for port in $P2_SMTP $P2_NORM; do
+            if ! wait_port "$IP2" "$port" 20 || ! kill -0 "$MOAT2_PID" 2>/dev/null; then
+                rx_ok=0
+                fail "Postfix receiver and sending Moat start" "sending Moat did not listen on $IP2:$port" "$W/moat2.log"
+                break
+            fi
+        done
+    fi
+fi
+
+# Raw-bytes SMTP smuggling client: one DATA whose content carries an end-of-data look-alike
+# followed by a second transaction for VICTIM (default victim@postfix.test).
+#   smuggle.py HOST PORT lf|crlf-lf|lf-crlf RCPT TOKEN [VICTIM]
+cat >"$W/smuggle.py" <<'PYEOF'
+import socket, sys
+
+SEQS = {"lf": b"\n.\n", "crlf-lf": b"\r\n.\n", "lf-crlf": b"\n.\r\n"}
+
+def reply(f, out):
+    lines = []
+    while True:
+        line = f.readline()
+        if not line:
+            break
+        s = line.decode("utf-8", "replace").rstrip("\r\n")
+        out.write("S: " + s + "\n")
+        lines.append(s)
+        if len(s) < 4 or s[3] != "-":
+            break
+    return lines[-1][:3] if lines else "---"
+
+def main(host, port, variant, rcpt, tok, victim):
+    out = sys.stdout
+    sock = socket.create_connection((host, port), timeout=20)
+    f = sock.makefile("rb")
+    reply(f, out)
+    for cmd in ["EHLO client.example", "MAIL FROM:<alice@moat.test>", "RCPT TO:<%s>" % rcpt, "DATA"]:
+        out.write("C: " + cmd + "\n")
+        sock.sendall((cmd + "\r\n").encode())
+        code = reply(f, out)
+    if code != "354":
+        return 1
+    body = (b"From: <alice@moat.test>\r\nTo: <" + rcpt.encode() + b">\r\nSubject: " + tok.encode()
+            + b"\r\nMessage-Id: <" + tok.encode() + b"@moat.test>\r\n\r\nfirst part"
+            + SEQS[variant]
+            + b"MAIL FROM:<attacker@evil.example>\r\nRCPT TO:<" + victim.encode() + b">\r\nDATA\r\n"
+            + b"From: <ceo@postfix.test>\r\nSubject: smuggled " + tok.encode() + b"\r\n\r\nsmuggled body\r\n.\r\n")
+    out.write("C: %r   (one write)\n" % body)
+    sock.sendall(body)
+    codes = [reply(f, out)]
+    out.write("C: QUIT\n")
+    sock.sendall(b"QUIT\r\n")
+    sock.settimeout(5)
+    try:
+        while True:
+            c = reply(f, out)
+            if c == "---":
+                break
+            codes.append(c)
+    except (socket.timeout, OSError):
+        pass
+    sock.close()
+    # Anything between the 250 and the 221 (another 250, a 354 ...) means Moat itself executed
+    # the smuggled commands.
+    out.write("replies after the content: %s\n" % " ".join(codes))
+    return 0 if codes == ["250", "221"] else 1
+
+if __name__ == "__main__":
+    victim = sys.argv[6] if len(sys.argv) > 6 else "victim@postfix.test"
+    sys.exit(main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], victim))
+PYEOF
+
+# Postfix session that received the message with Message-Id <TOKEN@moat.test>: the queue ids
+# it created, their recipients and the disconnect line with the command counts.
+cat >"$W/pf-session.py" <<'PYEOF'
+import re, sys
+log, tok = sys.argv[1], sys.argv[2]
+lines = open(log, errors="replace").read().splitlines()
+qid = None
+for l in lines:
+    m = re.search(r"cleanup\[\d+\]: ([0-9A-F]+): message-id=<" + re.escape(tok) + "@", l)
+    if m:
+        qid = m.group(1)
+        break
+if not qid:
+    print("no message-id=<%s@...> in the Postfix log" % tok)
+    sys.exit(1)
+pid = None
+at = None
+for i, l in enumerate(lines):
+    m = re.search(r"/smtpd\[(\d+)\]: " + qid + r": client=", l)
+    if m:
+        pid, at = m.group(1), i
+        break
+if pid is None:
+    print("no smtpd client= line for %s" % qid)
+    sys.exit(1)
+pat = re.compile(r"/smtpd\[" + pid + r"\]: ")
+start = max(i for i in range(at + 1) if pat.search(lines[i]) and " connect from " in lines[i])
+end = next((i for i in range(at, len(lines)) if pat.search(lines[i]) and " disconnect from " in lines[i]), None)
+if end is None:
+    print("session of smtpd[%s] has not ended" % pid)
+    sys.exit(1)
+session = [l for l in lines[start:end + 1] if pat.search(l)]
+qids = [m.group(1) for l in session for m in [re.search(r": ([0-9A-F]+): client=", l)] if m]
+for l in session:
+    print(l)
+print("queue ids in this session: %s" % " ".join(qids))
+for q in qids:
+    for l in lines:
+        if re.search(r": " + q + r": (to=|message-id=|from=)", l):
+            print(l)
+disc = session[-1]
+ok = len(qids) == 1 and " data=1 " in disc and " mail=1 " in disc and "rcpt=1 " in disc
+sys.exit(0 if ok else 1)
+PYEOF
+
+# Topmost Received header of a delivered file, unfolded.
+first_received() {
+    awk '/^Received:/ && !inh {h=$0; inh=1; next} inh && /^[ \t]/ {h=h " " $0; next} inh {print h; exit}' "$1" | tr -s ' \t' ' '
+}
+
+SW2=(swaks --server "$IP2" --port $P2_SMTP --helo client.example --from alice@moat.test --timeout 20)
+if ((rx_ok)); then
+    # Submit everything first, then wait: the deliveries and the bounces run in parallel.
+    tok_v="interop-moat-verify-$RANDOM$RANDOM"
+    tok_p="interop-moat-plain-$RANDOM$RANDOM"
+    tok_e="interop-moat-encrypt-$RANDOM$RANDOM"
+    tok_b="interop-moat-badname-$RANDOM$RANDOM"
+    submit_ok=1
+    for pair in "verify:$tok_v:pfv@postfix.test" "plain:$tok_p:pfp@plain.test" \
+                "encrypt:$tok_e:pfe@secure-plain.test" "badname:$tok_b:pfb@badname.test"; do
+        IFS=: read -r what t rcpt <<<"$pair"
+        rc=0
+        "${SW2[@]}" --to "$rcpt" --header "Subject: $t" --header "Message-Id: <$t@moat.test>" \
+            >"$W/swaks-moat2-$what.out" 2>&1 || rc=$?
+        if ((rc != 0)); then
+            submit_ok=0
+            fail "swaks -> sending Moat accepts mail for $rcpt" "swaks exited $rc" "$W/swaks-moat2-$what.out"
+        fi
+    done
+
+    # (a) verify: delivered over verified TLS.
+    name="Moat -> Postfix (relay, tls_policy verify + ca_file + match_names): delivered, Postfix stamps TLSv1.3"
+    if f=$(wait_for_mail "$PR/vmail/postfix.test/new" 20 "$tok_v"); then
+        rcvd=$(first_received "$f")
+        if [[ $rcvd == *"by mx.postfix.test (Postfix) with ESMTPS"* ]] \
+           && grep -Eq '\(using TLSv1\.3 with cipher TLS_[A-Z0-9_]+ \([0-9]+/[0-9]+ bits\)' <<<"$rcvd"; then
+            pass "$name"
+        else
+            fail "$name" "Postfix's Received header lacks ESMTPS / 'using TLSv1.3 with cipher': $rcvd" "$f"
+        fi
+    else
+        fail "$name" "no file with $tok_v in Postfix's postfix.test Maildir" "$W/moat2.log" "$PR/log/maillog"
+    fi
+
+    name="Moat log: one 'delivery attempt' line (ip, TLSv1.3, verified, accepted), then delivered (..., verified)"
+    end=$((SECONDS + 10)); ok=0
+    while ((SECONDS < end)); do
+        if grep -E "delivery attempt .*ip=$PR_RX_TLS:$PR_PORT .*level=\"verify\" tls=TLSv1\.3 with cipher .*verified outcome=1 of 1 recipient" "$W/moat2.log" >/dev/null 2>&1 \
+           && grep -E "delivered .*to=pfv@postfix.test .*relay=$PR_RX_TLS .*TLSv1\.3 .*verified\)" "$W/moat2.log" >/dev/null 2>&1; then
+            ok=1; break
+        fi
+        sleep 0.2
+    done
+    if ((ok)); then
+        pass "$name"
+    else
+        fail "$name" "no verified 'delivery attempt' line and 'delivered ... verified' line for pfv@postfix.test" "$W/moat2.log"
+    fi
+
+    # (b) may toward a receiver without STARTTLS: plaintext.
+    name="Moat -> Postfix without STARTTLS (policy may): delivered in plaintext, no 'using TLS'"
+    if f=$(wait_for_mail "$PR/vmail/plain.test/new" 20 "$tok_p"); then
+        rcvd=$(first_received "$f")
+        if [[ $rcvd == *"by mx.postfix.test (Postfix) with ESMTP id"* && $rcvd != *"using TLS"* ]] \
+           && grep -Eq "delivery attempt .*ip=$PR_RX_PLAIN:$PR_PORT .*tls=plaintext outcome=1 of 1 recipient" "$W/moat2.log" \
+           && grep -Eq "delivered .*to=pfp@plain.test .*\(plaintext\)" "$W/moat2.log"; then
+            pass "$name"
+        else
+            fail "$name" "expected 'with ESMTP id' without 'using TLS' and Moat's plaintext log lines: $rcvd" "$f" "$W/moat2.log"
+        fi
+    else
+        fail "$name" "no file with $tok_p in Postfix's plain.test Maildir" "$W/moat2.log" "$PR/log/maillog"
+    fi
+
+    # (c) encrypt toward a receiver without STARTTLS: never sent, DSN 5.4.317 to the sender.
+    name="Moat encrypt policy, receiver without STARTTLS: DSN with Status: 5.4.317 to alice@moat.test"
+    dsn=""
+    end=$((SECONDS + 20))
+    while ((SECONDS < end)); do
+        dsn=$(grep -rlF -- "$tok_e" "$DATA2/mail/alice/new" 2>/dev/null | head -n 1 || true)
+        [[ -n "$dsn" ]] && break
+        sleep 0.2
+    done
+    if [[ -z "$dsn" ]]; then
+        fail "$name" "no DSN mentioning $tok_e in $DATA2/mail/alice/new within 20 s" "$W/moat2.log"
+    elif grep -q '^Status: 5\.4\.317' "$dsn" && grep -qi '^Final-Recipient: rfc822; *pfe@secure-plain.test' "$dsn" \
+         && grep -qi '^Action: failed' "$dsn" && grep -qi 'multipart/report' "$dsn"; then
+        pass "$name"
+    else
+        fail "$name" "DSN lacks Status: 5.4.317 / Final-Recipient / Action: failed" "$dsn"
+    fi
+
+    name="Moat encrypt policy, receiver without STARTTLS: nothing sent in plaintext"
+    if [[ -d "$PR/vmail/secure-plain.test" ]] || grep -rqsF -- "$tok_e" "$PR/vmail" \
+       || grep -qE "message-id=<$tok_e@|to=<pfe@secure-plain.test>" "$PR/log/maillog"; then
+        fail "$name" "Postfix accepted the message for pfe@secure-plain.test" "$PR/log/maillog"
+    elif ! grep -E "to=pfe@secure-plain.test .*status=4\.4\.317" "$W/moat2.log" >/dev/null; then
+        fail "$name" "Moat's log shows no 4.4.317 deferral for pfe@secure-plain.test" "$W/moat2.log"
+    else
+        pass "$name"
+    fi
+
+    # Negative control for (a): the name the certificate does not carry must not be accepted.
+    name="Moat verify with match_names=wrong.postfix.test: not delivered, DSN to the sender"
+    dsn=""
+    end=$((SECONDS + 20))
+    while ((SECONDS < end)); do
+        dsn=$(grep -rlF -- "$tok_b" "$DATA2/mail/alice/new" 2>/dev/null | head -n 1 || true)
+        [[ -n "$dsn" ]] && break
+        sleep 0.2
+    done
+    if [[ -d "$PR/vmail/badname.test" ]] || grep -qE "message-id=<$tok_b@" "$PR/log/maillog"; then
+        fail "$name" "Postfix received the message despite the name mismatch" "$PR/log/maillog" "$W/moat2.log"
+    elif [[ -z "$dsn" ]]; then
+        fail "$name" "no DSN mentioning $tok_b within 20 s" "$W/moat2.log"
+    elif grep -Eq '^Status: 5\.[0-9]+\.[0-9]+' "$dsn" && grep -qi '^Action: failed' "$dsn"; then
+        pass "$name"
+    else
+        fail "$name" "DSN lacks a 5.x.x Status / Action: failed" "$dsn"
+    fi
+
+    # (d) SMTP smuggling. On the default listener (bare_newline = reject) the content is refused
+    # with 550 5.6.2 and nothing is relayed (asserted after the normalize checks, which give a
+    # wrongly relayed message time to show up in Postfix's log).
+    rej_toks=()
+    rej_ok=1
+    for variant in lf crlf-lf lf-crlf; do
+        tok="interop-smuggle-reject-$variant-$RANDOM$RANDOM"
+        rej_toks+=("$tok")
+        out="$W/smuggle-reject-$variant.out"
+        timeout 60 python3 "$W/smuggle.py" "$IP2" $P2_SMTP "$variant" "smuggle@plain.test" "$tok" >"$out" 2>&1 || true
+        if ! grep -q '^S: 550 5\.6\.2 ' "$out" || ! grep -q '^replies after the content: 550 221$' "$out"; then
+            rej_ok=0
+        fi
+    done
+    cat "$W"/smuggle-reject-*.out >"$W/smuggle-reject.out"
+
+    # On the normalize listener Moat must relay one message with the look-alike as content;
+    # the lenient Postfix must see exactly one transaction.
+    for variant in lf crlf-lf lf-crlf; do
+        case $variant in
+            lf) shown='<LF>.<LF>' ;;
+            crlf-lf) shown='<CR><LF>.<LF>' ;;
+            lf-crlf) shown='<LF>.<CR><LF>' ;;
+        esac
+        name="SMTP smuggling ($shown) via Moat normalize -> Postfix 3.7: one message relayed, nothing for victim"
+        tok="interop-smuggle-$variant-$RANDOM$RANDOM"
+        out="$W/smuggle-$variant.out"
+        rc=0
+        timeout 60 python3 "$W/smuggle.py" "$IP2" $P2_NORM "$variant" "smuggle@plain.test" "$tok" >"$out" 2>&1 || rc=$?
+        if ((rc != 0)); then
+            fail "$name" "Moat did not answer exactly 250 to the content and 221 to QUIT (rc=$rc)" "$out"
+            continue
+        fi
+        if ! f=$(wait_for_mail "$PR/vmail/plain.test/new" 20 "$tok"); then
+            fail "$name" "the message never reached Postfix" "$out" "$W/moat2.log" "$PR/log/maillog"
+            continue
+        fi
+        # Let a second (smuggled) transaction, if any, reach the log.
+        end=$((SECONDS + 10)); rc=1
+        while ((SECONDS < end)); do
+            rc=0
+            python3 "$W/pf-session.py" "$PR/log/maillog" "$tok" >"$W/smuggle-$variant-session.out" 2>&1 || rc=$?
+            grep -q 'disconnect from' "$W/smuggle-$variant-session.out" && break
+            sleep 0.2
+        done
+        if ((rc != 0)); then
+            fail "$name" "Postfix's session did not hold exactly one transaction" "$W/smuggle-$variant-session.out" "$out"
+        elif [[ -e "$PR/vmail/victim" ]] || grep -qF 'to=<victim@postfix.test>' "$PR/log/maillog"; then
+            fail "$name" "Postfix delivered a message to victim@postfix.test" "$PR/log/maillog" "$out"
+        elif ! grep -qF 'RCPT TO:<victim@postfix.test>' "$f"; then
+            fail "$name" "the delivered message does not carry the look-alike as content" "$f"
+        else
+            pass "$name"
+        fi
+    done
+
+    name="SMTP smuggling via Moat's default listener (bare_newline reject): 550 5.6.2, nothing relayed"
+    relayed=0
+    for tok in "${rej_toks[@]}"; do
+        grep -qF -- "$tok" "$PR/log/maillog" && relayed=1
+        grep -rqsF -- "$tok" "$PR/vmail" && relayed=1
+    done
+    if ((!rej_ok)); then
+        fail "$name" "Moat did not answer 550 5.6.2 (then 221) to each payload" "$W/smuggle-reject.out"
+    elif ((relayed)) || [[ -e "$PR/vmail/victim" ]]; then
+        fail "$name" "a refused payload reached Postfix" "$PR/log/maillog" "$W/smuggle-reject.out"
+    else
+        pass "$name"
+    fi
+
+    # Control: the same bytes sent straight to the Postfix downstream ARE smuggled there, so
+    # the checks above would see a second transaction if Moat passed the look-alike through.
+    name="control: the same payloads sent straight to Postfix 3.7 are smuggled (2 transactions each)"
+    ok=1
+    : >"$W/smuggle-control.out"
+    for variant in lf crlf-lf lf-crlf; do
+        tok="interop-direct-$variant-$RANDOM$RANDOM"
+        timeout 60 python3 "$W/smuggle.py" $PR_RX_PLAIN $PR_PORT "$variant" "direct@plain.test" "$tok" \
+            "control-victim@postfix.test" >>"$W/smuggle-control.out" 2>&1 || true
+        end=$((SECONDS + 10)); seen=0
+        while ((SECONDS < end)); do
+            python3 "$W/pf-session.py" "$PR/log/maillog" "$tok" >"$W/smuggle-control-$variant.out" 2>&1 || true
+            if grep -Eq 'queue ids in this session: [0-9A-F]+ [0-9A-F]+$' "$W/smuggle-control-$variant.out" \
+               && grep -q 'from=<attacker@evil.example>' "$W/smuggle-control-$variant.out"; then
+                seen=1; break
+            fi
+            sleep 0.2
+        done
+        if ((!seen)); then
+            ok=0
+            cat "$W/smuggle-control-$variant.out" >>"$W/smuggle-control.out"
+        fi
+    done
+    if ((ok)); then
+        pass "$name"
+    else
+        fail "$name" "Postfix did not split a payload into two transactions: the smuggling checks are void" "$W/smuggle-control.out"
+    fi
+
+    if kill -0 "$MOAT2_PID" 2>/dev/null; then
+        pass "sending Moat stayed up"
+    else
+        fail "sending Moat stayed up" "the server process exited" "$W/moat2.log"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 4f. testssl.sh
 # ---------------------------------------------------------------------------------------------
 log "testssl.sh (protocols, server defaults, ciphers per protocol)"
 rc=0
