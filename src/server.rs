@@ -63,21 +63,31 @@ fn rules_from(config: &Config) -> Rules {
             .filter(|r| r.require_tls || r.client_cert.is_some())
             .flat_map(|r| r.sender_domains.iter().map(|d| d.to_ascii_lowercase()))
             .collect(),
-        sender_client_certs: config
-            .inbound_rules
-            .iter()
-            .filter_map(|r| {
-                r.client_cert
-                    .as_ref()
-                    .map(|name| (r, name.to_ascii_lowercase()))
-            })
-            .flat_map(|(r, name)| {
-                r.sender_domains
-                    .iter()
-                    .map(move |d| (d.to_ascii_lowercase(), name.clone()))
-            })
-            .collect(),
+        sender_client_certs: client_cert_rules(config, |r| {
+            r.sender_domains
+                .iter()
+                .map(|d| d.to_ascii_lowercase())
+                .collect()
+        }),
     }
+}
+
+/// `(item, certificate name)` for the items (`pick`) of every inbound rule that requires a
+/// client certificate.
+fn client_cert_rules<T>(
+    config: &Config,
+    pick: impl Fn(&crate::config::InboundRule) -> Vec<T>,
+) -> Vec<(T, String)> {
+    config
+        .inbound_rules
+        .iter()
+        .filter_map(|r| {
+            r.client_cert
+                .as_ref()
+                .map(|name| (r, name.to_ascii_lowercase()))
+        })
+        .flat_map(|(r, name)| pick(r).into_iter().map(move |item| (item, name.clone())))
+        .collect()
 }
 
 /// Certificate files from the config, or the self-signed pair in the data dir.
@@ -234,20 +244,9 @@ pub async fn serve(config: Config) -> Result<(), String> {
             .filter(|r| r.require_tls || r.client_cert.is_some())
             .flat_map(|r| r.networks.iter().filter_map(|n| n.parse().ok()))
             .collect(),
-        client_cert_networks: config
-            .inbound_rules
-            .iter()
-            .filter_map(|r| {
-                r.client_cert
-                    .as_ref()
-                    .map(|name| (r, name.to_ascii_lowercase()))
-            })
-            .flat_map(|(r, name)| {
-                r.networks
-                    .iter()
-                    .filter_map(move |n| n.parse().ok().map(|n| (n, name.clone())))
-            })
-            .collect(),
+        client_cert_networks: client_cert_rules(&config, |r| {
+            r.networks.iter().filter_map(|n| n.parse().ok()).collect()
+        }),
         shutdown: shutdown_rx.clone(),
     });
     let counter = Arc::new(ConnCounter::default());

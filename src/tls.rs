@@ -260,8 +260,8 @@ pub fn cipher_bits(name: &str) -> u16 {
     if name.contains("AES_128") { 128 } else { 256 }
 }
 
-/// Summary of a negotiated server-side session.
-pub fn summarize(conn: &rustls::ServerConnection) -> TlsInfo {
+/// Protocol version (`TLSv1.3`) and IANA cipher name of a negotiated session, either side.
+pub fn version_and_cipher(conn: &rustls::CommonState) -> (String, String) {
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
         Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
@@ -272,6 +272,12 @@ pub fn summarize(conn: &rustls::ServerConnection) -> TlsInfo {
         .negotiated_cipher_suite()
         .map(|s| iana_cipher_name(s.suite()))
         .unwrap_or_else(|| "unknown".into());
+    (version, cipher)
+}
+
+/// Summary of a negotiated server-side session.
+pub fn summarize(conn: &rustls::ServerConnection) -> TlsInfo {
+    let (version, cipher) = version_and_cipher(conn);
     TlsInfo {
         bits: cipher_bits(&cipher),
         version,

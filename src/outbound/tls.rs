@@ -48,7 +48,7 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use crate::tls::{certificate_names, cipher_bits, iana_cipher_name};
+use crate::tls::{certificate_names, cipher_bits};
 use crate::util::rfc5322_date;
 
 /// The default limit for one TLS handshake.
@@ -493,16 +493,7 @@ impl Connector {
             Ok(Ok(s)) => s,
         };
         let conn = stream.get_ref().1;
-        let version = match conn.protocol_version() {
-            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
-            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
-            Some(v) => format!("{v:?}"),
-            None => "unknown".to_string(),
-        };
-        let cipher = conn
-            .negotiated_cipher_suite()
-            .map(|s| iana_cipher_name(s.suite()))
-            .unwrap_or_else(|| "unknown".into());
+        let (version, cipher) = crate::tls::version_and_cipher(conn);
         let outcome = TlsOutcome {
             version,
             bits: cipher_bits(&cipher),
