@@ -130,6 +130,7 @@ fn outbound_from(config: &Config) -> Result<Outbound, String> {
         helo_name: helo,
         port: o.port,
         connect_timeout: Duration::from_secs(o.connect_timeout_secs.max(1)),
+        pool: Default::default(),
     })
 }
 

@@ -728,3 +728,40 @@ fn delay_warning_then_still_queued() {
         "{text}"
     );
 }
+
+#[test]
+fn sessions_are_reused_for_the_next_message() {
+    let receiver = Moat::start_with(
+        "127.0.11.132",
+        "[[domain]]\nname = \"reuse.test\"\nroute = \"maildir\"\n",
+        "",
+    );
+    let extra =
+        "[[domain]]\nname = \"reuse.test\"\nroute = \"relay\"\nrelay = \"127.0.11.132:2525\"\n";
+    let sender = Moat::start_with(
+        "127.0.11.131",
+        &sender_extra("127.0.11.53:53".parse().unwrap(), extra),
+        "",
+    );
+    for i in 0..5 {
+        submit(
+            &sender,
+            "alice@moat.test",
+            &[&format!("r{i}@reuse.test")],
+            &format!("reuse-{i}"),
+        );
+        let mb = format!("r{i}");
+        wait_for("delivery", Duration::from_secs(20), || {
+            receiver.mailbox(&mb).into_iter().next()
+        });
+    }
+    let log = sender.log();
+    assert!(log.contains("(session reused)"), "{log}");
+    let tls_sessions = receiver.log().matches("TLS established").count();
+    assert!(
+        tls_sessions < 5,
+        "5 messages took {tls_sessions} TLS sessions"
+    );
+    // Still opportunistic TLS on the reused session.
+    assert!(receiver.mailbox("r4")[0].contains("with ESMTPS"));
+}

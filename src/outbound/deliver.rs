@@ -8,6 +8,7 @@
 //! plaintext, as Postfix does, and says so in the log.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -40,6 +41,160 @@ pub struct Outbound {
     pub our_names: Vec<String>,
     pub port: u16,
     pub connect_timeout: Duration,
+    /// Sessions kept open after a transaction, for the next message to the same place.
+    pub pool: Pool,
+}
+
+/// How long an idle outbound session is kept for reuse.
+const IDLE_LIMIT: Duration = Duration::from_secs(3);
+/// Idle sessions kept per destination key.
+const IDLE_PER_KEY: usize = 8;
+
+/// A plain or TLS outbound stream.
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An open session between transactions.
+struct Idle {
+    conn: Conn,
+    client: Client,
+    tls: String,
+    since: std::time::Instant,
+}
+
+/// Idle sessions by destination key (address, host name and the exact TLS requirement, so a
+/// session opened under one policy is never reused under a stricter one).
+#[derive(Default)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+#[derive(Default)]
+struct PoolInner {
+    idle: std::sync::Mutex<std::collections::HashMap<String, Vec<Idle>>>,
+    reaper: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pool")
+    }
+}
+
+/// Says QUIT and closes, in the background.
+fn close(mut idle: Idle) {
+    tokio::spawn(async move {
+        idle.client.quit();
+        let out = idle.client.take_output();
+        let _ = timeout(Duration::from_secs(2), async {
+            let _ = idle.conn.write_all(&out).await;
+            let _ = idle.conn.shutdown().await;
+        })
+        .await;
+    });
+}
+
+impl Pool {
+    fn take(&self, key: &str) -> Option<Idle> {
+        let mut map = self.inner.idle.lock().ok()?;
+        let list = map.get_mut(key)?;
+        while let Some(idle) = list.pop() {
+            if idle.since.elapsed() < IDLE_LIMIT {
+                return Some(idle);
+            }
+            close(idle);
+        }
+        None
+    }
+
+    fn put(&self, key: String, idle: Idle) {
+        let Ok(mut map) = self.inner.idle.lock() else {
+            return;
+        };
+        let list = map.entry(key).or_default();
+        if list.len() >= IDLE_PER_KEY {
+            close(idle);
+            return;
+        }
+        list.push(idle);
+        drop(map);
+        if !self
+            .inner
+            .reaper
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            // Closes sessions nobody reused, for the life of the process.
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    inner.expire();
+                }
+            });
+        }
+    }
+}
+
+impl PoolInner {
+    fn expire(&self) {
+        let Ok(mut map) = self.idle.lock() else {
+            return;
+        };
+        for list in map.values_mut() {
+            let (old, keep): (Vec<Idle>, Vec<Idle>) = list
+                .drain(..)
+                .partition(|i| i.since.elapsed() >= IDLE_LIMIT);
+            *list = keep;
+            old.into_iter().for_each(close);
+        }
+        map.retain(|_, l| !l.is_empty());
+    }
 }
 
 /// Why a recipient was not delivered this time.
@@ -253,6 +408,27 @@ async fn attempt_inner(
     plain: bool,
     tls_desc: &mut String,
 ) -> HostResult {
+    let key = pool_key(addr, host, req, plain);
+    if let Some(mut idle) = out.pool.take(&key) {
+        let mut pending = Some(msg.clone());
+        let mut buf = Vec::new();
+        let step = drive(
+            &mut idle.conn,
+            &mut idle.client,
+            &mut buf,
+            &mut pending,
+            true,
+            true,
+        )
+        .await;
+        if let Step::Done(r) = step {
+            *tls_desc = format!("{} (session reused)", idle.tls);
+            let (summary, dsn) = (idle.tls.clone(), idle.client.capabilities().dsn);
+            keep_or_close(out, key, idle, &buf);
+            return HostResult::Done(r, summary, dsn);
+        }
+        // The server closed the idle session meanwhile: open a new one.
+    }
     let remote = Some(host.to_string());
     let mut tcp = match timeout(out.connect_timeout, TcpStream::connect(addr)).await {
         Err(_) => {
@@ -296,11 +472,19 @@ async fn attempt_inner(
     });
     let mut pending = Some(msg);
     let mut buf = Vec::new();
-    match drive(&mut tcp, &mut client, &mut buf, &mut pending).await {
+    match drive(&mut tcp, &mut client, &mut buf, &mut pending, true, false).await {
         Step::StartTls => {}
         Step::Done(r) => {
             *tls_desc = "plaintext".into();
-            return HostResult::Done(r, "plaintext".into(), client.capabilities().dsn);
+            let dsn = client.capabilities().dsn;
+            let idle = Idle {
+                conn: Conn::Plain(tcp),
+                client,
+                tls: "plaintext".into(),
+                since: std::time::Instant::now(),
+            };
+            keep_or_close(out, key, idle, &buf);
+            return HostResult::Done(r, "plaintext".into(), dsn);
         }
         Step::Failed(f) => return HostResult::Failed(session_failure(f, host)),
     }
@@ -320,8 +504,18 @@ async fn attempt_inner(
     let summary = tls_summary(&outcome);
     *tls_desc = summary.clone();
     client.tls_established();
-    match drive(&mut tls, &mut client, &mut buf, &mut pending).await {
-        Step::Done(r) => HostResult::Done(r, summary, client.capabilities().dsn),
+    match drive(&mut tls, &mut client, &mut buf, &mut pending, true, false).await {
+        Step::Done(r) => {
+            let dsn = client.capabilities().dsn;
+            let idle = Idle {
+                conn: Conn::Tls(Box::new(tls)),
+                client,
+                tls: summary.clone(),
+                since: std::time::Instant::now(),
+            };
+            keep_or_close(out, key, idle, &buf);
+            HostResult::Done(r, summary, dsn)
+        }
         Step::Failed(f) => HostResult::Failed(session_failure(f, host)),
         Step::StartTls => HostResult::Failed(failure(
             "4.4.2",
@@ -329,6 +523,30 @@ async fn attempt_inner(
             Some(host.to_string()),
             "STARTTLS inside TLS".into(),
         )),
+    }
+}
+
+/// Pool key: the address, the name we verified against, and the whole TLS requirement.
+fn pool_key(addr: SocketAddr, host: &str, req: &TlsRequirement, plain: bool) -> String {
+    let pins: Vec<String> = req.pins.iter().map(|p| p.to_string()).collect();
+    let roots = req
+        .extra_roots
+        .as_ref()
+        .map_or(0, |r| Arc::as_ptr(r) as usize);
+    format!(
+        "{addr}|{host}|{}|{plain}|{:?}|{pins:?}|{roots}",
+        req.level.as_str(),
+        req.match_names
+    )
+}
+
+/// Keeps a session for reuse when it ended cleanly, otherwise says QUIT and closes it.
+fn keep_or_close(out: &Outbound, key: String, mut idle: Idle, unread: &[u8]) {
+    if unread.is_empty() {
+        idle.since = std::time::Instant::now();
+        out.pool.put(key, idle);
+    } else {
+        close(idle);
     }
 }
 
@@ -427,15 +645,24 @@ enum Step {
 }
 
 /// Runs the client until STARTTLS, the end of the session, or a failure.
+/// With `keep`, it returns right after the transaction instead of saying QUIT, so the session
+/// can be reused; with `ready`, the session is already past EHLO (a reused one).
 async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     client: &mut Client,
     buf: &mut Vec<u8>,
     pending: &mut Option<Outgoing>,
+    keep: bool,
+    ready: bool,
 ) -> Step {
     let mut results: Option<Vec<RcptOutcome>> = None;
+    let mut kick = ready;
     loop {
-        let (n, event) = client.process(buf);
+        let (n, event) = if std::mem::take(&mut kick) {
+            (0, Some(Event::Ready))
+        } else {
+            client.process(buf)
+        };
         buf.drain(..n);
         let event = match event {
             Some(Event::Ready) => match pending.take() {
@@ -456,6 +683,9 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 return Step::StartTls;
             }
             Some(Event::Transaction(r)) => {
+                if keep {
+                    return Step::Done(r);
+                }
                 results = Some(r);
                 client.quit();
             }
@@ -486,14 +716,10 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         buf.reserve(4096);
         match timeout(client.wait_limit(), s.read_buf(buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => {
-                return match client.eof() {
-                    Event::Closed => results
-                        .map(Step::Done)
-                        .unwrap_or(Step::Failed(SessionError::Closed(None))),
-                    _ => results
-                        .map(Step::Done)
-                        .unwrap_or(Step::Failed(SessionError::Closed(None))),
-                };
+                client.eof();
+                return results
+                    .map(Step::Done)
+                    .unwrap_or(Step::Failed(SessionError::Closed(None)));
             }
             Ok(Ok(_)) => {}
             Err(_) => {
