@@ -291,6 +291,15 @@ pub struct DomainConfig {
     /// Next hop for `relay`: `host:port` or `[ip]:port`.
     #[serde(default)]
     pub relay: Option<String>,
+    /// `relay` over implicit TLS (RFC 8314, port 465) instead of STARTTLS.
+    #[serde(default)]
+    pub relay_implicit_tls: bool,
+    /// AUTH user for the relay (smarthost); sent only inside TLS.
+    #[serde(default)]
+    pub relay_auth_user: Option<String>,
+    /// File whose first line is the relay password (kept out of the config file).
+    #[serde(default)]
+    pub relay_auth_password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -550,6 +559,14 @@ impl Config {
                         i,
                         "relay",
                         format!("`{hop}` is not host:port"),
+                    ));
+                }
+                _ if d.relay_auth_user.is_some() != d.relay_auth_password_file.is_some() => {
+                    return Err(err(
+                        "domain",
+                        i,
+                        "relay_auth_user",
+                        "relay_auth_user and relay_auth_password_file go together".into(),
                     ));
                 }
                 (RouteKind::Maildir | RouteKind::Discard, Some(_)) => {

@@ -90,6 +90,48 @@ fn client_cert_rules<T>(
         .collect()
 }
 
+/// Where each configured domain's mail goes; relay passwords are read from their files here.
+fn routes_from(config: &Config) -> Result<HashMap<String, Route>, String> {
+    let mut routes = HashMap::new();
+    for d in &config.domains {
+        let route = match d.route {
+            RouteKind::Maildir => {
+                Route::Maildir(config.data_path(d.path.as_deref().unwrap_or("mail".as_ref())))
+            }
+            RouteKind::Discard => Route::Discard,
+            RouteKind::Relay => {
+                let (host, port) = d
+                    .relay
+                    .as_deref()
+                    .and_then(crate::config::parse_hop)
+                    .unwrap_or_default();
+                let auth = match (&d.relay_auth_user, &d.relay_auth_password_file) {
+                    (Some(user), Some(file)) => {
+                        let path = config.data_path(file);
+                        let text = std::fs::read_to_string(&path).map_err(|e| {
+                            format!("relay password for {} ({}): {e}", d.name, path.display())
+                        })?;
+                        let password = text.lines().next().unwrap_or_default().to_string();
+                        if password.is_empty() {
+                            return Err(format!("relay password file {} is empty", path.display()));
+                        }
+                        Some((user.clone(), password))
+                    }
+                    _ => None,
+                };
+                Route::Relay {
+                    host,
+                    port,
+                    implicit_tls: d.relay_implicit_tls,
+                    auth,
+                }
+            }
+        };
+        routes.insert(d.name.to_ascii_lowercase(), route);
+    }
+    Ok(routes)
+}
+
 /// Certificate files from the config, or the self-signed pair in the data dir.
 fn certificate_files(config: &Config) -> Result<Vec<(PathBuf, PathBuf)>, String> {
     if config.tls.certificates.is_empty() {
@@ -188,27 +230,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
     if !existing.is_empty() {
         tracing::info!(messages = existing.len(), "recovered queued messages");
     }
-    let routes = config
-        .domains
-        .iter()
-        .map(|d| {
-            let route = match d.route {
-                RouteKind::Maildir => {
-                    Route::Maildir(config.data_path(d.path.as_deref().unwrap_or("mail".as_ref())))
-                }
-                RouteKind::Discard => Route::Discard,
-                RouteKind::Relay => {
-                    let (host, port) = d
-                        .relay
-                        .as_deref()
-                        .and_then(crate::config::parse_hop)
-                        .unwrap_or_default();
-                    Route::Relay { host, port }
-                }
-            };
-            (d.name.to_ascii_lowercase(), route)
-        })
-        .collect();
+    let routes = routes_from(&config)?;
     let outbound = outbound_from(&config)?;
     let policy = policy_from(&config)?;
     let (deliver, queue) = Queue {

@@ -765,3 +765,66 @@ fn sessions_are_reused_for_the_next_message() {
     // Still opportunistic TLS on the reused session.
     assert!(receiver.mailbox("r4")[0].contains("with ESMTPS"));
 }
+
+#[test]
+fn smarthost_with_auth_over_starttls_and_implicit_tls() {
+    let receiver = Moat::start_with(
+        "127.0.11.142",
+        "[[domain]]\nname = \"far.test\"\nroute = \"maildir\"\n\n[[domain]]\nname = \"far2.test\"\nroute = \"maildir\"\n",
+        "",
+    );
+    receiver.add_user("relayer", "pw-for-relay");
+    let secrets = tempfile::tempdir().unwrap();
+    let good = secrets.path().join("good");
+    let bad = secrets.path().join("bad");
+    std::fs::write(&good, "pw-for-relay\n").unwrap();
+    std::fs::write(&bad, "wrong\n").unwrap();
+    let extra = format!(
+        "[[domain]]\nname = \"far.test\"\nroute = \"relay\"\nrelay = \"127.0.11.142:{SUBMISSION}\"\nrelay_auth_user = \"relayer\"\nrelay_auth_password_file = \"{g}\"\n\n\
+         [[domain]]\nname = \"far2.test\"\nroute = \"relay\"\nrelay = \"127.0.11.142:{SMTPS}\"\nrelay_implicit_tls = true\nrelay_auth_user = \"relayer\"\nrelay_auth_password_file = \"{g}\"\n\n\
+         [[domain]]\nname = \"far3.test\"\nroute = \"relay\"\nrelay = \"127.0.11.142:{SUBMISSION}\"\nrelay_auth_user = \"relayer\"\nrelay_auth_password_file = \"{b}\"\n",
+        g = good.display(),
+        b = bad.display()
+    );
+    let cfg = sender_extra("127.0.11.53:53".parse().unwrap(), &extra)
+        .replace(
+            "security_lifetime_secs = 3\nmax_lifetime_secs = 3\n",
+            "max_lifetime_secs = 600\n",
+        )
+        .replace("retry_schedule_secs = [1]", "retry_schedule_secs = [3600]");
+    let sender = Moat::start_with("127.0.11.141", &cfg, "");
+    submit(
+        &sender,
+        "alice@moat.test",
+        &["p@far.test"],
+        "via-submission",
+    );
+    submit(&sender, "alice@moat.test", &["q@far2.test"], "via-smtps");
+    let a = wait_for("submission relay", Duration::from_secs(20), || {
+        receiver.mailbox("p").into_iter().next()
+    });
+    assert!(a.contains("with ESMTPSA"), "authenticated over TLS: {a}");
+    let b = wait_for("implicit TLS relay", Duration::from_secs(20), || {
+        receiver.mailbox("q").into_iter().next()
+    });
+    assert!(b.contains("with ESMTPSA"), "{b}");
+    // Wrong credentials: deferred (fixable configuration), not bounced.
+    submit(&sender, "alice@moat.test", &["r@far3.test"], "bad-password");
+    let listing = wait_for("the deferral", Duration::from_secs(20), || {
+        let (_, text) = moat_cli(&sender, &["queue", "list", "--domain", "far3.test"]);
+        text.contains("deferred").then_some(text)
+    });
+    assert!(
+        listing.contains("4.7.8") && listing.contains("refused the relay credentials"),
+        "{listing}"
+    );
+    assert!(
+        !sender.log().contains("pw-for-relay") && !sender.log().contains("wrong"),
+        "password in the log"
+    );
+    assert!(sender.mailbox("alice").is_empty());
+    assert!(
+        receiver.mailbox("r").is_empty(),
+        "delivered with the wrong credentials"
+    );
+}

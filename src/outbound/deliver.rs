@@ -27,8 +27,14 @@ use crate::smtp::client::{
 pub enum NextHop {
     /// MX lookup for the domain, port from the config.
     Mx,
-    /// A fixed host and port (smarthost / internal server).
-    Relay { host: String, port: u16 },
+    /// A fixed host and port (smarthost / internal server), optionally with implicit TLS
+    /// (port 465) and AUTH credentials (sent only inside TLS).
+    Relay {
+        host: String,
+        port: u16,
+        implicit_tls: bool,
+        auth: Option<(String, String)>,
+    },
 }
 
 /// Shared settings for outbound connections.
@@ -293,11 +299,19 @@ pub async fn deliver(
     for h in &hosts {
         for ip in &h.addrs {
             let addr = SocketAddr::new(*ip, port);
+            let (implicit_tls, auth) = match hop {
+                NextHop::Relay {
+                    implicit_tls, auth, ..
+                } => (*implicit_tls, auth.as_ref()),
+                NextHop::Mx => (false, None),
+            };
             let who = Attempt {
                 queue_id,
                 domain,
                 host: &h.host,
                 addr,
+                implicit_tls,
+                auth,
             };
             let mut result = attempt(out, &who, req, msg.clone(), false).await;
             if let HostResult::RetryPlain(_) = result {
@@ -366,6 +380,8 @@ struct Attempt<'a> {
     domain: &'a str,
     host: &'a str,
     addr: SocketAddr,
+    implicit_tls: bool,
+    auth: Option<&'a (String, String)>,
 }
 
 /// One connection attempt, logged as one line: destination, address, TLS (version, cipher,
@@ -378,7 +394,7 @@ async fn attempt(
     plain: bool,
 ) -> HostResult {
     let mut tls = String::from("none");
-    let result = attempt_inner(out, who.host, who.addr, req, msg, plain, &mut tls).await;
+    let result = attempt_inner(out, who, req, msg, plain, &mut tls).await;
     let outcome = match &result {
         HostResult::Done(r, ..) => {
             let ok = r
@@ -398,17 +414,24 @@ async fn attempt(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn attempt_inner(
     out: &Outbound,
-    host: &str,
-    addr: SocketAddr,
+    who: &Attempt<'_>,
     req: &TlsRequirement,
     msg: Outgoing,
     plain: bool,
     tls_desc: &mut String,
 ) -> HostResult {
-    let key = pool_key(addr, host, req, plain);
+    let (host, addr) = (who.host, who.addr);
+    // A session is reused only under the same credentials (user and password, hashed).
+    let creds = who.auth.map(|(u, p)| {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (u, p).hash(&mut h);
+        h.finish()
+    });
+    let tag = format!("{}|{creds:?}", who.implicit_tls);
+    let key = pool_key(addr, host, req, plain, &tag);
     if let Some(mut idle) = out.pool.take(&key) {
         let mut pending = Some(msg.clone());
         let mut buf = Vec::new();
@@ -460,6 +483,24 @@ async fn attempt_inner(
         Ok(Ok(s)) => s,
     };
     let _ = tcp.set_nodelay(true);
+    let mut buf = Vec::new();
+    let mut pending = Some(msg);
+    if who.implicit_tls {
+        // RFC 8314: TLS first; no plaintext fallback exists on such a port.
+        let (tls, outcome) = match out.connector.handshake(tcp, host, req).await {
+            Ok(x) => x,
+            Err(e) => return HostResult::Failed(tls_failure(&e, host, req)),
+        };
+        let summary = tls_summary(&outcome);
+        *tls_desc = summary.clone();
+        let client = Client::new(ClientParams {
+            helo_name: out.helo_name.clone(),
+            starttls: StartTls::Never,
+            implicit_tls: true,
+            auth: who.auth.cloned(),
+        });
+        return over_tls(out, key, host, tls, client, buf, pending, summary).await;
+    }
     let starttls = match (req.level, plain) {
         (TlsLevel::None, _) | (TlsLevel::May, true) => StartTls::Never,
         (TlsLevel::May, false) => StartTls::Opportunistic,
@@ -469,9 +510,8 @@ async fn attempt_inner(
         helo_name: out.helo_name.clone(),
         starttls,
         implicit_tls: false,
+        auth: who.auth.cloned(),
     });
-    let mut pending = Some(msg);
-    let mut buf = Vec::new();
     match drive(&mut tcp, &mut client, &mut buf, &mut pending, true, false).await {
         Step::StartTls => {}
         Step::Done(r) => {
@@ -490,7 +530,7 @@ async fn attempt_inner(
     }
     // CVE-2021-38371: nothing the server sent after its 220 is kept.
     buf.clear();
-    let (mut tls, outcome) = match out.connector.handshake(tcp, host, req).await {
+    let (tls, outcome) = match out.connector.handshake(tcp, host, req).await {
         Ok(x) => x,
         Err(e) => {
             let f = tls_failure(&e, host, req);
@@ -504,6 +544,21 @@ async fn attempt_inner(
     let summary = tls_summary(&outcome);
     *tls_desc = summary.clone();
     client.tls_established();
+    over_tls(out, key, host, tls, client, buf, pending, summary).await
+}
+
+/// Runs the rest of a session over an established TLS stream; keeps it for reuse if clean.
+#[allow(clippy::too_many_arguments)]
+async fn over_tls(
+    out: &Outbound,
+    key: String,
+    host: &str,
+    mut tls: tokio_rustls::client::TlsStream<TcpStream>,
+    mut client: Client,
+    mut buf: Vec<u8>,
+    mut pending: Option<Outgoing>,
+    summary: String,
+) -> HostResult {
     match drive(&mut tls, &mut client, &mut buf, &mut pending, true, false).await {
         Step::Done(r) => {
             let dsn = client.capabilities().dsn;
@@ -527,14 +582,14 @@ async fn attempt_inner(
 }
 
 /// Pool key: the address, the name we verified against, and the whole TLS requirement.
-fn pool_key(addr: SocketAddr, host: &str, req: &TlsRequirement, plain: bool) -> String {
+fn pool_key(addr: SocketAddr, host: &str, req: &TlsRequirement, plain: bool, tag: &str) -> String {
     let pins: Vec<String> = req.pins.iter().map(|p| p.to_string()).collect();
     let roots = req
         .extra_roots
         .as_ref()
         .map_or(0, |r| Arc::as_ptr(r) as usize);
     format!(
-        "{addr}|{host}|{}|{plain}|{:?}|{pins:?}|{roots}",
+        "{addr}|{host}|{}|{plain}|{:?}|{pins:?}|{roots}|{tag}",
         req.level.as_str(),
         req.match_names
     )
@@ -628,6 +683,29 @@ fn session_failure(e: SessionError, host: &str) -> Failure {
             false,
             remote,
             format!("{host} closed the connection unexpectedly"),
+        ),
+        SessionError::AuthWithoutTls => failure(
+            "4.7.0",
+            true,
+            remote,
+            format!(
+                "{host}: TLS could not be established, and the relay credentials are never sent in the clear"
+            ),
+        ),
+        SessionError::AuthNotOffered => failure(
+            "4.7.0",
+            false,
+            remote,
+            format!(
+                "{host} offers neither AUTH PLAIN nor AUTH LOGIN, but credentials are configured for it"
+            ),
+        ),
+        // A configuration problem on one side or the other: retried, not bounced at once.
+        SessionError::AuthFailed(r) => failure(
+            "4.7.8",
+            false,
+            remote,
+            format!("{host} refused the relay credentials: {}", r.one_line()),
         ),
         SessionError::Protocol(m) => failure(
             "4.5.0",

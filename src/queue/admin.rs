@@ -176,7 +176,18 @@ fn describe(queue: &Queue, m: &Spooled, st: &MessageState, now: u64, detail: boo
             let route = match queue.routes.get(&lower) {
                 Some(super::Route::Maildir(p)) => format!("maildir {}", p.display()),
                 Some(super::Route::Discard) => "discard".into(),
-                Some(super::Route::Relay { host, port }) => format!("relay {host}:{port}"),
+                Some(super::Route::Relay {
+                    host,
+                    port,
+                    implicit_tls,
+                    auth,
+                }) => format!(
+                    "relay {host}:{port}{}{}",
+                    if *implicit_tls { " (implicit TLS)" } else { "" },
+                    auth.as_ref()
+                        .map(|(u, _)| format!(" as {u}"))
+                        .unwrap_or_default()
+                ),
                 None => "mx".into(),
             };
             s.push_str(&format!(

@@ -34,7 +34,12 @@ use state::{MessageState, RcptState};
 pub enum Route {
     Maildir(PathBuf),
     Discard,
-    Relay { host: String, port: u16 },
+    Relay {
+        host: String,
+        port: u16,
+        implicit_tls: bool,
+        auth: Option<(String, String)>,
+    },
 }
 
 /// TLS requirements per recipient domain pattern (exact or `*.suffix`; first match wins) and
@@ -441,9 +446,24 @@ impl Queue {
                 }
                 out
             }
-            Some(Route::Relay { host, port }) => {
-                self.remote(domain, NextHop::Relay { host, port }, msg, idx)
-                    .await
+            Some(Route::Relay {
+                host,
+                port,
+                implicit_tls,
+                auth,
+            }) => {
+                self.remote(
+                    domain,
+                    NextHop::Relay {
+                        host,
+                        port,
+                        implicit_tls,
+                        auth,
+                    },
+                    msg,
+                    idx,
+                )
+                .await
             }
             None => self.remote(domain, NextHop::Mx, msg, idx).await,
         }
@@ -470,7 +490,7 @@ impl Queue {
             dsn: idx.iter().map(|&i| msg.envelope.dsn_of(i)).collect(),
         };
         let key = match &hop {
-            NextHop::Relay { host, port } => format!("{host}:{port}"),
+            NextHop::Relay { host, port, .. } => format!("{host}:{port}"),
             NextHop::Mx => domain.to_string(),
         };
         let slots = match self.dest_slots.lock() {

@@ -13,6 +13,9 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+
 use super::data::encode_for_data;
 
 /// A parsed server reply.
@@ -68,6 +71,8 @@ pub struct Capabilities {
     pub chunking: bool,
     /// DSN (RFC 3461): NOTIFY, ORCPT, RET and ENVID may be passed on.
     pub dsn: bool,
+    pub auth_plain: bool,
+    pub auth_login: bool,
     /// `SIZE n`; 0 or absent means no fixed limit.
     pub size: Option<u64>,
 }
@@ -90,6 +95,15 @@ impl Capabilities {
                 "SMTPUTF8" => c.smtputf8 = true,
                 "CHUNKING" => c.chunking = true,
                 "DSN" => c.dsn = true,
+                "AUTH" => {
+                    for m in words.by_ref() {
+                        match m.to_ascii_uppercase().as_str() {
+                            "PLAIN" => c.auth_plain = true,
+                            "LOGIN" => c.auth_login = true,
+                            _ => {}
+                        }
+                    }
+                }
                 "SIZE" => c.size = words.next().and_then(|n| n.parse().ok()),
                 _ => {}
             }
@@ -117,6 +131,8 @@ pub struct ClientParams {
     pub starttls: StartTls,
     /// The connection is already TLS (implicit TLS, port 465).
     pub implicit_tls: bool,
+    /// Credentials for AUTH (smarthosts); only ever sent inside TLS.
+    pub auth: Option<(String, String)>,
 }
 
 /// A message to send.
@@ -165,6 +181,12 @@ pub enum SessionError {
     Protocol(String),
     /// The server closed the connection (421 or EOF).
     Closed(Option<Reply>),
+    /// Credentials are configured but TLS is not up: they are never sent in the clear.
+    AuthWithoutTls,
+    /// Credentials are configured but the server offers neither AUTH PLAIN nor LOGIN.
+    AuthNotOffered,
+    /// The server refused our credentials.
+    AuthFailed(Reply),
 }
 
 impl std::fmt::Display for SessionError {
@@ -177,6 +199,11 @@ impl std::fmt::Display for SessionError {
             SessionError::Protocol(m) => write!(f, "protocol error: {m}"),
             SessionError::Closed(Some(r)) => write!(f, "connection closed by the server: {r}"),
             SessionError::Closed(None) => f.write_str("connection closed by the server"),
+            SessionError::AuthWithoutTls => {
+                f.write_str("credentials are configured but TLS is not established; they are never sent in the clear")
+            }
+            SessionError::AuthNotOffered => f.write_str("the server offers neither AUTH PLAIN nor AUTH LOGIN"),
+            SessionError::AuthFailed(r) => write!(f, "authentication refused: {r}"),
         }
     }
 }
@@ -209,6 +236,9 @@ enum Expect {
     DataEnd,
     Rset,
     Quit,
+    AuthLoginUser,
+    AuthLoginPass,
+    Auth,
 }
 
 const MAX_REPLY_LINES: usize = 200;
@@ -230,6 +260,7 @@ pub struct Client {
     done: bool,
     /// The last transaction ended before its data was accepted: RSET before the next MAIL.
     needs_rset: bool,
+    authenticated: bool,
 }
 
 impl Client {
@@ -249,6 +280,7 @@ impl Client {
             partial: Vec::new(),
             done: false,
             needs_rset: false,
+            authenticated: false,
         }
     }
 
@@ -490,6 +522,39 @@ impl Client {
                 if self.params.starttls == StartTls::Required {
                     return Some(self.fail(SessionError::StartTlsRefused(reply)));
                 }
+                self.authenticate()
+            }
+            Expect::AuthLoginUser => {
+                if reply.code != 334 {
+                    return Some(self.fail(SessionError::AuthFailed(reply)));
+                }
+                let user = self
+                    .params
+                    .auth
+                    .as_ref()
+                    .map(|(u, _)| B64.encode(u))
+                    .unwrap_or_default();
+                self.command(&user, Expect::AuthLoginPass);
+                None
+            }
+            Expect::AuthLoginPass => {
+                if reply.code != 334 {
+                    return Some(self.fail(SessionError::AuthFailed(reply)));
+                }
+                let pass = self
+                    .params
+                    .auth
+                    .as_ref()
+                    .map(|(_, p)| B64.encode(p))
+                    .unwrap_or_default();
+                self.command(&pass, Expect::Auth);
+                None
+            }
+            Expect::Auth => {
+                if reply.code != 235 {
+                    return Some(self.fail(SessionError::AuthFailed(reply)));
+                }
+                self.authenticated = true;
                 Some(Event::Ready)
             }
             Expect::Mail => {
@@ -609,7 +674,30 @@ impl Client {
         if !self.tls && self.params.starttls == StartTls::Required {
             return Some(self.fail(SessionError::StartTlsNotOffered));
         }
-        Some(Event::Ready)
+        self.authenticate()
+    }
+
+    /// AUTH when credentials are configured (inside TLS only), else ready.
+    fn authenticate(&mut self) -> Option<Event> {
+        let Some((user, pass)) = self.params.auth.clone() else {
+            return Some(Event::Ready);
+        };
+        if self.authenticated {
+            return Some(Event::Ready);
+        }
+        if !self.tls {
+            return Some(self.fail(SessionError::AuthWithoutTls));
+        }
+        if self.caps.auth_plain {
+            let token = B64.encode(format!("\0{user}\0{pass}"));
+            self.command(&format!("AUTH PLAIN {token}"), Expect::Auth);
+            None
+        } else if self.caps.auth_login {
+            self.command("AUTH LOGIN", Expect::AuthLoginUser);
+            None
+        } else {
+            Some(self.fail(SessionError::AuthNotOffered))
+        }
     }
 
     /// Every recipient gets `reply` (a MAIL refusal or a 421).

@@ -1,12 +1,15 @@
 //! Byte-level tests of the outbound client state machine.
 
 use super::*;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
 
 fn params(starttls: StartTls) -> ClientParams {
     ClientParams {
         helo_name: "mx.moat.test".into(),
         starttls,
         implicit_tls: false,
+        auth: None,
     }
 }
 
@@ -339,6 +342,49 @@ fn dsn_parameters_passed_only_when_offered() {
         !out.contains("NOTIFY") && !out.contains("RET=") && !out.contains("ORCPT"),
         "{out}"
     );
+}
+
+#[test]
+fn auth_only_inside_tls() {
+    let creds = Some(("relay-user".to_string(), "s3cret".to_string()));
+    // Plaintext with credentials: fail without sending them.
+    let mut c = Client::new(ClientParams {
+        auth: creds.clone(),
+        ..params(StartTls::Opportunistic)
+    });
+    feed(&mut c, "220 hi\r\n");
+    let (out, ev) = feed(&mut c, "250-mx\r\n250 AUTH PLAIN LOGIN\r\n");
+    assert!(!out.contains("AUTH"), "{out}");
+    assert_eq!(ev, vec![Event::Failed(SessionError::AuthWithoutTls)]);
+    // Inside TLS: AUTH PLAIN, then ready.
+    let mut c = Client::new(ClientParams {
+        auth: creds.clone(),
+        implicit_tls: true,
+        ..params(StartTls::Never)
+    });
+    feed(&mut c, "220 hi\r\n");
+    let (out, _) = feed(&mut c, "250-mx\r\n250 AUTH LOGIN PLAIN\r\n");
+    assert_eq!(
+        out,
+        format!("AUTH PLAIN {}\r\n", B64.encode("\0relay-user\0s3cret"))
+    );
+    let (_, ev) = feed(&mut c, "235 2.7.0 ok\r\n");
+    assert_eq!(ev, vec![Event::Ready]);
+    // LOGIN when that is all there is; a refusal fails the session.
+    let mut c = Client::new(ClientParams {
+        auth: creds,
+        implicit_tls: true,
+        ..params(StartTls::Never)
+    });
+    feed(&mut c, "220 hi\r\n");
+    let (out, _) = feed(&mut c, "250-mx\r\n250 AUTH LOGIN\r\n");
+    assert_eq!(out, "AUTH LOGIN\r\n");
+    let (out, _) = feed(&mut c, "334 VXNlcm5hbWU6\r\n");
+    assert_eq!(out, format!("{}\r\n", B64.encode("relay-user")));
+    let (out, _) = feed(&mut c, "334 UGFzc3dvcmQ6\r\n");
+    assert_eq!(out, format!("{}\r\n", B64.encode("s3cret")));
+    let (_, ev) = feed(&mut c, "535 5.7.8 nope\r\n");
+    assert!(matches!(&ev[0], Event::Failed(SessionError::AuthFailed(r)) if r.code == 535));
 }
 
 #[test]
