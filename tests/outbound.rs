@@ -828,3 +828,40 @@ fn smarthost_with_auth_over_starttls_and_implicit_tls() {
         "delivered with the wrong credentials"
     );
 }
+
+#[test]
+fn verify_policy_bounces_an_expired_certificate_naming_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    // Valid for a year ending in 2021.
+    let (ca, leaf) = make_cert_valid(dir.path(), "mx.old.test", 1_577_836_800, 1_609_459_200);
+    let dns = serve_zone(
+        "127.0.11.53",
+        "old.test",
+        &[
+            Rr::Mx("old.test", 10, "mx.old.test"),
+            Rr::A("mx.old.test", [127, 0, 11, 152]),
+        ],
+    );
+    let receiver_extra = format!(
+        "[[domain]]\nname = \"old.test\"\nroute = \"maildir\"\n\n[tls]\n[[tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
+        leaf.0.display(),
+        leaf.1.display()
+    );
+    let receiver = Moat::start_with("127.0.11.152", &receiver_extra, "");
+    let policy = format!(
+        "[[tls_policy]]\ndomains = [\"old.test\"]\nlevel = \"verify\"\nca_file = \"{}\"\n",
+        ca.display()
+    );
+    let sender = Moat::start_with("127.0.11.151", &sender_extra(dns, &policy), "");
+    submit(&sender, "alice@moat.test", &["e@old.test"], "expired-cert");
+    let dsn = wait_for("the bounce", Duration::from_secs(30), || {
+        sender.mailbox("alice").into_iter().next()
+    });
+    assert!(dsn.contains("Status: 5.7.320"), "{dsn}");
+    assert!(
+        dsn.contains("expired"),
+        "the DSN must name the cause: {dsn}"
+    );
+    assert!(dsn.contains("mx.old.test"), "{dsn}");
+    assert!(receiver.mailbox("e").is_empty());
+}

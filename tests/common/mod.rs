@@ -554,6 +554,38 @@ pub fn make_certs(dir: &Path, leaves: &[&str]) -> (PathBuf, Vec<(PathBuf, PathBu
     (ca_path, out)
 }
 
+/// Like [`make_certs`] for one leaf, valid only from `not_before` to `not_after` (Unix time).
+pub fn make_cert_valid(
+    dir: &Path,
+    name: &str,
+    not_before: i64,
+    not_after: i64,
+) -> (PathBuf, (PathBuf, PathBuf)) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Moat Test CA (validity)");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let ca_path = dir.join("ca-validity.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
+    params.not_before =
+        rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs(not_before as u64);
+    params.not_after =
+        rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs(not_after as u64);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let c = dir.join("leaf-validity.pem");
+    let k = dir.join("leaf-validity.key");
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (ca_path, (c, k))
+}
+
 /// DER of the first certificate in a PEM file.
 pub fn pem_der(path: &Path) -> Vec<u8> {
     use rustls::pki_types::pem::PemObject;
