@@ -12,7 +12,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
-MOAT="${MOAT_BIN:-$REPO/target/debug/moat}"
+MOAT="${MOAT_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/debug/moat}"
 IP=127.0.0.9
 P_SMTP=2525
 P_SMTPS=2465
