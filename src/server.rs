@@ -173,6 +173,7 @@ fn outbound_from(config: &Config) -> Result<Outbound, String> {
         port: o.port,
         connect_timeout: Duration::from_secs(o.connect_timeout_secs.max(1)),
         pool: Default::default(),
+        our_addrs: config.listeners.iter().map(|l| l.address).collect(),
     })
 }
 

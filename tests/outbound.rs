@@ -865,3 +865,42 @@ fn verify_policy_bounces_an_expired_certificate_naming_the_cause() {
     assert!(dsn.contains("mx.old.test"), "{dsn}");
     assert!(receiver.mailbox("e").is_empty());
 }
+
+#[test]
+fn mx_pointing_at_our_own_address_is_a_loop() {
+    let dns = serve_zone(
+        "127.0.11.53",
+        "loop.test",
+        &[
+            // Another name, but our own address and port: delivering there would loop.
+            Rr::Mx("loop.test", 10, "alias.loop.test"),
+            Rr::A("alias.loop.test", [127, 0, 11, 161]),
+            // Ourselves first, a real host second: the real host gets the mail.
+            Rr::Mx("mixed.loop.test", 10, "alias.loop.test"),
+            Rr::Mx("mixed.loop.test", 20, "mx2.loop.test"),
+            Rr::A("mx2.loop.test", [127, 0, 11, 162]),
+        ],
+    );
+    let receiver = Moat::start_with(
+        "127.0.11.162",
+        "[[domain]]\nname = \"mixed.loop.test\"\nroute = \"maildir\"\n",
+        "",
+    );
+    let sender = Moat::start_with("127.0.11.161", &sender_extra(dns, ""), "");
+    submit(&sender, "alice@moat.test", &["l@loop.test"], "loops");
+    let dsn = wait_for("the loop bounce", Duration::from_secs(20), || {
+        sender.mailbox("alice").into_iter().next()
+    });
+    assert!(dsn.contains("Status: 5.4.6"), "{dsn}");
+    assert!(dsn.contains("loops back to myself"), "{dsn}");
+    submit(
+        &sender,
+        "alice@moat.test",
+        &["m@mixed.loop.test"],
+        "skips-self",
+    );
+    let mail = wait_for("delivery to the other MX", Duration::from_secs(20), || {
+        receiver.mailbox("m").into_iter().next()
+    });
+    assert!(mail.contains("Subject: skips-self"), "{mail}");
+}

@@ -49,6 +49,8 @@ pub struct Outbound {
     pub connect_timeout: Duration,
     /// Sessions kept open after a transaction, for the next message to the same place.
     pub pool: Pool,
+    /// Addresses our own SMTP listeners are bound to: delivering there would loop.
+    pub our_addrs: Vec<SocketAddr>,
 }
 
 /// How long an idle outbound session is kept for reuse.
@@ -298,9 +300,27 @@ pub async fn deliver(
         NextHop::Relay { port, .. } => *port,
         NextHop::Mx => out.port,
     };
+    // RFC 5321 §5.1: never deliver to ourselves, even when the MX names another host.
+    let ours = |ip: &IpAddr| out.our_addrs.contains(&SocketAddr::new(*ip, port));
+    if let Some((h, ip)) = hosts
+        .iter()
+        .flat_map(|h| h.addrs.iter().map(move |ip| (h, ip)))
+        .find(|(_, ip)| ours(ip))
+        && hosts.iter().all(|h| h.addrs.iter().all(ours))
+    {
+        return all(failure(
+            "5.4.6",
+            false,
+            Some(h.host.clone()),
+            format!(
+                "mail for {domain} loops back to myself: {} resolves to this server's own address {ip}:{port}",
+                h.host
+            ),
+        ));
+    }
     let mut last: Option<Failure> = None;
     for h in &hosts {
-        for ip in &h.addrs {
+        for ip in h.addrs.iter().filter(|ip| !ours(ip)) {
             let addr = SocketAddr::new(*ip, port);
             let (implicit_tls, auth) = match hop {
                 NextHop::Relay {
