@@ -27,12 +27,6 @@ use crate::queue::{Queue, Route, TlsPolicy};
 use crate::smtp::session::{DomainKind, ListenerRules, Rules};
 use crate::tls::CertStore;
 
-/// What `serve` prints and the tests read: where it listens and where mail goes.
-#[derive(Debug, Clone)]
-pub struct Running {
-    pub addresses: Vec<(String, std::net::SocketAddr)>,
-}
-
 fn rules_from(config: &Config) -> Rules {
     let mut domains = HashMap::new();
     let mut postmaster_domain = None;

@@ -243,7 +243,12 @@ enum HostResult {
     RetryPlain(Failure),
 }
 
-fn failure(status: &str, security: bool, remote: Option<String>, reason: String) -> Failure {
+pub(crate) fn failure(
+    status: &str,
+    security: bool,
+    remote: Option<String>,
+    reason: String,
+) -> Failure {
     Failure {
         permanent: status.starts_with('5'),
         status: status.to_string(),
@@ -811,7 +816,8 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 .map(Step::Done)
                 .unwrap_or(Step::Failed(SessionError::Closed(None)));
         }
-        if event_pending(client, buf) {
+        // More complete reply lines are already buffered.
+        if buf.contains(&b'\n') {
             continue;
         }
         buf.reserve(4096);
@@ -832,9 +838,4 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
-}
-
-/// More complete reply lines are already buffered.
-fn event_pending(_client: &Client, buf: &[u8]) -> bool {
-    buf.contains(&b'\n')
 }

@@ -117,10 +117,10 @@ fn select(queue: &Queue, words: &[&str]) -> Result<Vec<String>, String> {
 }
 
 fn has_domain(m: &Spooled, d: &str) -> bool {
-    m.envelope.recipients.iter().any(|r| {
-        r.rsplit_once('@')
-            .is_some_and(|(_, rd)| rd.eq_ignore_ascii_case(d))
-    })
+    m.envelope
+        .recipients
+        .iter()
+        .any(|r| super::domain_of(r).eq_ignore_ascii_case(d))
 }
 
 fn load(queue: &Queue, id: &str) -> io::Result<(Spooled, MessageState)> {

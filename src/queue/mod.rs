@@ -60,7 +60,8 @@ fn find<'a>(rules: &'a [(String, TlsRequirement)], domain: &str) -> Option<&'a T
         .map(|(_, r)| r)
 }
 
-fn domain_of(addr: &str) -> String {
+/// The lowercased domain of an address (empty when it has none).
+pub(crate) fn domain_of(addr: &str) -> String {
     addr.rsplit_once('@')
         .map(|(_, d)| d.to_ascii_lowercase())
         .unwrap_or_default()
@@ -146,11 +147,7 @@ impl Queue {
             if st.rcpts[i].state.is_final() || st.rcpts[i].next_attempt > now {
                 continue;
             }
-            let domain = r
-                .rsplit_once('@')
-                .map(|(_, d)| d.to_ascii_lowercase())
-                .unwrap_or_default();
-            by_domain.entry(domain).or_default().push(i);
+            by_domain.entry(domain_of(r)).or_default().push(i);
         }
         let msg = Arc::new(msg);
         let mut tasks = tokio::task::JoinSet::new();
@@ -428,20 +425,18 @@ impl Queue {
                             remote: "maildir".into(),
                             reply: path.display().to_string(),
                         },
-                        Ok(Err(e)) => RcptResult::NotDelivered(deliver::Failure {
-                            status: "4.3.0".into(),
-                            permanent: false,
-                            security: false,
-                            remote: None,
-                            reason: format!("local delivery failed: {e}"),
-                        }),
-                        Err(e) => RcptResult::NotDelivered(deliver::Failure {
-                            status: "4.3.0".into(),
-                            permanent: false,
-                            security: false,
-                            remote: None,
-                            reason: format!("local delivery task failed: {e}"),
-                        }),
+                        Ok(Err(e)) => RcptResult::NotDelivered(deliver::failure(
+                            "4.3.0",
+                            false,
+                            None,
+                            format!("local delivery failed: {e}"),
+                        )),
+                        Err(e) => RcptResult::NotDelivered(deliver::failure(
+                            "4.3.0",
+                            false,
+                            None,
+                            format!("local delivery task failed: {e}"),
+                        )),
                     });
                 }
                 out

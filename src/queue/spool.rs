@@ -76,12 +76,7 @@ impl Spool {
             tracing::info!(file = %entry.path().display(), "removing unacknowledged spool file");
             fs::remove_file(entry.path())?;
         }
-        let mut ids: Vec<String> = fs::read_dir(&queue)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| crate::util::is_queue_id(n))
-            .collect();
-        ids.sort();
+        let ids = queued_ids(&queue)?;
         let (tx, rx) = std_mpsc::channel::<Commit>();
         let (tmp2, queue2) = (tmp.clone(), queue.clone());
         std::thread::Builder::new()
@@ -108,9 +103,7 @@ impl Spool {
         envelope: &Envelope,
         message: &[u8],
     ) -> io::Result<()> {
-        if !crate::util::is_queue_id(id) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad queue id"));
-        }
+        check_id(id)?;
         let mut data = encode_header(arrived, envelope);
         data.extend_from_slice(message);
         let path = self.root.join("tmp").join(id);
@@ -137,9 +130,7 @@ impl Spool {
 
     /// Reads a queued message.
     pub fn load(&self, id: &str) -> io::Result<Spooled> {
-        if !crate::util::is_queue_id(id) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad queue id"));
-        }
+        check_id(id)?;
         let data = fs::read(self.queue_path(id))?;
         decode(id, &data).ok_or_else(|| {
             io::Error::new(
@@ -151,9 +142,7 @@ impl Spool {
 
     /// Removes a message whose recipients are all final, and its state.
     pub fn remove(&self, id: &str) -> io::Result<()> {
-        if !crate::util::is_queue_id(id) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad queue id"));
-        }
+        check_id(id)?;
         fs::remove_file(self.queue_path(id))?;
         match fs::remove_file(self.state_dir().join(id)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
@@ -173,13 +162,27 @@ impl Spool {
 
     /// Ids currently queued, oldest first.
     pub fn list(&self) -> io::Result<Vec<String>> {
-        let mut ids: Vec<String> = fs::read_dir(self.root.join("queue"))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| crate::util::is_queue_id(n))
-            .collect();
-        ids.sort();
-        Ok(ids)
+        queued_ids(&self.root.join("queue"))
+    }
+}
+
+/// Queue ids of the files in `dir`, oldest first (ids sort by arrival).
+fn queued_ids(dir: &Path) -> io::Result<Vec<String>> {
+    let mut ids: Vec<String> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| crate::util::is_queue_id(n))
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// Refuses anything that is not a queue id, so ids never become arbitrary paths.
+fn check_id(id: &str) -> io::Result<()> {
+    if crate::util::is_queue_id(id) {
+        Ok(())
+    } else {
+        Err(io::Error::new(io::ErrorKind::InvalidInput, "bad queue id"))
     }
 }
 
