@@ -1,0 +1,1 @@
+//! `moat probe`: a STARTTLS/implicit-TLS capability test of one SMTP server.

@@ -1,0 +1,1 @@
+//! MTA-STS policy and TXT record parsing (RFC 8461 §3).
