@@ -40,6 +40,74 @@ pub struct Config {
     pub outbound: OutboundConfig,
     #[serde(default, rename = "tls_policy")]
     pub tls_policies: Vec<TlsPolicyConfig>,
+    #[serde(default)]
+    pub mta_sts: MtaStsConfig,
+}
+
+/// MTA-STS (RFC 8461): honouring recipient domains' policies when sending, and hosting
+/// policies for our own domains.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MtaStsConfig {
+    /// Look up and apply recipient domains' policies when delivering by MX.
+    pub enabled: bool,
+    /// HTTPS port of the policy hosts `mta-sts.<domain>` (443; tests use a high port).
+    pub fetch_port: u16,
+    /// Limit for one policy fetch (RFC 8461 asks senders to allow about a minute).
+    pub fetch_timeout_secs: u64,
+    /// Extra trusted CA certificates (PEM) for policy hosts and for MX certificates checked
+    /// under a policy, in addition to the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// How often cached policies past half their max_age are refreshed in the background.
+    pub refresh_interval_secs: u64,
+    /// Addresses the built-in policy host listens on (HTTPS); empty: no policy host.
+    pub listen: Vec<SocketAddr>,
+    /// Policies the built-in host publishes, one per domain.
+    #[serde(rename = "policy")]
+    pub policies: Vec<HostedPolicyConfig>,
+}
+
+impl Default for MtaStsConfig {
+    fn default() -> Self {
+        MtaStsConfig {
+            enabled: true,
+            fetch_port: 443,
+            fetch_timeout_secs: 60,
+            ca_file: None,
+            refresh_interval_secs: 3600,
+            listen: Vec::new(),
+            policies: Vec::new(),
+        }
+    }
+}
+
+/// One published policy, served at `https://mta-sts.<domain>/.well-known/mta-sts.txt`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostedPolicyConfig {
+    /// The mail domain (the policy host is `mta-sts.<domain>`).
+    pub domain: String,
+    /// `testing` (the default), `enforce` or `none`.
+    #[serde(default = "default_sts_mode")]
+    pub mode: String,
+    /// MX patterns; default: the names Moat serves (hostname and its certificates' names).
+    #[serde(default)]
+    pub mx: Vec<String>,
+    /// Seconds senders may cache the policy (default one week, at most 31557600).
+    #[serde(default = "default_sts_max_age")]
+    pub max_age: u32,
+    /// Certificate and key (PEM) for `mta-sts.<domain>`; default: the `[tls]` certificates,
+    /// chosen by SNI.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+fn default_sts_mode() -> String {
+    "testing".into()
+}
+
+fn default_sts_max_age() -> u32 {
+    604_800
 }
 
 /// Outbound TLS requirement for recipient domains (DESIGN §5).
@@ -592,6 +660,71 @@ impl Config {
             for pin in &p.pins {
                 crate::outbound::tls::Pin::parse(pin)
                     .map_err(|m| err("tls_policy", i, "pins", m))?;
+            }
+        }
+        let sts = &self.mta_sts;
+        if sts.fetch_timeout_secs == 0 {
+            return Err(err(
+                "mta_sts",
+                0,
+                "fetch_timeout_secs",
+                "must be greater than 0".into(),
+            ));
+        }
+        if sts.refresh_interval_secs == 0 {
+            return Err(err(
+                "mta_sts",
+                0,
+                "refresh_interval_secs",
+                "must be greater than 0".into(),
+            ));
+        }
+        if !sts.policies.is_empty() && sts.listen.is_empty() {
+            return Err(err(
+                "mta_sts",
+                0,
+                "listen",
+                "policies are published only with a listen address for the policy host".into(),
+            ));
+        }
+        for (i, p) in sts.policies.iter().enumerate() {
+            let t = "mta_sts.policy";
+            if !crate::smtp::address::valid_domain(&p.domain, false) || p.domain.starts_with('[') {
+                return Err(err(
+                    t,
+                    i,
+                    "domain",
+                    format!("`{}` is not a domain", p.domain),
+                ));
+            }
+            if sts.policies[..i]
+                .iter()
+                .any(|o| o.domain.eq_ignore_ascii_case(&p.domain))
+            {
+                return Err(err(t, i, "domain", format!("{} is listed twice", p.domain)));
+            }
+            if !["testing", "enforce", "none"].contains(&p.mode.as_str()) {
+                return Err(err(
+                    t,
+                    i,
+                    "mode",
+                    format!("`{}`: use testing, enforce or none", p.mode),
+                ));
+            }
+            for m in &p.mx {
+                crate::sts::policy::MxPattern::parse(m)
+                    .map_err(|e| err(t, i, "mx", format!("`{m}`: {e}")))?;
+            }
+            if p.max_age == 0 || p.max_age > crate::sts::policy::MAX_AGE_LIMIT {
+                return Err(err(
+                    t,
+                    i,
+                    "max_age",
+                    format!("must be 1 to {}", crate::sts::policy::MAX_AGE_LIMIT),
+                ));
+            }
+            if p.cert.is_some() != p.key.is_some() {
+                return Err(err(t, i, "cert", "cert and key go together".into()));
             }
         }
         if self.queue.retry_schedule_secs.is_empty() || self.queue.retry_schedule_secs.contains(&0)

@@ -50,6 +50,8 @@ pub enum RecordKind {
     Aaaa,
     /// A and AAAA records (an address lookup).
     Address,
+    /// TXT records.
+    Txt,
 }
 
 impl fmt::Display for RecordKind {
@@ -59,6 +61,7 @@ impl fmt::Display for RecordKind {
             RecordKind::A => "A",
             RecordKind::Aaaa => "AAAA",
             RecordKind::Address => "A/AAAA",
+            RecordKind::Txt => "TXT",
         })
     }
 }
@@ -328,6 +331,37 @@ impl Resolver {
             Err(e) => match classify(e, query) {
                 DnsError::NxDomain { .. } => Ok(MxAnswer::NxDomain),
                 DnsError::NoRecords { .. } => Ok(MxAnswer::NoRecords),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// TXT records of `name`, each the concatenation of its strings (RFC 7208 §3.3 style),
+    /// invalid UTF-8 replaced. NXDOMAIN and NODATA are an empty list, not errors.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError> {
+        let absolute = absolute_name(name)?;
+        let query = DnsQuery {
+            kind: RecordKind::Txt,
+            name: display_name(name),
+        };
+        match self.inner.txt_lookup(absolute).await {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::TXT(txt) => {
+                        let bytes: Vec<u8> = txt
+                            .txt_data
+                            .iter()
+                            .flat_map(|s| s.iter().copied())
+                            .collect();
+                        Some(String::from_utf8_lossy(&bytes).into_owned())
+                    }
+                    _ => None,
+                })
+                .collect()),
+            Err(e) => match classify(e, query) {
+                DnsError::NxDomain { .. } | DnsError::NoRecords { .. } => Ok(Vec::new()),
                 other => Err(other),
             },
         }

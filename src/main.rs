@@ -70,6 +70,133 @@ enum Command {
     /// Inspect and act on the running server's queue (through its local admin socket).
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Test whether an SMTP server offers TLS with a certificate that verifies.
+    ///
+    /// Connects to HOST (each of its addresses in turn until one answers), reads the banner,
+    /// sends EHLO, STARTTLS and, after the handshake, EHLO again, then QUIT; prints the
+    /// transcript, the TLS version, cipher and key exchange, every certificate the server
+    /// presented (subject, names, issuer, validity, key), whether the chain leads to a trusted
+    /// root and the certificate is valid for the expected name, and a verdict: PASS, or FAIL
+    /// with a cause per problem (connection refused or timed out, STARTTLS not offered,
+    /// handshake failure, expired, not yet valid, untrusted issuer, wrong name). WARN lines
+    /// flag a certificate expiring within 21 days, no TLS 1.3, no PIPELINING and AUTH offered
+    /// before TLS. Bytes a server sends after its 220 to STARTTLS are reported and discarded.
+    ///
+    /// HOST is the server itself (an MX host), not a mail domain: MX records are not looked
+    /// up. Trusted roots are the system's CA certificates plus --ca-file. Revocation is not
+    /// checked.
+    #[command(after_long_help = PROBE_EXAMPLES)]
+    Probe(ProbeArgs),
+    /// MTA-STS (RFC 8461) for domain owners: write a policy and its DNS records, or check a
+    /// domain's whole setup as a sending server sees it.
+    #[command(subcommand)]
+    Sts(StsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StsCommand {
+    /// Print a policy file, the `_mta-sts` TXT record with a fresh id (UTC now, as
+    /// yyyymmddhhmmssZ), a suggested TLS-RPT record, and the steps to publish them and to move
+    /// from testing to enforce.
+    ///
+    /// Run it again whenever the policy changes: senders refetch a policy only when the TXT
+    /// id changes.
+    #[command(
+        after_long_help = "Example:\n  moat sts generate --domain example.com --mx mx1.example.com --mx '*.mail.example.com'"
+    )]
+    Generate {
+        /// The mail domain.
+        #[arg(long)]
+        domain: String,
+        /// An MX host name or `*.suffix` pattern (a `*` covers exactly one label); repeat for
+        /// each.
+        #[arg(long, required = true, value_name = "PATTERN")]
+        mx: Vec<String>,
+        /// `testing` (deliver and report) first, `enforce` once reports are clean, or `none` to
+        /// withdraw.
+        #[arg(long, default_value = "testing")]
+        mode: String,
+        /// Seconds senders may cache the policy (at most 31557600).
+        #[arg(long, default_value_t = moat::sts::generate::DEFAULT_MAX_AGE)]
+        max_age: u32,
+        /// Where TLS reports go (`mailto:` or `https:` URI); default mailto:tlsrpt@DOMAIN.
+        #[arg(long, value_name = "URI")]
+        rua: Option<String>,
+    },
+    /// Check DOMAIN's MTA-STS setup: the TXT record (syntax, exactly one), the policy fetch
+    /// (certificate, status, content type, redirects, size, time), the policy's syntax, that
+    /// every MX host is covered by an mx pattern, and each MX host's STARTTLS certificate.
+    ///
+    /// Prints one PASS/WARN/FAIL line per finding, with the fix under each problem. Exit status
+    /// 0 when nothing failed (warnings allowed), 1 otherwise.
+    #[command(
+        after_long_help = "Examples:\n  moat sts check example.com\n  moat sts check example.com --json"
+    )]
+    Check {
+        /// The mail domain.
+        domain: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Ask this DNS server (IP:PORT) instead of the system resolver.
+        #[arg(long, value_name = "ADDR")]
+        nameserver: Option<std::net::SocketAddr>,
+        /// HTTPS port of the policy host.
+        #[arg(long, default_value_t = 443)]
+        policy_port: u16,
+        /// SMTP port of the MX hosts.
+        #[arg(long, default_value_t = 25)]
+        smtp_port: u16,
+        /// Also trust the CA certificates in this PEM file.
+        #[arg(long, value_name = "PEM")]
+        ca_file: Option<PathBuf>,
+        /// Limit for each network step, in seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+}
+
+const PROBE_EXAMPLES: &str = "\
+Examples:
+  moat probe mx.example.com
+  moat probe mx.example.com --json
+  moat probe 192.0.2.1 --name mx.example.com
+  moat probe smtp.example.com --implicit-tls              (port 465)
+  moat probe '[2001:db8::25]:2525' --ca-file private-ca.pem --timeout 10
+
+Exit status: 0 when TLS works and the certificate verifies for the name (warnings
+allowed), 1 when the probe found a failure, 2 for a usage error.";
+
+/// `moat probe` arguments.
+#[derive(Debug, Args)]
+struct ProbeArgs {
+    /// The server: a host name or IP address, with an optional port (default 25, or 465
+    /// with --implicit-tls). An IPv6 address with a port goes in brackets: [::1]:2525.
+    #[arg(value_name = "HOST[:PORT]")]
+    target: String,
+    /// TLS from the first byte (RFC 8314, port 465) instead of STARTTLS.
+    #[arg(long)]
+    implicit_tls: bool,
+    /// The name the certificate must be valid for (default HOST; without it an IP address
+    /// skips the name check). Also sent as SNI when HOST is an IP address.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Print the report as JSON (one object: every step, the chain, warnings, failures and
+    /// the verdict) instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Limit for each step (resolving, connecting, each reply, the handshake); the whole
+    /// probe stops after four times this.
+    #[arg(long, value_name = "SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    timeout: u64,
+    /// Also trust the CA certificates in this PEM file (a private CA, a test CA).
+    #[arg(long, value_name = "PEM")]
+    ca_file: Option<PathBuf>,
+    /// The name to send with EHLO (default: this host's name if fully qualified, else
+    /// moat-probe.invalid).
+    #[arg(long, value_name = "NAME")]
+    helo: Option<String>,
 }
 
 /// Which messages a queue action applies to.
@@ -185,6 +312,136 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Runs a probe: exit status 0 (pass), 1 (a failure found) or 2 (bad arguments).
+fn probe(args: ProbeArgs) -> ExitCode {
+    let usage = |e: String| {
+        eprintln!("moat probe: {e}");
+        ExitCode::from(2)
+    };
+    let mut opts = match moat::probe::ProbeOptions::new(&args.target, args.implicit_tls) {
+        Ok(o) => o,
+        Err(e) => return usage(e),
+    };
+    if let Some(name) = &args.name {
+        if rustls_pki_types::ServerName::try_from(name.trim_end_matches('.').to_string()).is_err() {
+            return usage(format!("--name {name:?} is not a host name or IP address"));
+        }
+        opts.name = Some(name.clone());
+    }
+    if let Some(helo) = args.helo {
+        if helo.is_empty() || helo.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            return usage(format!(
+                "--helo {helo:?}: one word without spaces is needed"
+            ));
+        }
+        opts.helo = helo;
+    }
+    if let Some(path) = &args.ca_file {
+        match moat::tls::load_roots(path) {
+            Ok(roots) => opts.extra_roots = Some(roots),
+            Err(e) => return usage(format!("--ca-file: {e}")),
+        }
+    }
+    opts.step_timeout = std::time::Duration::from_secs(args.timeout);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("moat probe: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = runtime.block_on(moat::probe::probe(&opts));
+    if args.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(j) => println!("{j}"),
+            Err(e) => {
+                eprintln!("moat probe: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", report.render());
+    }
+    if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `moat sts check`: exit status 0 (no failure), 1 (a failure found) or 2 (bad arguments).
+fn sts_check(cmd: StsCommand) -> ExitCode {
+    let StsCommand::Check {
+        domain,
+        json,
+        nameserver,
+        policy_port,
+        smtp_port,
+        ca_file,
+        timeout,
+    } = cmd
+    else {
+        return ExitCode::from(2);
+    };
+    let usage = |e: String| {
+        eprintln!("moat sts check: {e}");
+        ExitCode::from(2)
+    };
+    let extra_roots = match &ca_file {
+        Some(p) => match moat::tls::load_roots(p) {
+            Ok(r) => Some(r),
+            Err(e) => return usage(format!("--ca-file: {e}")),
+        },
+        None => None,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return usage(format!("starting the runtime: {e}")),
+    };
+    let report = runtime.block_on(async {
+        let resolver = match nameserver {
+            Some(ns) => moat::dns::Resolver::with_nameservers_timeout(
+                &[ns],
+                std::time::Duration::from_secs(timeout.clamp(1, 10)),
+                1,
+            ),
+            None => moat::dns::Resolver::system(),
+        }
+        .map_err(|e| e.to_string())?;
+        let opts = moat::sts::check::CheckOptions {
+            resolver,
+            extra_roots,
+            policy_port,
+            smtp_port,
+            timeout: std::time::Duration::from_secs(timeout.max(1)),
+        };
+        Ok::<_, String>(moat::sts::check::check(&domain, &opts).await)
+    });
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => return usage(e),
+    };
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(j) => println!("{j}"),
+            Err(e) => return usage(e.to_string()),
+        }
+    } else {
+        print!("{}", report.render());
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve(source) => {
@@ -214,6 +471,28 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::User(cmd) => user(cmd),
         Command::Queue(cmd) => queue(cmd),
+        // Handled in `main`: they have their own exit statuses.
+        Command::Probe(_) | Command::Sts(StsCommand::Check { .. }) => Ok(()),
+        Command::Sts(StsCommand::Generate {
+            domain,
+            mx,
+            mode,
+            max_age,
+            rua,
+        }) => {
+            let mode: moat::sts::policy::Mode = mode.parse().map_err(|e| format!("--mode: {e}"))?;
+            let g = moat::sts::generate::generate(
+                &domain,
+                &mx,
+                mode,
+                max_age,
+                moat::util::unix_now(),
+                rua.as_deref(),
+            )
+            .map_err(|e| e.to_string())?;
+            print!("{}", moat::sts::generate::render(&g, &domain));
+            Ok(())
+        }
     }
 }
 
@@ -307,8 +586,18 @@ fn user(cmd: UserCommand) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let result = match Cli::parse() {
+        Cli {
+            command: Command::Probe(args),
+            ..
+        } => return probe(args),
+        Cli {
+            command: Command::Sts(cmd @ StsCommand::Check { .. }),
+            ..
+        } => return sts_check(cmd),
+        cli => run(cli),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("moat: {e}");

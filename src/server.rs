@@ -171,6 +171,73 @@ fn outbound_from(config: &Config) -> Result<Outbound, String> {
     })
 }
 
+/// MTA-STS discovery for the sending side, sharing the outbound resolver and TLS connector.
+fn sts_from(config: &Config, outbound: &Outbound) -> Result<Option<Arc<crate::sts::Sts>>, String> {
+    let c = &config.mta_sts;
+    if !c.enabled {
+        return Ok(None);
+    }
+    let extra_roots = match &c.ca_file {
+        Some(f) => Some(Arc::new(crate::tls::load_roots(&config.data_path(f))?)),
+        None => None,
+    };
+    let fetcher = crate::sts::fetch::Fetcher {
+        resolver: outbound.resolver.clone(),
+        connector: outbound.connector.clone(),
+        extra_roots,
+        port: c.fetch_port,
+        timeout: Duration::from_secs(c.fetch_timeout_secs),
+    };
+    let sts = crate::sts::Sts::new(fetcher, Some(config.data_dir.join("sts")))?;
+    Ok(Some(Arc::new(sts)))
+}
+
+/// Starts the MTA-STS policy host on each `[mta_sts] listen` address; returns its certificate
+/// store (the policies' own certificates first, then the SMTP ones) for reloading.
+async fn policy_host(config: &Config, smtp_store: &CertStore) -> Result<Arc<CertStore>, String> {
+    let mut files: Vec<(PathBuf, PathBuf)> = config
+        .mta_sts
+        .policies
+        .iter()
+        .filter_map(|p| {
+            Some((
+                config.data_path(p.cert.as_ref()?),
+                config.data_path(p.key.as_ref()?),
+            ))
+        })
+        .collect();
+    files.extend(certificate_files(config)?);
+    let store = Arc::new(CertStore::load(&files)?);
+    let mut served = vec![config.hostname.to_ascii_lowercase()];
+    for name in smtp_store.names() {
+        // Only host names make MX patterns (a subject CN may be any text).
+        if !served.contains(&name)
+            && !name.starts_with("mta-sts.")
+            && crate::sts::policy::MxPattern::parse(&name).is_ok()
+        {
+            served.push(name);
+        }
+    }
+    let policies = Arc::new(crate::sts::host::Policies::from_config(config, &served)?);
+    let acceptor = tokio_rustls::TlsAcceptor::from(crate::tls::server_config(store.clone(), None)?);
+    for addr in &config.mta_sts.listen {
+        let socket = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} (MTA-STS policy host): {e}"))?;
+        println!(
+            "moat: MTA-STS policy host on https://{} for {}",
+            socket.local_addr().map_err(|e| e.to_string())?,
+            policies.hosts().join(", ")
+        );
+        tokio::spawn(crate::sts::host::serve(
+            socket,
+            acceptor.clone(),
+            policies.clone(),
+        ));
+    }
+    Ok(store)
+}
+
 fn policy_from(config: &Config) -> Result<TlsPolicy, String> {
     let mut rules = Vec::new();
     let mut sender_rules = Vec::new();
@@ -189,6 +256,7 @@ fn policy_from(config: &Config) -> Result<TlsPolicy, String> {
             match_names: p.match_names.clone(),
             pins,
             extra_roots,
+            mta_sts: false,
         };
         for d in &p.domains {
             rules.push((d.to_ascii_lowercase(), req.clone()));
@@ -201,12 +269,7 @@ fn policy_from(config: &Config) -> Result<TlsPolicy, String> {
         rules,
         sender_rules,
         opportunistic_for_unmatched: config.outbound.opportunistic_for_unmatched,
-        default: TlsRequirement {
-            level: TlsLevel::May,
-            match_names: Vec::new(),
-            pins: Vec::new(),
-            extra_roots: None,
-        },
+        default: TlsRequirement::level(TlsLevel::May),
     })
 }
 
@@ -228,12 +291,17 @@ pub async fn serve(config: Config) -> Result<(), String> {
     let routes = routes_from(&config)?;
     let outbound = outbound_from(&config)?;
     let policy = policy_from(&config)?;
+    let sts = sts_from(&config, &outbound)?;
+    if let Some(s) = &sts {
+        s.spawn_refresher(Duration::from_secs(config.mta_sts.refresh_interval_secs));
+    }
     let (deliver, queue) = Queue {
         spool: spool.clone(),
         routes,
         hostname: config.hostname.clone(),
         outbound,
         policy,
+        sts,
         config: config.queue.clone(),
         dest_slots: Default::default(),
     }
@@ -378,7 +446,11 @@ pub async fn serve(config: Config) -> Result<(), String> {
         });
     }
 
-    let reload_store = store.clone();
+    let mut stores = vec![store.clone()];
+    if !config.mta_sts.listen.is_empty() {
+        stores.push(policy_host(&config, &store).await?);
+    }
+    let reload_stores = stores;
     let interval = Duration::from_secs(config.tls.reload_interval_secs.max(1));
     tokio::spawn(async move {
         let mut hup = signal(SignalKind::hangup()).ok();
@@ -387,17 +459,19 @@ pub async fn serve(config: Config) -> Result<(), String> {
                 _ = tokio::time::sleep(interval) => false,
                 Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
             };
-            let result = if forced {
-                Some(reload_store.reload())
-            } else {
-                reload_store.reload_if_changed()
-            };
-            match result {
-                Some(Ok(n)) => tracing::info!(certificates = n, "certificates reloaded"),
-                Some(Err(e)) => {
-                    tracing::error!(error = %e, "certificate reload failed; keeping the old ones")
+            for reload_store in &reload_stores {
+                let result = if forced {
+                    Some(reload_store.reload())
+                } else {
+                    reload_store.reload_if_changed()
+                };
+                match result {
+                    Some(Ok(n)) => tracing::info!(certificates = n, "certificates reloaded"),
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "certificate reload failed; keeping the old ones")
+                    }
+                    None => {}
                 }
-                None => {}
             }
         }
     });

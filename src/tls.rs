@@ -120,6 +120,24 @@ impl CertStore {
         })
     }
 
+    /// The DNS names (and subject CNs) of every loaded certificate, lowercase.
+    pub fn names(&self) -> Vec<String> {
+        let Ok(g) = self.inner.read() else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = Vec::new();
+        for l in g.iter() {
+            if let Some(ee) = l.key.cert.first() {
+                for n in certificate_names(ee.as_ref()) {
+                    if !out.contains(&n) {
+                        out.push(n);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     fn pick(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
         let g = self.inner.read().ok()?;
         if let Some(name) = sni.and_then(|n| ServerName::try_from(n.to_string()).ok()) {

@@ -259,17 +259,22 @@ pub(crate) fn failure(
 }
 
 /// Delivers `msg` to `domain`; one result per recipient of `msg`, in order.
+///
+/// `sts` is the domain's MTA-STS policy, if it has one (only consulted for MX delivery); `req`
+/// already includes what it demands (see [`crate::sts::Applied::requirement`]).
 pub async fn deliver(
     out: &Outbound,
     queue_id: &str,
     domain: &str,
     hop: &NextHop,
     req: &TlsRequirement,
+    sts: Option<&crate::sts::Applied>,
     msg: Outgoing,
 ) -> Vec<RcptResult> {
     let n = msg.recipients.len();
     let all = |f: Failure| vec![RcptResult::NotDelivered(f); n];
-    let hosts: Vec<Hop> = match hop {
+    let sts = sts.filter(|_| matches!(hop, NextHop::Mx));
+    let mut hosts: Vec<Hop> = match hop {
         NextHop::Mx => match resolve_route(&out.resolver, domain, &out.our_names).await {
             Ok(h) => h,
             Err(e) => {
@@ -301,6 +306,46 @@ pub async fn deliver(
             },
         },
     };
+    // RFC 8461 §4.1: under enforce only MX hosts the policy names are tried; under testing
+    // the others are tried too and the mismatch is reported.
+    let mut sts_notes: Vec<String> = Vec::new();
+    if let Some(p) = sts {
+        let unmatched: Vec<String> = hosts
+            .iter()
+            .filter(|h| !p.entry.policy.matches_mx(&h.host))
+            .map(|h| h.host.clone())
+            .collect();
+        if !unmatched.is_empty() {
+            let patterns: Vec<&str> = p.entry.policy.mx.iter().map(|m| m.as_str()).collect();
+            let what = format!(
+                "MX host(s) {} not covered by the policy's mx patterns ({})",
+                unmatched.join(", "),
+                patterns.join(", ")
+            );
+            match p.mode() {
+                crate::sts::policy::Mode::Enforce => {
+                    hosts.retain(|h| p.entry.policy.matches_mx(&h.host));
+                    if hosts.is_empty() {
+                        tracing::warn!(queue_id, domain, policy = %p.describe(), %what, "MTA-STS: no MX host matches");
+                        return all(failure(
+                            "4.4.8",
+                            true,
+                            None,
+                            format!(
+                                "MX hosts of {domain} failed MTA-STS validation: {what}; {}",
+                                p.describe()
+                            ),
+                        ));
+                    }
+                }
+                _ => {
+                    tracing::warn!(queue_id, domain, policy = %p.describe(), %what,
+                        "MTA-STS testing: enforce would skip these MX hosts");
+                    sts_notes.push(format!("would skip {}", unmatched.join(", ")));
+                }
+            }
+        }
+    }
     let port = match hop {
         NextHop::Relay { port, .. } => *port,
         NextHop::Mx => out.port,
@@ -346,7 +391,26 @@ pub async fn deliver(
                 result = attempt(out, &who, req, msg.clone(), true).await;
             }
             match result {
-                HostResult::Done(outcomes, tls, dsn) => {
+                HostResult::Done(outcomes, mut tls, dsn) => {
+                    if let Some(p) = sts {
+                        if p.mode() == crate::sts::policy::Mode::Testing
+                            && !tls.ends_with(", verified")
+                        {
+                            let why = if tls == "plaintext" {
+                                "starttls not offered".to_string()
+                            } else {
+                                format!("certificate not valid for {}", h.host)
+                            };
+                            tracing::warn!(queue_id, domain, host = %h.host, policy = %p.describe(),
+                                reason = %why, "MTA-STS testing: enforce would have refused this delivery");
+                            sts_notes.push(format!("would fail: {why}"));
+                        }
+                        tls = if sts_notes.is_empty() {
+                            format!("{tls}; {}", p.describe())
+                        } else {
+                            format!("{tls}; {}: {}", p.describe(), sts_notes.join("; "))
+                        };
+                    }
                     return outcomes
                         .into_iter()
                         .map(|o| rcpt_result(o, &h.host, &tls, dsn))
@@ -366,8 +430,12 @@ pub async fn deliver(
             }
         }
     }
-    all(last
-        .unwrap_or_else(|| failure("4.4.4", false, None, format!("no usable host for {domain}"))))
+    let mut last = last
+        .unwrap_or_else(|| failure("4.4.4", false, None, format!("no usable host for {domain}")));
+    if let Some(p) = sts {
+        last.reason = format!("{}; {}", last.reason, p.describe());
+    }
+    all(last)
 }
 
 fn rcpt_result(o: RcptOutcome, host: &str, tls: &str, dsn_passed: bool) -> RcptResult {
@@ -438,7 +506,7 @@ async fn attempt(
         ),
     };
     tracing::info!(queue_id = who.queue_id, domain = who.domain, host = who.host, ip = %who.addr,
-        level = req.level.as_str(), %tls, %outcome, "delivery attempt");
+        level = req.level.as_str(), mta_sts = req.mta_sts, %tls, %outcome, "delivery attempt");
     result
 }
 
@@ -554,7 +622,7 @@ async fn attempt_inner(
             keep_or_close(out, key, idle, &buf);
             return HostResult::Done(r, "plaintext".into(), dsn);
         }
-        Step::Failed(f) => return HostResult::Failed(session_failure(f, host)),
+        Step::Failed(f) => return HostResult::Failed(before_tls_failure(f, host, req)),
     }
     // CVE-2021-38371: nothing the server sent after its 220 is kept.
     buf.clear();
@@ -617,9 +685,10 @@ fn pool_key(addr: SocketAddr, host: &str, req: &TlsRequirement, plain: bool, tag
         .as_ref()
         .map_or(0, |r| Arc::as_ptr(r) as usize);
     format!(
-        "{addr}|{host}|{}|{plain}|{:?}|{pins:?}|{roots}|{tag}",
+        "{addr}|{host}|{}|{plain}|{:?}|{pins:?}|{roots}|{}|{tag}",
         req.level.as_str(),
-        req.match_names
+        req.match_names,
+        req.mta_sts
     )
 }
 
@@ -653,6 +722,17 @@ fn tls_summary(o: &TlsOutcome) -> String {
 }
 
 fn tls_failure(e: &TlsFailure, host: &str, req: &TlsRequirement) -> Failure {
+    if req.mta_sts {
+        return failure(
+            "4.7.5",
+            true,
+            Some(host.to_string()),
+            format!(
+                "Remote certificate failed MTA-STS validation. Reason: {} ({host}: {e})",
+                crate::sts::tls_reason(e)
+            ),
+        );
+    }
     let status = e.enhanced_code(false);
     let why = if req.level >= TlsLevel::Encrypt {
         "; TLS is required for this destination"
@@ -665,6 +745,27 @@ fn tls_failure(e: &TlsFailure, host: &str, req: &TlsRequirement) -> Failure {
         Some(host.to_string()),
         format!("TLS with {host} failed: {e}{why}"),
     )
+}
+
+/// A failure before TLS: under MTA-STS enforce a missing or refused STARTTLS is a 4.7.5.
+fn before_tls_failure(e: SessionError, host: &str, req: &TlsRequirement) -> Failure {
+    match e {
+        SessionError::StartTlsNotOffered | SessionError::StartTlsRefused(_) if req.mta_sts => {
+            let detail = match &e {
+                SessionError::StartTlsRefused(r) => format!("{host} refused STARTTLS ({r})"),
+                _ => format!("{host} did not offer STARTTLS"),
+            };
+            failure(
+                "4.7.5",
+                true,
+                Some(host.to_string()),
+                format!(
+                    "Remote certificate failed MTA-STS validation. Reason: starttls not offered ({detail})"
+                ),
+            )
+        }
+        e => session_failure(e, host),
+    }
 }
 
 fn session_failure(e: SessionError, host: &str) -> Failure {

@@ -211,6 +211,8 @@ pub struct TlsRequirement {
     pub pins: Vec<Pin>,
     /// A private CA for this destination, trusted in addition to the system roots.
     pub extra_roots: Option<Arc<RootCertStore>>,
+    /// Set by an MTA-STS `enforce` policy: failures carry 4.7.5/5.7.5 (DESIGN §4).
+    pub mta_sts: bool,
 }
 
 impl TlsRequirement {

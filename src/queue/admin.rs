@@ -190,8 +190,27 @@ fn describe(queue: &Queue, m: &Spooled, st: &MessageState, now: u64, detail: boo
                 ),
                 None => "mx".into(),
             };
+            let sts = queue
+                .sts
+                .as_ref()
+                .and_then(|s| s.entry(&lower))
+                .map(|e| {
+                    format!(
+                        ", MTA-STS {} (id {}, mx {}, cached until {})",
+                        e.policy.mode.as_str(),
+                        e.id,
+                        e.policy
+                            .mx
+                            .iter()
+                            .map(|m| m.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        crate::util::rfc5322_date(e.expires())
+                    )
+                })
+                .unwrap_or_default();
             s.push_str(&format!(
-                "  {d}: route {route}, TLS policy {}\n",
+                "  {d}: route {route}, TLS policy {}{sts}\n",
                 queue.policy.for_domain(&lower).level.as_str()
             ));
         }

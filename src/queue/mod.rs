@@ -96,6 +96,7 @@ impl TlsPolicy {
                 match_names: Vec::new(),
                 pins: Vec::new(),
                 extra_roots: f.extra_roots.clone(),
+                mta_sts: false,
             },
             _ => own,
         }
@@ -110,6 +111,8 @@ pub struct Queue {
     pub hostname: String,
     pub outbound: Outbound,
     pub policy: TlsPolicy,
+    /// MTA-STS discovery and cache; `None` when disabled.
+    pub sts: Option<Arc<crate::sts::Sts>>,
     pub config: QueueConfig,
     /// One semaphore per destination, `max_per_destination` permits each.
     pub dest_slots: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
@@ -498,11 +501,28 @@ impl Queue {
             Err(_) => Arc::new(tokio::sync::Semaphore::new(self.config.max_per_destination)),
         };
         let _permit = slots.acquire_owned().await;
-        let req = self
-            .policy
-            .for_message(domain, &msg.envelope.sender, &msg.envelope.recipients);
-        tracing::debug!(queue_id = %msg.id, domain, level = req.level.as_str(), "TLS requirement");
-        deliver::deliver(&self.outbound, &msg.id, domain, &hop, &req, out).await
+        let mut req =
+            self.policy
+                .for_message(domain, &msg.envelope.sender, &msg.envelope.recipients);
+        let sts = match (&self.sts, &hop) {
+            (Some(sts), NextHop::Mx) => sts.policy_for(domain).await,
+            _ => None,
+        };
+        if let (Some(p), Some(s)) = (&sts, &self.sts) {
+            req = p.requirement(&req, s.extra_roots());
+        }
+        tracing::debug!(queue_id = %msg.id, domain, level = req.level.as_str(),
+            mta_sts = sts.as_ref().map(|p| p.describe()).unwrap_or_default(), "TLS requirement");
+        deliver::deliver(
+            &self.outbound,
+            &msg.id,
+            domain,
+            &hop,
+            &req,
+            sts.as_ref(),
+            out,
+        )
+        .await
     }
 }
 
@@ -519,7 +539,20 @@ fn explain(rcpt: &str, r: &state::RcptStatus) -> String {
     let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d);
     let host = r.remote.as_deref().unwrap_or(domain);
     let code = r.status.as_str();
-    if code.ends_with(".4.317") {
+    if code.ends_with(".4.8") {
+        format!(
+            "None of the MX hosts of {domain} is named in its MTA-STS policy, so the policy forbids delivering to them. The administrator of {domain} must list its MX hosts in the policy (mx: lines) or correct the MX records."
+        )
+    } else if code.ends_with(".7.5") {
+        format!(
+            "{host} failed the TLS check that the MTA-STS policy of {domain} demands ({}). Its administrator must offer STARTTLS with a certificate for {host} from a trusted CA that has not expired.",
+            r.reason
+                .split("Reason: ")
+                .nth(1)
+                .and_then(|x| x.split(" (").next())
+                .unwrap_or("TLS failed")
+        )
+    } else if code.ends_with(".4.317") {
         format!(
             "{host} did not offer STARTTLS; the policy for {domain} requires TLS. Its administrator must enable STARTTLS on that mail server."
         )

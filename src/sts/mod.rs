@@ -1,4 +1,463 @@
 //! MTA-STS (RFC 8461): policy parsing, discovery, cache and enforcement when sending,
 //! and the domain owner's tools (generate, host, check).
+//!
+//! Discovery for a recipient domain ([`Sts::policy_for`], RFC 8461 §3, §5):
+//!
+//! 1. TXT `_mta-sts.<domain>`. Exactly one valid `v=STSv1` record counts; none (or several)
+//!    means "no record".
+//! 2. With a record whose `id` equals the cached policy's, the cached policy is used; it is
+//!    refetched once half its `max_age` has passed, so it is refreshed before it expires.
+//!    With a new `id` (or nothing cached) the policy is fetched over HTTPS ([`fetch`]) and,
+//!    when it parses, cached under that id.
+//! 3. A DNS failure, a fetch failure or a removed TXT record never drops a cached policy
+//!    before its `max_age` runs out: the cached one applies.
+//!
+//! The cache is kept in memory and in `<data>/sts/<domain>.json` (written through a temporary
+//! file and a rename), so it survives restarts. Concurrent deliveries to one domain fetch once.
+//!
+//! Enforcement ([`Applied::requirement`]): `enforce` acts as `verify` restricted to the policy's
+//! MX patterns (DESIGN §5); failures carry 4.4.8/5.4.8 and 4.7.5/5.7.5 (DESIGN §4).
+//! `testing` delivers as usual and reports what would have failed. `none` is no policy.
 
+pub mod check;
+pub mod fetch;
+pub mod generate;
+pub mod host;
 pub mod policy;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustls::RootCertStore;
+use serde::{Deserialize, Serialize};
+
+use self::fetch::{FetchError, Fetcher};
+use self::policy::{Mode, Policy, PolicyError, parse_policy, parse_txt_records};
+use crate::outbound::tls::{CertFailure, TlsFailure, TlsLevel, TlsRequirement};
+use crate::util::unix_now;
+
+/// A cached policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The TXT record's `id` the policy was fetched under.
+    pub id: String,
+    pub policy: Policy,
+    /// When it was fetched, Unix seconds.
+    pub fetched: u64,
+    /// The body as served (for `moat queue show`, the admin API and the cache file).
+    pub text: String,
+}
+
+impl Entry {
+    /// Unix time after which the entry must not be used.
+    pub fn expires(&self) -> u64 {
+        self.fetched.saturating_add(u64::from(self.policy.max_age))
+    }
+
+    /// Past half its lifetime: time to fetch it again.
+    fn wants_refresh(&self, now: u64) -> bool {
+        now >= self
+            .fetched
+            .saturating_add(u64::from(self.policy.max_age) / 2)
+    }
+}
+
+/// The policy that governs one delivery, and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub domain: String,
+    pub entry: Arc<Entry>,
+    /// `fetched`, `cached`, or `cached (<why the fresh lookup failed>)`.
+    pub source: String,
+}
+
+impl Applied {
+    pub fn mode(&self) -> Mode {
+        self.entry.policy.mode
+    }
+
+    /// `MTA-STS enforce (id 20261123000000Z, cached)`: for logs, replies and `queue show`.
+    pub fn describe(&self) -> String {
+        format!(
+            "MTA-STS {} (id {}, {})",
+            self.entry.policy.mode.as_str(),
+            self.entry.id,
+            self.source
+        )
+    }
+
+    /// The requirement for a delivery under this policy, from the one explicit rules gave.
+    /// Under `enforce` the stricter wins: at least `verify` against the MX host name with the
+    /// policy's trust anchors; a rule's pins still apply and its private CA is still trusted,
+    /// but names configured instead of the MX host give way to the MX host (RFC 8461 §4.2).
+    pub fn requirement(
+        &self,
+        base: &TlsRequirement,
+        extra_roots: Option<&Arc<RootCertStore>>,
+    ) -> TlsRequirement {
+        match self.entry.policy.mode {
+            Mode::Enforce => TlsRequirement {
+                level: base.level.max(TlsLevel::Verify),
+                match_names: Vec::new(),
+                pins: base.pins.clone(),
+                extra_roots: merge_roots(base.extra_roots.as_ref(), extra_roots),
+                mta_sts: true,
+            },
+            // Testing: deliver as the rules say, but check the certificate against the same
+            // anchors so the report says what enforce would have done.
+            Mode::Testing => TlsRequirement {
+                extra_roots: merge_roots(base.extra_roots.as_ref(), extra_roots),
+                ..base.clone()
+            },
+            Mode::None => base.clone(),
+        }
+    }
+}
+
+fn merge_roots(
+    a: Option<&Arc<RootCertStore>>,
+    b: Option<&Arc<RootCertStore>>,
+) -> Option<Arc<RootCertStore>> {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            let mut all = RootCertStore::empty();
+            all.roots.extend(a.roots.iter().cloned());
+            all.roots.extend(b.roots.iter().cloned());
+            Some(Arc::new(all))
+        }
+        (Some(x), None) | (None, Some(x)) => Some(x.clone()),
+        (None, None) => None,
+    }
+}
+
+/// The reason word of a `5.7.5 Remote certificate failed MTA-STS validation. Reason: …` reply.
+pub fn tls_reason(f: &TlsFailure) -> String {
+    match f {
+        TlsFailure::Certificate(c) => cert_reason(c).to_string(),
+        TlsFailure::Handshake(s) => format!("handshake failed ({s})"),
+        TlsFailure::Timeout => "handshake timed out".into(),
+    }
+}
+
+/// `expired`, `untrusted`, `name mismatch`, …
+pub fn cert_reason(c: &CertFailure) -> &'static str {
+    match c {
+        CertFailure::Expired { .. } => "expired",
+        CertFailure::NotYetValid { .. } => "not yet valid",
+        CertFailure::UntrustedIssuer => "untrusted",
+        CertFailure::NameMismatch { .. } => "name mismatch",
+        CertFailure::PinMismatch => "pin mismatch",
+        CertFailure::Revoked => "revoked",
+        CertFailure::Other(_) => "invalid certificate",
+    }
+}
+
+/// Counters for the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub fetches: AtomicU64,
+    pub fetch_failures: AtomicU64,
+    pub cache_hits: AtomicU64,
+}
+
+/// Policy discovery and cache for the sending side.
+#[derive(Debug)]
+pub struct Sts {
+    fetcher: Fetcher,
+    /// The trust anchors for MX certificates under a policy (the same extra roots as for fetches).
+    extra_roots: Option<Arc<RootCertStore>>,
+    dir: Option<PathBuf>,
+    cache: std::sync::Mutex<HashMap<String, Arc<Entry>>>,
+    /// One fetch at a time per domain.
+    inflight: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub stats: Stats,
+}
+
+/// What a cache file holds.
+#[derive(Serialize, Deserialize)]
+struct CacheFile {
+    domain: String,
+    id: String,
+    fetched: u64,
+    policy: String,
+}
+
+impl Sts {
+    /// A resolver whose cache lives in `dir` (created if missing; `None`: memory only).
+    pub fn new(fetcher: Fetcher, dir: Option<PathBuf>) -> Result<Sts, String> {
+        let extra_roots = fetcher.extra_roots.clone();
+        let mut cache = HashMap::new();
+        if let Some(dir) = &dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            load_cache(dir, &mut cache);
+        }
+        Ok(Sts {
+            fetcher,
+            extra_roots,
+            dir,
+            cache: std::sync::Mutex::new(cache),
+            inflight: std::sync::Mutex::new(HashMap::new()),
+            stats: Stats::default(),
+        })
+    }
+
+    /// Extra trust anchors for MX certificates checked under a policy.
+    pub fn extra_roots(&self) -> Option<&Arc<RootCertStore>> {
+        self.extra_roots.as_ref()
+    }
+
+    /// The fetcher (for `moat sts check`).
+    pub fn fetcher(&self) -> &Fetcher {
+        &self.fetcher
+    }
+
+    /// Every unexpired cache entry, by domain.
+    pub fn entries(&self) -> Vec<(String, Arc<Entry>)> {
+        let now = unix_now();
+        let mut v: Vec<(String, Arc<Entry>)> = match self.cache.lock() {
+            Ok(c) => c
+                .iter()
+                .filter(|(_, e)| e.expires() > now)
+                .map(|(d, e)| (d.clone(), e.clone()))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// The unexpired cached policy of `domain`, without any lookup.
+    pub fn entry(&self, domain: &str) -> Option<Arc<Entry>> {
+        let c = self.cache.lock().ok()?;
+        c.get(domain).filter(|e| e.expires() > unix_now()).cloned()
+    }
+
+    fn cached(&self, domain: &str, now: u64) -> Option<Arc<Entry>> {
+        let mut cache = self.cache.lock().ok()?;
+        match cache.get(domain) {
+            Some(e) if e.expires() > now => Some(e.clone()),
+            Some(_) => {
+                cache.remove(domain);
+                if let Some(dir) = &self.dir {
+                    let _ = std::fs::remove_file(cache_path(dir, domain));
+                }
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The policy in force for `domain` (lowercase ASCII), if any; `mode: none` counts as none.
+    pub async fn policy_for(&self, domain: &str) -> Option<Applied> {
+        let applied = self.lookup(domain).await?;
+        if applied.entry.policy.mode == Mode::None {
+            return None;
+        }
+        Some(applied)
+    }
+
+    /// Like [`Sts::policy_for`] but also returns `mode: none` policies.
+    pub async fn lookup(&self, domain: &str) -> Option<Applied> {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        let now = unix_now();
+        let cached = self.cached(&domain, now);
+        let use_cached = |entry: Option<Arc<Entry>>, why: String| {
+            entry.map(|entry| {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                Applied {
+                    domain: domain.clone(),
+                    entry,
+                    source: why,
+                }
+            })
+        };
+        let records = match self
+            .fetcher
+            .resolver
+            .txt(&format!("_mta-sts.{domain}"))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(domain, error = %e, "MTA-STS TXT lookup failed");
+                return use_cached(cached, format!("cached; TXT lookup failed: {e}"));
+            }
+        };
+        let record = match parse_txt_records(&records) {
+            Ok(Some(r)) => r,
+            Ok(None) => return use_cached(cached, "cached; no TXT record now".into()),
+            Err(e) => {
+                tracing::info!(domain, error = %e, "unusable MTA-STS TXT record");
+                return use_cached(cached, format!("cached; TXT record unusable: {e}"));
+            }
+        };
+        if let Some(c) = &cached
+            && c.id == record.id
+            && !c.wants_refresh(now)
+        {
+            return use_cached(cached, "cached".into());
+        }
+
+        // One fetch per domain at a time; whoever waited may find the work done.
+        let lock = match self.inflight.lock() {
+            Ok(mut m) => m.entry(domain.clone()).or_default().clone(),
+            Err(_) => Arc::new(tokio::sync::Mutex::new(())),
+        };
+        let _guard = lock.lock().await;
+        let cached = self.cached(&domain, now);
+        if let Some(c) = &cached
+            && c.id == record.id
+            && !c.wants_refresh(unix_now())
+        {
+            return use_cached(cached, "cached".into());
+        }
+        self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+        match self.fetch_policy(&domain).await {
+            Ok((policy, text)) => {
+                let entry = Arc::new(Entry {
+                    id: record.id,
+                    policy,
+                    fetched: unix_now(),
+                    text,
+                });
+                tracing::info!(domain, id = %entry.id, mode = entry.policy.mode.as_str(),
+                    max_age = entry.policy.max_age, "MTA-STS policy fetched");
+                self.store(&domain, entry.clone());
+                Some(Applied {
+                    domain,
+                    entry,
+                    source: "fetched".into(),
+                })
+            }
+            Err(e) => {
+                self.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(domain, error = %e, cached = cached.is_some(),
+                    "MTA-STS policy fetch failed");
+                use_cached(cached, format!("cached; policy fetch failed: {e}"))
+            }
+        }
+    }
+
+    async fn fetch_policy(&self, domain: &str) -> Result<(Policy, String), StsError> {
+        let fetched = self.fetcher.fetch(domain).await.map_err(StsError::Fetch)?;
+        let policy = parse_policy(&fetched.body).map_err(StsError::Policy)?;
+        Ok((policy, String::from_utf8_lossy(&fetched.body).into_owned()))
+    }
+
+    fn store(&self, domain: &str, entry: Arc<Entry>) {
+        if let Some(dir) = &self.dir {
+            let file = CacheFile {
+                domain: domain.to_string(),
+                id: entry.id.clone(),
+                fetched: entry.fetched,
+                policy: entry.text.clone(),
+            };
+            if let Err(e) = write_cache_file(dir, domain, &file) {
+                tracing::warn!(domain, error = %e, "cannot save the MTA-STS policy cache");
+            }
+        }
+        if let Ok(mut c) = self.cache.lock() {
+            c.insert(domain.to_string(), entry);
+        }
+    }
+
+    /// Refreshes, in the background, every cached policy past half its lifetime, so domains
+    /// that get mail rarely keep a fresh policy too (RFC 8461 §5.1).
+    pub fn spawn_refresher(self: &Arc<Self>, every: std::time::Duration) {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(sts) = this.upgrade() else { return };
+                let now = unix_now();
+                let due: Vec<String> = sts
+                    .entries()
+                    .into_iter()
+                    .filter(|(_, e)| e.wants_refresh(now))
+                    .map(|(d, _)| d)
+                    .collect();
+                for d in due {
+                    let _ = sts.lookup(&d).await;
+                }
+            }
+        });
+    }
+}
+
+/// A fetch or parse failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StsError {
+    Fetch(FetchError),
+    Policy(PolicyError),
+}
+
+impl std::fmt::Display for StsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StsError::Fetch(e) => e.fmt(f),
+            StsError::Policy(e) => write!(f, "the policy is malformed: {e}"),
+        }
+    }
+}
+
+fn cache_path(dir: &Path, domain: &str) -> PathBuf {
+    dir.join(format!("{domain}.json"))
+}
+
+/// Domains are LDH names here; anything else is never used as a file name.
+fn safe_domain(domain: &str) -> bool {
+    !domain.is_empty()
+        && !domain.starts_with('.')
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+fn write_cache_file(dir: &Path, domain: &str, file: &CacheFile) -> Result<(), String> {
+    if !safe_domain(domain) {
+        return Err(format!("{domain:?} is not a cacheable domain name"));
+    }
+    let json = serde_json::to_vec_pretty(file).map_err(|e| e.to_string())?;
+    let tmp = dir.join(format!(".{domain}.tmp"));
+    std::fs::write(&tmp, json).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let path = cache_path(dir, domain);
+    std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn load_cache(dir: &Path, cache: &mut HashMap<String, Arc<Entry>>) {
+    let Ok(list) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let now = unix_now();
+    for item in list.flatten() {
+        let path = item.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let parsed = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<CacheFile>(&b).ok());
+        let Some(file) = parsed else {
+            tracing::warn!(path = %path.display(), "ignoring an unreadable MTA-STS cache file");
+            continue;
+        };
+        let Ok(policy) = parse_policy(file.policy.as_bytes()) else {
+            tracing::warn!(path = %path.display(), "ignoring a cached policy that does not parse");
+            continue;
+        };
+        let entry = Entry {
+            id: file.id,
+            policy,
+            fetched: file.fetched,
+            text: file.policy,
+        };
+        if entry.expires() <= now || !safe_domain(&file.domain) {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        cache.insert(file.domain, Arc::new(entry));
+    }
+}

@@ -8,9 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_server::Server;
+use hickory_server::net::runtime::Time;
 use hickory_server::net::runtime::TokioRuntimeProvider;
-use hickory_server::proto::rr::rdata::{A, MX, NS, SOA};
+use hickory_server::proto::rr::RecordType;
+use hickory_server::proto::rr::rdata::{A, MX, NS, SOA, TXT};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
 
@@ -18,6 +21,8 @@ use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
 pub enum Rr<'a> {
     Mx(&'a str, u16, &'a str),
     A(&'a str, [u8; 4]),
+    /// A TXT record (TTL 1 s, so changes are seen at once), its text as one string.
+    Txt(&'a str, &'a str),
 }
 
 fn n(s: &str) -> Name {
@@ -29,8 +34,7 @@ fn n(s: &str) -> Name {
     Name::from_str(&s).unwrap()
 }
 
-/// Serves `origin` with `records` on `ip` (UDP and TCP, same ephemeral port); returns the address.
-pub fn serve_zone(ip: &str, origin: &str, records: &[Rr]) -> SocketAddr {
+fn catalog(origin: &str, records: &[Rr]) -> Catalog {
     let origin_name = n(origin);
     let mut zone = InMemoryZoneHandler::<TokioRuntimeProvider>::empty(
         origin_name.clone(),
@@ -44,7 +48,7 @@ pub fn serve_zone(ip: &str, origin: &str, records: &[Rr]) -> SocketAddr {
         3600,
         600,
         86400,
-        60,
+        1,
     );
     let mut rrs = vec![
         Record::from_rdata(origin_name.clone(), 60, RData::SOA(soa)),
@@ -62,12 +66,78 @@ pub fn serve_zone(ip: &str, origin: &str, records: &[Rr]) -> SocketAddr {
             Rr::A(name, ip) => {
                 Record::from_rdata(n(name), 60, RData::A(A::new(ip[0], ip[1], ip[2], ip[3])))
             }
+            Rr::Txt(name, text) => {
+                Record::from_rdata(n(name), 1, RData::TXT(TXT::new(vec![text.to_string()])))
+            }
         });
     }
     for rr in rrs {
         let serial = 1;
         zone.upsert_mut(rr, serial);
     }
+    let mut catalog = Catalog::new();
+    catalog.upsert(LowerName::from(origin_name), vec![Arc::new(zone)]);
+    catalog
+}
+
+/// Serves `origin` with `records` on `ip` (UDP and TCP, same ephemeral port); returns the address.
+pub fn serve_zone(ip: &str, origin: &str, records: &[Rr]) -> SocketAddr {
+    serve_dynamic(ip, origin, records).addr
+}
+
+/// A zone whose TXT answers can be changed or made to fail while it runs.
+pub struct DynDns {
+    pub addr: SocketAddr,
+    origin: String,
+    txt: Arc<std::sync::RwLock<Arc<Catalog>>>,
+}
+
+impl DynDns {
+    /// TXT queries are answered from `records` from now on (other types are unchanged).
+    pub fn set_txt(&self, records: &[Rr]) {
+        *self.txt.write().unwrap() = Arc::new(catalog(&self.origin, records));
+    }
+
+    /// TXT queries are refused from now on (a DNS failure for TXT only).
+    pub fn fail_txt(&self) {
+        *self.txt.write().unwrap() = Arc::new(Catalog::new());
+    }
+}
+
+struct Split {
+    main: Arc<Catalog>,
+    txt: Arc<std::sync::RwLock<Arc<Catalog>>>,
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Split {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        response_handle: R,
+    ) -> ResponseInfo {
+        let is_txt = request
+            .request_info()
+            .map(|i| i.query.query_type() == RecordType::TXT)
+            .unwrap_or(false);
+        let catalog = if is_txt {
+            self.txt.read().unwrap().clone()
+        } else {
+            self.main.clone()
+        };
+        catalog
+            .handle_request::<R, T>(request, response_handle)
+            .await
+    }
+}
+
+/// Like [`serve_zone`], with TXT answers that [`DynDns`] can change.
+pub fn serve_dynamic(ip: &str, origin: &str, records: &[Rr]) -> DynDns {
+    let handler = Split {
+        main: Arc::new(catalog(origin, records)),
+        txt: Arc::new(std::sync::RwLock::new(Arc::new(catalog(origin, records)))),
+    };
+    let txt = handler.txt.clone();
     let (udp, tcp) = loop {
         let udp = std::net::UdpSocket::bind((ip, 0)).unwrap();
         let port = udp.local_addr().unwrap().port();
@@ -85,9 +155,7 @@ pub fn serve_zone(ip: &str, origin: &str, records: &[Rr]) -> SocketAddr {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let mut catalog = Catalog::new();
-            catalog.upsert(LowerName::from(origin_name), vec![Arc::new(zone)]);
-            let mut server = Server::new(catalog);
+            let mut server = Server::new(handler);
             server.register_socket(tokio::net::UdpSocket::from_std(udp).unwrap());
             server.register_listener(
                 tokio::net::TcpListener::from_std(tcp).unwrap(),
@@ -99,5 +167,9 @@ pub fn serve_zone(ip: &str, origin: &str, records: &[Rr]) -> SocketAddr {
         });
     });
     ready_rx.recv().unwrap();
-    addr
+    DynDns {
+        addr,
+        origin: origin.to_string(),
+        txt,
+    }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod https;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -529,13 +530,23 @@ impl Client {
 
 /// Writes a CA and leaf certificates (for `names`) signed by it; returns (ca_pem, [(cert, key)]).
 pub fn make_certs(dir: &Path, leaves: &[&str]) -> (PathBuf, Vec<(PathBuf, PathBuf)>) {
+    make_certs_named(dir, "Moat Test CA", leaves)
+}
+
+/// Like [`make_certs`] with the CA's common name given (CAs with distinct names are distinct
+/// issuers to a verifier; same-named ones look like a forged signature).
+pub fn make_certs_named(
+    dir: &Path,
+    ca_name: &str,
+    leaves: &[&str],
+) -> (PathBuf, Vec<(PathBuf, PathBuf)>) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, "Moat Test CA");
+        .push(rcgen::DnType::CommonName, ca_name);
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let ca_path = dir.join("ca.pem");

@@ -1,0 +1,420 @@
+//! `moat sts check DOMAIN`: a domain's MTA-STS setup as an outside sender sees it.
+//!
+//! Checks, in order: the `_mta-sts` TXT record (syntax, exactly one), the policy fetch
+//! (certificate of `mta-sts.<domain>`, status, media type, redirects, size, time against the
+//! RFC's one-minute guidance), the policy's syntax and mode, that every MX host is covered by
+//! an `mx` pattern, and that each MX host offers STARTTLS with a certificate valid for its
+//! name. Each finding is PASS, WARN or FAIL, and every FAIL says what to fix.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::RootCertStore;
+use serde::Serialize;
+
+use super::fetch::{FetchError, Fetcher, policy_host, policy_url};
+use super::policy::{Mode, Policy, parse_policy, parse_txt};
+use crate::dns::{MxAnswer, Resolver};
+use crate::outbound::tls::Connector;
+use crate::probe::{ProbeOptions, Verdict, probe};
+
+/// A finding's weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pass,
+    Warn,
+    Fail,
+}
+
+impl Status {
+    fn word(self) -> &'static str {
+        match self {
+            Status::Pass => "PASS",
+            Status::Warn => "WARN",
+            Status::Fail => "FAIL",
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub status: Status,
+    /// `txt`, `fetch`, `policy`, `mx`, `tls`.
+    pub check: &'static str,
+    pub detail: String,
+    /// What to change, for a FAIL or WARN.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub domain: String,
+    pub ok: bool,
+    pub findings: Vec<Finding>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+}
+
+impl Report {
+    /// The human form: one line per finding, the fix indented under it.
+    pub fn render(&self) -> String {
+        let mut out = format!("MTA-STS check for {}\n", self.domain);
+        for f in &self.findings {
+            out.push_str(&format!(
+                "{}  {:<6} {}\n",
+                f.status.word(),
+                f.check,
+                f.detail
+            ));
+            if let Some(fix) = &f.fix {
+                out.push_str(&format!("            fix: {fix}\n"));
+            }
+        }
+        let fails = self
+            .findings
+            .iter()
+            .filter(|f| f.status == Status::Fail)
+            .count();
+        let warns = self
+            .findings
+            .iter()
+            .filter(|f| f.status == Status::Warn)
+            .count();
+        out.push_str(&if fails == 0 {
+            format!("{}: MTA-STS set up correctly ({warns} warning(s))\n", self.domain)
+        } else {
+            format!(
+                "{}: {fails} problem(s), {warns} warning(s); senders will not apply the policy as intended\n",
+                self.domain
+            )
+        });
+        out
+    }
+}
+
+/// How to reach the world (tests point these at loopback).
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    pub resolver: Resolver,
+    pub extra_roots: Option<RootCertStore>,
+    pub policy_port: u16,
+    pub smtp_port: u16,
+    pub timeout: Duration,
+}
+
+/// RFC 8461 §3.3: senders wait about a minute for a policy; this much is worth a warning.
+const SLOW_FETCH: Duration = Duration::from_secs(10);
+
+fn finding(status: Status, check: &'static str, detail: String, fix: Option<String>) -> Finding {
+    Finding {
+        status,
+        check,
+        detail,
+        fix,
+    }
+}
+
+/// Runs every check for `domain`.
+pub async fn check(domain: &str, opts: &CheckOptions) -> Report {
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    let mut out = Vec::new();
+    let txt_name = format!("_mta-sts.{domain}");
+
+    // 1. TXT record.
+    match opts.resolver.txt(&txt_name).await {
+        Err(e) => out.push(finding(
+            Status::Fail,
+            "txt",
+            format!("{txt_name}: {e}"),
+            Some("make the domain's DNS answer TXT queries".into()),
+        )),
+        Ok(records) => {
+            let sts: Vec<&String> = records
+                .iter()
+                .filter(|r| r.starts_with("v=STSv1"))
+                .collect();
+            match sts.as_slice() {
+                [] => out.push(finding(
+                    Status::Fail,
+                    "txt",
+                    format!("{txt_name} has no v=STSv1 TXT record"),
+                    Some(format!(
+                        "publish {txt_name} TXT \"v=STSv1; id=<yyyymmddhhmmss>Z;\" (moat sts generate --domain {domain} prints it)"
+                    )),
+                )),
+                [one] => match parse_txt(one) {
+                    Ok(r) => out.push(finding(
+                        Status::Pass,
+                        "txt",
+                        format!("{txt_name} \"{one}\" (id {})", r.id),
+                        None,
+                    )),
+                    Err(e) => out.push(finding(
+                        Status::Fail,
+                        "txt",
+                        format!("{txt_name} \"{one}\": {e}"),
+                        Some("write it as \"v=STSv1; id=<1-32 letters or digits>;\"".into()),
+                    )),
+                },
+                many => out.push(finding(
+                    Status::Fail,
+                    "txt",
+                    format!(
+                        "{txt_name} has {} v=STSv1 records; senders then ignore them all",
+                        many.len()
+                    ),
+                    Some("keep exactly one v=STSv1 record".into()),
+                )),
+            }
+        }
+    }
+
+    // 2. Fetch.
+    let fetcher = Fetcher {
+        resolver: opts.resolver.clone(),
+        connector: Connector::new(true, None),
+        extra_roots: opts.extra_roots.clone().map(Arc::new),
+        port: opts.policy_port,
+        timeout: opts.timeout,
+    };
+    let url = policy_url(&domain);
+    let mut policy: Option<Policy> = None;
+    let mut policy_text = None;
+    match fetcher.fetch(&domain).await {
+        Err(e) => out.push(finding(
+            Status::Fail,
+            "fetch",
+            format!("{url}: {e}"),
+            Some(fetch_fix(&e, &domain)),
+        )),
+        Ok(f) => {
+            let ms = f.elapsed.as_millis();
+            out.push(finding(
+                Status::Pass,
+                "fetch",
+                format!(
+                    "{url}: 200, {}, {} bytes in {ms} ms from {}",
+                    f.content_type,
+                    f.body.len(),
+                    f.addr.ip()
+                ),
+                None,
+            ));
+            if f.elapsed > SLOW_FETCH {
+                out.push(finding(
+                    Status::Warn,
+                    "fetch",
+                    format!("the policy took {ms} ms; senders give up after about 60 s"),
+                    Some("serve the policy faster (a static file)".into()),
+                ));
+            }
+            // 3. Policy syntax.
+            match parse_policy(&f.body) {
+                Ok(p) => {
+                    let mx: Vec<&str> = p.mx.iter().map(|m| m.as_str()).collect();
+                    out.push(finding(
+                        Status::Pass,
+                        "policy",
+                        format!(
+                            "mode {}, max_age {}, mx {}",
+                            p.mode.as_str(),
+                            p.max_age,
+                            mx.join(" ")
+                        ),
+                        None,
+                    ));
+                    match p.mode {
+                        Mode::Testing => out.push(finding(
+                            Status::Warn,
+                            "policy",
+                            "mode testing: senders report failures but still deliver".into(),
+                            Some(
+                                "once TLS reports are clean, set mode: enforce and publish a new id"
+                                    .into(),
+                            ),
+                        )),
+                        Mode::None => out.push(finding(
+                            Status::Warn,
+                            "policy",
+                            "mode none: the domain is withdrawing MTA-STS".into(),
+                            None,
+                        )),
+                        Mode::Enforce => {}
+                    }
+                    if p.max_age < 86_400 {
+                        out.push(finding(
+                            Status::Warn,
+                            "policy",
+                            format!("max_age {} is under a day", p.max_age),
+                            Some(
+                                "use at least 604800 (a week) once the policy is stable".into(),
+                            ),
+                        ));
+                    }
+                    policy = Some(p);
+                    policy_text = Some(String::from_utf8_lossy(&f.body).into_owned());
+                }
+                Err(e) => out.push(finding(
+                    Status::Fail,
+                    "policy",
+                    format!("the policy does not parse: {e}"),
+                    Some(format!(
+                        "serve version, mode, mx and max_age lines (moat sts generate --domain {domain} writes one)"
+                    )),
+                )),
+            }
+        }
+    }
+
+    // 4. MX coverage and 5. each MX host's STARTTLS certificate.
+    let hosts: Vec<String> = match opts.resolver.mx(&domain).await {
+        Ok(MxAnswer::Records(mut r)) => {
+            r.sort_by_key(|(p, _)| *p);
+            r.into_iter()
+                .map(|(_, h)| h)
+                .filter(|h| !h.is_empty())
+                .collect()
+        }
+        Ok(MxAnswer::NoRecords) => {
+            out.push(finding(
+                Status::Warn,
+                "mx",
+                format!("{domain} has no MX records; senders use {domain} itself (implicit MX)"),
+                None,
+            ));
+            vec![domain.clone()]
+        }
+        Ok(MxAnswer::NxDomain) => {
+            out.push(finding(
+                Status::Fail,
+                "mx",
+                format!("{domain} does not exist"),
+                None,
+            ));
+            Vec::new()
+        }
+        Err(e) => {
+            out.push(finding(
+                Status::Fail,
+                "mx",
+                format!("MX lookup: {e}"),
+                Some("make the domain's DNS answer MX queries".into()),
+            ));
+            Vec::new()
+        }
+    };
+    for host in &hosts {
+        if let Some(p) = &policy {
+            if p.matches_mx(host) {
+                out.push(finding(
+                    Status::Pass,
+                    "mx",
+                    format!("{host} is covered by the policy"),
+                    None,
+                ));
+            } else {
+                out.push(finding(
+                    Status::Fail,
+                    "mx",
+                    format!("{host} matches no mx pattern of the policy"),
+                    Some(format!(
+                        "add \"mx: {host}\" to the policy and publish a new id, or fix the MX record"
+                    )),
+                ));
+            }
+        }
+        out.push(mx_tls(host, opts).await);
+    }
+    let ok = !out.iter().any(|f| f.status == Status::Fail);
+    let _ = policy_host(&domain);
+    Report {
+        domain,
+        ok,
+        findings: out,
+        policy: policy_text,
+    }
+}
+
+/// Probes one MX host's STARTTLS and certificate for its name.
+async fn mx_tls(host: &str, opts: &CheckOptions) -> Finding {
+    let addrs = match opts.resolver.addresses(host).await {
+        Ok(a) => a,
+        Err(e) => {
+            return finding(
+                Status::Fail,
+                "tls",
+                format!("{host}: {e}"),
+                Some(format!("publish A/AAAA records for {host}")),
+            );
+        }
+    };
+    let ip: IpAddr = addrs[0];
+    let probe_opts = ProbeOptions {
+        host: ip.to_string(),
+        port: opts.smtp_port,
+        implicit_tls: false,
+        name: Some(host.to_string()),
+        helo: crate::probe::default_helo(),
+        step_timeout: opts.timeout,
+        extra_roots: opts.extra_roots.clone(),
+    };
+    let report = probe(&probe_opts).await;
+    let tls = report
+        .tls
+        .as_ref()
+        .map(|t| {
+            let days = t
+                .chain
+                .first()
+                .map(|c| format!(", certificate expires in {} days", c.days_left))
+                .unwrap_or_default();
+            format!("{} {}{days}", t.version, t.cipher)
+        })
+        .unwrap_or_default();
+    match report.verdict {
+        Verdict::Pass => finding(
+            Status::Pass,
+            "tls",
+            format!("{host} [{ip}]: STARTTLS, {tls}, valid for {host}"),
+            None,
+        ),
+        Verdict::Fail => {
+            let why: Vec<String> = report.failures.iter().map(|f| f.message.clone()).collect();
+            finding(
+                Status::Fail,
+                "tls",
+                format!("{host} [{ip}]: {}", why.join("; ")),
+                Some(format!(
+                    "senders enforcing the policy refuse {host}: offer STARTTLS with an unexpired certificate for {host} from a public CA"
+                )),
+            )
+        }
+    }
+}
+
+fn fetch_fix(e: &FetchError, domain: &str) -> String {
+    let host = policy_host(domain);
+    match e {
+        FetchError::Dns(_) => format!("publish an A or AAAA record for {host}"),
+        FetchError::Connect { .. } => format!("run an HTTPS server for {host} on port 443"),
+        FetchError::Tls { .. } if e.certificate().is_some() => format!(
+            "install a certificate for {host} from a public CA, unexpired, with the whole chain"
+        ),
+        FetchError::Tls { .. } => format!("enable TLS 1.2 or 1.3 on {host}"),
+        FetchError::Redirect { .. } => format!(
+            "serve the policy at https://{host}/.well-known/mta-sts.txt itself; senders never follow redirects"
+        ),
+        FetchError::Status(_) => {
+            format!("serve the policy at https://{host}/.well-known/mta-sts.txt with status 200")
+        }
+        FetchError::ContentType(_) => "serve the file as Content-Type: text/plain".into(),
+        FetchError::TooLarge => "keep the policy under 64 KiB".into(),
+        FetchError::Http(_) => "serve a plain HTTP/1.1 response".into(),
+        FetchError::Timeout(_) => format!("make {host} answer within seconds"),
+    }
+}

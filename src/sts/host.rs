@@ -1,0 +1,289 @@
+//! The built-in MTA-STS policy host: `https://mta-sts.<domain>/.well-known/mta-sts.txt` for each
+//! configured domain, `text/plain`, and 404 for anything else.
+//!
+//! One request per connection (`Connection: close`), request headers limited to 8 KiB and
+//! 10 seconds, `GET` and `HEAD` only. The certificate is chosen by SNI among the policy's own
+//! certificate files and the `[tls]` certificates.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use super::fetch::POLICY_PATH;
+use super::policy::{Mode, MxPattern, Policy};
+use crate::config::Config;
+
+const MAX_REQUEST_BYTES: usize = 8 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Policy texts by policy host name (`mta-sts.<domain>`, lowercase).
+#[derive(Debug, Clone, Default)]
+pub struct Policies {
+    by_host: HashMap<String, String>,
+}
+
+impl Policies {
+    /// Builds the published policies from the config; `served_names` are the MX names used
+    /// when a policy lists none (the hostname and the names in Moat's certificates).
+    pub fn from_config(config: &Config, served_names: &[String]) -> Result<Policies, String> {
+        let mut by_host = HashMap::new();
+        for p in &config.mta_sts.policies {
+            let mode = match p.mode.as_str() {
+                "enforce" => Mode::Enforce,
+                "none" => Mode::None,
+                _ => Mode::Testing,
+            };
+            let names: Vec<String> = if p.mx.is_empty() {
+                served_names.to_vec()
+            } else {
+                p.mx.clone()
+            };
+            let mut mx = Vec::new();
+            for n in &names {
+                let pattern = MxPattern::parse(&n.to_ascii_lowercase())
+                    .map_err(|e| format!("mta_sts policy for {}: mx `{n}`: {e}", p.domain))?;
+                if !mx.contains(&pattern) {
+                    mx.push(pattern);
+                }
+            }
+            if mx.is_empty() && mode != Mode::None {
+                return Err(format!(
+                    "mta_sts policy for {}: no mx names (set mx = [...])",
+                    p.domain
+                ));
+            }
+            let policy = Policy {
+                mode,
+                mx,
+                max_age: p.max_age,
+            };
+            by_host.insert(
+                format!("mta-sts.{}", p.domain.to_ascii_lowercase()),
+                policy.to_text(),
+            );
+        }
+        Ok(Policies { by_host })
+    }
+
+    /// The policy text served for `host`.
+    pub fn get(&self, host: &str) -> Option<&str> {
+        self.by_host
+            .get(&host.trim_end_matches('.').to_ascii_lowercase())
+            .map(String::as_str)
+    }
+
+    /// The policy host names.
+    pub fn hosts(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.by_host.keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+/// Serves policies on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, policies: Arc<Policies>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "policy host: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (acceptor, policies) = (acceptor.clone(), policies.clone());
+        tokio::spawn(async move {
+            let work = async {
+                let tls = match acceptor.accept(tcp).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::info!(%peer, error = %e, "policy host: TLS handshake failed");
+                        return;
+                    }
+                };
+                let sni = tls.get_ref().1.server_name().map(str::to_string);
+                answer(tls, sni, &policies, peer).await;
+            };
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, work).await;
+        });
+    }
+}
+
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    sni: Option<String>,
+    policies: &Policies,
+    peer: std::net::SocketAddr,
+) {
+    let mut buf = Vec::new();
+    let head = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break Some(i);
+        }
+        if buf.len() > MAX_REQUEST_BYTES {
+            break None;
+        }
+        let mut chunk = [0u8; 2048];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let request = head.and_then(|i| parse_request(&buf[..i]));
+    let is_head = request.as_ref().is_some_and(|r| r.method == "HEAD");
+    let (status, mut body, ctype) = match request {
+        None => (400, "bad request\n".to_string(), "text/plain"),
+        Some(req) => {
+            let host = req.host.or(sni).unwrap_or_default();
+            match (req.method.as_str(), req.path.as_str()) {
+                ("GET" | "HEAD", POLICY_PATH) => match policies.get(&host) {
+                    Some(text) => (200, text.to_string(), "text/plain; charset=utf-8"),
+                    None => (404, "no policy for this host\n".into(), "text/plain"),
+                },
+                ("GET" | "HEAD", _) => (404, "not found\n".into(), "text/plain"),
+                _ => (405, "method not allowed\n".into(), "text/plain"),
+            }
+        }
+    };
+    tracing::debug!(%peer, status, "policy host request");
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        _ => "Method Not Allowed",
+    };
+    let declared = body.len();
+    if is_head {
+        body.clear();
+    }
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {declared}\r\nCache-Control: max-age=300\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    let _ = stream.write_all(&out).await;
+    let _ = stream.shutdown().await;
+}
+
+struct Request {
+    method: String,
+    path: String,
+    host: Option<String>,
+}
+
+fn parse_request(head: &[u8]) -> Option<Request> {
+    let text = std::str::from_utf8(head).ok()?;
+    let mut lines = text.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let method = first.next()?.to_string();
+    let target = first.next()?;
+    let version = first.next()?;
+    if first.next().is_some() || !version.starts_with("HTTP/1.") {
+        return None;
+    }
+    // Absolute-form targets name the host too.
+    let (path, target_host) = match target.strip_prefix("https://") {
+        Some(rest) => match rest.split_once('/') {
+            Some((h, p)) => (format!("/{p}"), Some(h.to_string())),
+            None => ("/".to_string(), Some(rest.to_string())),
+        },
+        None => (target.to_string(), None),
+    };
+    let path = path.split('?').next().unwrap_or("").to_string();
+    let mut host = target_host;
+    for line in lines {
+        let (name, value) = line.split_once(':')?;
+        if name.eq_ignore_ascii_case("host") && host.is_none() {
+            host = Some(value.trim().to_string());
+        }
+    }
+    // Drop a port from the host.
+    let host = host.map(|h| match h.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name.to_string(),
+        _ => h,
+    });
+    Some(Request { method, path, host })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_parsing() {
+        let r = parse_request(
+            b"GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: mta-sts.example.com:8443",
+        )
+        .unwrap();
+        assert_eq!(r.method, "GET");
+        assert_eq!(r.path, POLICY_PATH);
+        assert_eq!(r.host.as_deref(), Some("mta-sts.example.com"));
+        let r = parse_request(b"GET https://mta-sts.a.test/x?y HTTP/1.1").unwrap();
+        assert_eq!(
+            (r.path.as_str(), r.host.as_deref()),
+            ("/x", Some("mta-sts.a.test"))
+        );
+        assert!(parse_request(b"GET / SMTP/1.0").is_none());
+        assert!(parse_request(b"GET / HTTP/1.1 extra").is_none());
+        assert!(parse_request(b"GET / HTTP/1.1\r\nbroken header").is_none());
+    }
+
+    #[tokio::test]
+    async fn answers_policy_404_and_405() {
+        let mut policies = Policies::default();
+        policies.by_host.insert(
+            "mta-sts.example.com".into(),
+            "version: STSv1\r\nmode: testing\r\nmx: mx.example.com\r\nmax_age: 86400\r\n".into(),
+        );
+        let peer: std::net::SocketAddr = ([127, 0, 0, 1], 1).into();
+        for (req, status, body) in [
+            (
+                "GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: MTA-STS.example.com\r\n\r\n",
+                "200 OK",
+                Some("mode: testing"),
+            ),
+            (
+                "HEAD /.well-known/mta-sts.txt HTTP/1.1\r\nHost: mta-sts.example.com\r\n\r\n",
+                "200 OK",
+                None,
+            ),
+            (
+                "GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: mta-sts.other.test\r\n\r\n",
+                "404",
+                None,
+            ),
+            (
+                "GET /index.html HTTP/1.1\r\nHost: mta-sts.example.com\r\n\r\n",
+                "404",
+                None,
+            ),
+            (
+                "POST /.well-known/mta-sts.txt HTTP/1.1\r\nHost: mta-sts.example.com\r\n\r\n",
+                "405",
+                None,
+            ),
+            ("nonsense\r\n\r\n", "400", None),
+        ] {
+            let (mut client, server) = tokio::io::duplex(65536);
+            client.write_all(req.as_bytes()).await.unwrap();
+            answer(server, None, &policies, peer).await;
+            let mut out = String::new();
+            client.read_to_string(&mut out).await.unwrap();
+            assert!(
+                out.starts_with(&format!("HTTP/1.1 {status}")),
+                "{req:?} -> {out}"
+            );
+            if let Some(b) = body {
+                assert!(out.contains(b), "{out}");
+                assert!(out.contains("Content-Type: text/plain"), "{out}");
+            }
+            if req.starts_with("HEAD") {
+                assert!(out.ends_with("\r\n\r\n"), "{out}");
+            }
+        }
+    }
+}
