@@ -4,10 +4,12 @@
 
 pub mod config;
 pub mod dns;
+pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod probe;
 pub mod queue;
+pub mod report;
 pub mod server;
 pub mod smtp;
 pub mod sts;

@@ -331,7 +331,6 @@ pub async fn check(domain: &str, opts: &CheckOptions) -> Report {
         out.push(mx_tls(host, opts).await);
     }
     let ok = !out.iter().any(|f| f.status == Status::Fail);
-    let _ = policy_host(&domain);
     Report {
         domain,
         ok,
@@ -342,8 +341,16 @@ pub async fn check(domain: &str, opts: &CheckOptions) -> Report {
 
 /// Probes one MX host's STARTTLS and certificate for its name.
 async fn mx_tls(host: &str, opts: &CheckOptions) -> Finding {
-    let addrs = match opts.resolver.addresses(host).await {
-        Ok(a) => a,
+    let ip: IpAddr = match opts.resolver.addresses(host).await.map(|a| a.first().copied()) {
+        Ok(Some(ip)) => ip,
+        Ok(None) => {
+            return finding(
+                Status::Fail,
+                "tls",
+                format!("{host} has no address"),
+                Some(format!("publish A/AAAA records for {host}")),
+            );
+        }
         Err(e) => {
             return finding(
                 Status::Fail,
@@ -353,7 +360,6 @@ async fn mx_tls(host: &str, opts: &CheckOptions) -> Finding {
             );
         }
     };
-    let ip: IpAddr = addrs[0];
     let probe_opts = ProbeOptions {
         host: ip.to_string(),
         port: opts.smtp_port,

@@ -391,7 +391,7 @@ async fn read_chunked<R: AsyncRead + Unpin>(
         if size == 0 {
             return Ok(body);
         }
-        if body.len() + size > cap {
+        if size > cap.saturating_sub(body.len()) {
             return Err(FetchError::TooLarge);
         }
         while pending.len() < size + 2 {
@@ -477,6 +477,15 @@ mod tests {
             parse(
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n",
                 8
+            )
+            .await,
+            Err(FetchError::TooLarge)
+        );
+        // A chunk size near usize::MAX must not overflow.
+        assert_eq!(
+            parse(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nffffffffffffffff\r\n",
+                100
             )
             .await,
             Err(FetchError::TooLarge)

@@ -9,15 +9,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::fetch::POLICY_PATH;
 use super::policy::{Mode, MxPattern, Policy};
 use crate::config::Config;
+use crate::http::{self, Response};
 
-const MAX_REQUEST_BYTES: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Policy texts by policy host name (`mta-sts.<domain>`, lowercase).
@@ -119,118 +119,31 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     policies: &Policies,
     peer: std::net::SocketAddr,
 ) {
-    let mut buf = Vec::new();
-    let head = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break Some(i);
-        }
-        if buf.len() > MAX_REQUEST_BYTES {
-            break None;
-        }
-        let mut chunk = [0u8; 2048];
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    };
-    let request = head.and_then(|i| parse_request(&buf[..i]));
-    let is_head = request.as_ref().is_some_and(|r| r.method == "HEAD");
-    let (status, mut body, ctype) = match request {
-        None => (400, "bad request\n".to_string(), "text/plain"),
-        Some(req) => {
-            let host = req.host.or(sni).unwrap_or_default();
-            match (req.method.as_str(), req.path.as_str()) {
+    let (response, head_only) = match http::read_request(&mut stream).await {
+        Err(http::RequestError::Closed) => return,
+        Err(http::RequestError::Bad(why)) => (Response::text(400, format!("{why}\n")), false),
+        Ok(req) => {
+            let head_only = req.method == "HEAD";
+            let host = req.host.clone().or(sni).unwrap_or_default();
+            let r = match (req.method.as_str(), req.path.as_str()) {
                 ("GET" | "HEAD", POLICY_PATH) => match policies.get(&host) {
-                    Some(text) => (200, text.to_string(), "text/plain; charset=utf-8"),
-                    None => (404, "no policy for this host\n".into(), "text/plain"),
+                    Some(text) => Response::text(200, text),
+                    None => Response::text(404, "no policy for this host\n"),
                 },
-                ("GET" | "HEAD", _) => (404, "not found\n".into(), "text/plain"),
-                _ => (405, "method not allowed\n".into(), "text/plain"),
-            }
+                ("GET" | "HEAD", _) => Response::text(404, "not found\n"),
+                _ => Response::text(405, "method not allowed\n").with_header("Allow", "GET, HEAD"),
+            };
+            (r.with_header("Cache-Control", "max-age=300"), head_only)
         }
     };
-    tracing::debug!(%peer, status, "policy host request");
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        _ => "Method Not Allowed",
-    };
-    let declared = body.len();
-    if is_head {
-        body.clear();
-    }
-    let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {declared}\r\nCache-Control: max-age=300\r\nConnection: close\r\n\r\n"
-    )
-    .into_bytes();
-    out.extend_from_slice(body.as_bytes());
-    let _ = stream.write_all(&out).await;
-    let _ = stream.shutdown().await;
-}
-
-struct Request {
-    method: String,
-    path: String,
-    host: Option<String>,
-}
-
-fn parse_request(head: &[u8]) -> Option<Request> {
-    let text = std::str::from_utf8(head).ok()?;
-    let mut lines = text.split("\r\n");
-    let mut first = lines.next()?.split(' ');
-    let method = first.next()?.to_string();
-    let target = first.next()?;
-    let version = first.next()?;
-    if first.next().is_some() || !version.starts_with("HTTP/1.") {
-        return None;
-    }
-    // Absolute-form targets name the host too.
-    let (path, target_host) = match target.strip_prefix("https://") {
-        Some(rest) => match rest.split_once('/') {
-            Some((h, p)) => (format!("/{p}"), Some(h.to_string())),
-            None => ("/".to_string(), Some(rest.to_string())),
-        },
-        None => (target.to_string(), None),
-    };
-    let path = path.split('?').next().unwrap_or("").to_string();
-    let mut host = target_host;
-    for line in lines {
-        let (name, value) = line.split_once(':')?;
-        if name.eq_ignore_ascii_case("host") && host.is_none() {
-            host = Some(value.trim().to_string());
-        }
-    }
-    // Drop a port from the host.
-    let host = host.map(|h| match h.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name.to_string(),
-        _ => h,
-    });
-    Some(Request { method, path, host })
+    tracing::debug!(%peer, status = response.status, "policy host request");
+    let _ = http::write_response(&mut stream, &response, head_only).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn request_parsing() {
-        let r = parse_request(
-            b"GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: mta-sts.example.com:8443",
-        )
-        .unwrap();
-        assert_eq!(r.method, "GET");
-        assert_eq!(r.path, POLICY_PATH);
-        assert_eq!(r.host.as_deref(), Some("mta-sts.example.com"));
-        let r = parse_request(b"GET https://mta-sts.a.test/x?y HTTP/1.1").unwrap();
-        assert_eq!(
-            (r.path.as_str(), r.host.as_deref()),
-            ("/x", Some("mta-sts.a.test"))
-        );
-        assert!(parse_request(b"GET / SMTP/1.0").is_none());
-        assert!(parse_request(b"GET / HTTP/1.1 extra").is_none());
-        assert!(parse_request(b"GET / HTTP/1.1\r\nbroken header").is_none());
-    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn answers_policy_404_and_405() {

@@ -1,0 +1,1 @@
+//! The transport-security report page (admin listener): delivery events and their rendering.
