@@ -78,12 +78,15 @@ pub async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Reques
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     };
-    let mut req = parse_head(&buf[..head_end]).ok_or_else(|| RequestError::Bad("malformed request".into()))?;
+    let mut req = parse_head(&buf[..head_end])
+        .ok_or_else(|| RequestError::Bad("malformed request".into()))?;
     if req
         .header("transfer-encoding")
         .is_some_and(|v| !v.eq_ignore_ascii_case("identity"))
     {
-        return Err(RequestError::Bad("chunked request bodies are not accepted".into()));
+        return Err(RequestError::Bad(
+            "chunked request bodies are not accepted".into(),
+        ));
     }
     let len = match req.header("content-length") {
         None => 0,
@@ -226,7 +229,11 @@ impl Response {
     }
 
     pub fn text(status: u16, body: impl Into<String>) -> Response {
-        Response::new(status, "text/plain; charset=utf-8", body.into().into_bytes())
+        Response::new(
+            status,
+            "text/plain; charset=utf-8",
+            body.into().into_bytes(),
+        )
     }
 
     pub fn json(status: u16, value: &impl serde::Serialize) -> Response {
@@ -330,7 +337,10 @@ mod tests {
         assert_eq!(read_request(&mut r).await, Err(RequestError::Closed));
         let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_HEAD + 10));
         let mut r = long.as_bytes();
-        assert!(matches!(read_request(&mut r).await, Err(RequestError::Bad(_))));
+        assert!(matches!(
+            read_request(&mut r).await,
+            Err(RequestError::Bad(_))
+        ));
     }
 
     #[test]

@@ -541,6 +541,7 @@ fn testing_mode_delivers_and_reports_what_enforce_would_refuse() {
         "{log}"
     );
     assert!(log.contains("mta_sts=false"), "{log}");
+    assert!(log.contains("would fail: name mismatch"), "{log}");
 }
 
 #[test]
@@ -552,6 +553,7 @@ fn unusable_policies_mean_no_policy() {
         "mta-sts.big.odd.test",
         "mta-sts.syntax.odd.test",
         "mta-sts.status.odd.test",
+        "www.odd.test",
     ];
     let (ca, leaves) = make_certs(dir.path(), &names);
     let exp_dir = tempfile::tempdir().unwrap();
@@ -567,7 +569,15 @@ fn unusable_policies_mean_no_policy() {
         std::fs::read_to_string(&ca).unwrap() + &std::fs::read_to_string(&exp_ca).unwrap(),
     )
     .unwrap();
-    let domains = ["redirect", "html", "big", "syntax", "status", "expired"];
+    let domains = [
+        "redirect",
+        "html",
+        "big",
+        "syntax",
+        "status",
+        "expired",
+        "wrongname",
+    ];
     let mut owned: Vec<(String, String, String, String)> = Vec::new();
     for d in domains {
         owned.push((
@@ -608,13 +618,17 @@ fn unusable_policies_mean_no_policy() {
     let s = PolicyServer::start(&format!("127.0.12.86:{POLICY_PORT}"), &exp_leaf);
     s.set_policy(&good);
     servers.push(s);
+    // Signed by the trusted CA, but for another name than mta-sts.wrongname.odd.test.
+    let s = PolicyServer::start(&format!("127.0.12.87:{POLICY_PORT}"), &leaves[5]);
+    s.set_policy(&good);
+    servers.push(s);
 
     let sender = Moat::start_with("127.0.12.5", &sender_extra(dns, &both, ""), "");
     for (d, ..) in &owned {
         submit(&sender, "alice@moat.test", &[&format!("r@{d}")], d);
     }
     // Every message goes out (in plaintext, to a host no policy names).
-    wait_for("all six delivered", Duration::from_secs(30), || {
+    wait_for("all seven delivered", Duration::from_secs(30), || {
         (sender.queue_len() == 0).then_some(())
     });
     let log = sender.log();
@@ -625,6 +639,7 @@ fn unusable_policies_mean_no_policy() {
         "malformed",
         "HTTP 404",
         "expired",
+        "is issued to www.odd.test, not mta-sts.wrongname.odd.test",
     ] {
         assert!(
             log.lines()
@@ -797,12 +812,25 @@ fn cache_survives_dns_failure_restart_and_removal_and_follows_id_changes() {
         sender.log()
     );
 
+    // A new id whose policy cannot be fetched: the cached enforce policy still applies.
+    dns.set_txt(&[Rr::Txt("_mta-sts.kept.test", "v=STSv1; id=broken;")]);
+    std::thread::sleep(Duration::from_millis(1500));
+    deliver(&sender, 6);
+    assert_eq!(p.hits(), 2);
+    assert!(
+        sender.log().contains(
+            "MTA-STS enforce (id one, cached; policy fetch failed: the policy host answered HTTP 500"
+        ),
+        "{}",
+        sender.log()
+    );
+
     // A new id: fetched again, and the new policy (testing) applies.
     p.set_policy(&policy("testing", &["mx.kept.test"]));
     dns.set_txt(&[Rr::Txt("_mta-sts.kept.test", "v=STSv1; id=two;")]);
     std::thread::sleep(Duration::from_millis(1500));
-    deliver(&sender, 6);
-    assert_eq!(p.hits(), 2);
+    deliver(&sender, 7);
+    assert_eq!(p.hits(), 3);
     assert!(
         sender.log().contains("MTA-STS testing (id two, fetched)"),
         "{}",
@@ -810,4 +838,66 @@ fn cache_survives_dns_failure_restart_and_removal_and_follows_id_changes() {
     );
     let cached = std::fs::read_to_string(sender.data().join("sts/kept.test.json")).unwrap();
     assert!(cached.contains("\"id\": \"two\""), "{cached}");
+
+    // mode none withdraws the policy: the next delivery names none.
+    p.set_policy(&policy("none", &[]));
+    dns.set_txt(&[Rr::Txt("_mta-sts.kept.test", "v=STSv1; id=three;")]);
+    std::thread::sleep(Duration::from_millis(1500));
+    deliver(&sender, 8);
+    assert_eq!(p.hits(), 4);
+    let log = sender.log();
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("delivered") && l.contains("k@kept.test"))
+        .unwrap();
+    assert!(!last.contains("MTA-STS"), "{last}");
+    assert!(log.contains("mode=\"none\""), "{log}");
+}
+
+#[test]
+fn a_hanging_policy_host_is_asked_once_and_mail_still_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, leaves) = make_certs(dir.path(), &["mta-sts.slow.test"]);
+    let dns = serve_zone(
+        "127.0.12.58",
+        "slow.test",
+        &[
+            Rr::Mx("slow.test", 10, "mx.slow.test"),
+            Rr::A("mx.slow.test", [127, 0, 12, 101]),
+            Rr::A("mta-sts.slow.test", [127, 0, 12, 102]),
+            Rr::Txt("_mta-sts.slow.test", "v=STSv1; id=s1;"),
+        ],
+    );
+    let p = PolicyServer::start(&format!("127.0.12.102:{POLICY_PORT}"), &leaves[0]);
+    p.hang();
+    plain_peer("127.0.12.101");
+    let extra =
+        sender_extra(dns, &ca, "").replace("fetch_timeout_secs = 5", "fetch_timeout_secs = 2");
+    let sender = Moat::start_with("127.0.12.7", &extra, "");
+    for i in 0..4 {
+        submit(
+            &sender,
+            "alice@moat.test",
+            &[&format!("r{i}@slow.test")],
+            &format!("s{i}"),
+        );
+    }
+    wait_for(
+        "all four delivered without a policy",
+        Duration::from_secs(30),
+        || (sender.queue_len() == 0).then_some(()),
+    );
+    // One fetch, timed out and remembered; the other deliveries did not start their own.
+    assert_eq!(p.hits(), 1);
+    let log = sender.log();
+    assert_eq!(
+        log.matches("MTA-STS policy fetch failed").count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.contains("fetching the policy took longer than 2s"),
+        "{log}"
+    );
 }

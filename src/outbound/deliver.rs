@@ -116,6 +116,8 @@ struct Idle {
     conn: Conn,
     client: Client,
     tls: String,
+    /// What the certificate proved (`None`: plaintext).
+    verification: Option<Verification>,
     since: std::time::Instant,
 }
 
@@ -236,7 +238,8 @@ pub enum RcptResult {
 /// What one connection attempt to one address achieved.
 enum HostResult {
     /// Outcomes, TLS summary, and whether the server supports DSN.
-    Done(Vec<RcptOutcome>, String, bool),
+    /// Also what the certificate proved (`None`: plaintext).
+    Done(Vec<RcptOutcome>, String, bool, Option<Verification>),
     /// A failure of this host; try the next one.
     Failed(Failure),
     /// Handshake failed under `may`: try the same address again without TLS.
@@ -326,6 +329,23 @@ pub async fn deliver(
                 crate::sts::policy::Mode::Enforce => {
                     hosts.retain(|h| p.entry.policy.matches_mx(&h.host));
                     if hosts.is_empty() {
+                        // A host the policy allows may exist but have had no usable address:
+                        // that is a DNS failure, not a policy mismatch.
+                        if let Ok(crate::dns::MxAnswer::Records(r)) = out.resolver.mx(domain).await
+                            && let Some((_, h)) = r
+                                .iter()
+                                .find(|(_, h)| !h.is_empty() && p.entry.policy.matches_mx(h))
+                        {
+                            return all(failure(
+                                "4.4.312",
+                                false,
+                                Some(h.clone()),
+                                format!(
+                                    "{h}, the MX host of {domain} that its MTA-STS policy allows, has no usable address (DNS lookup failed); {}",
+                                    p.describe()
+                                ),
+                            ));
+                        }
                         tracing::warn!(queue_id, domain, policy = %p.describe(), %what, "MTA-STS: no MX host matches");
                         return all(failure(
                             "4.4.8",
@@ -387,20 +407,31 @@ pub async fn deliver(
                 auth,
             };
             let mut result = attempt(out, &who, req, msg.clone(), false).await;
-            if let HostResult::RetryPlain(_) = result {
+            let mut handshake_failed = None;
+            if let HostResult::RetryPlain(f) = &result {
+                handshake_failed = Some(f.reason.clone());
                 result = attempt(out, &who, req, msg.clone(), true).await;
             }
             match result {
-                HostResult::Done(outcomes, mut tls, dsn) => {
+                HostResult::Done(outcomes, mut tls, dsn, verification) => {
                     if let Some(p) = sts {
+                        // What enforce would have said about this session.
+                        let why = match (&verification, &handshake_failed) {
+                            (Some(Verification::Verified), _) if req.match_names.is_empty() => None,
+                            (Some(Verification::Verified), _) => Some(
+                                "not checked against the MX host name (a rule names other hosts)"
+                                    .to_string(),
+                            ),
+                            (Some(Verification::Trusted), _) => Some("name mismatch".into()),
+                            (Some(Verification::Untrusted(c)), _) => {
+                                Some(crate::sts::cert_reason(c).to_string())
+                            }
+                            (None, Some(f)) => Some(format!("handshake failed ({f})")),
+                            (None, None) => Some("starttls not offered".into()),
+                        };
                         if p.mode() == crate::sts::policy::Mode::Testing
-                            && !tls.ends_with(", verified")
+                            && let Some(why) = why
                         {
-                            let why = if tls == "plaintext" {
-                                "starttls not offered".to_string()
-                            } else {
-                                format!("certificate not valid for {}", h.host)
-                            };
                             tracing::warn!(queue_id, domain, host = %h.host, policy = %p.describe(),
                                 reason = %why, "MTA-STS testing: enforce would have refused this delivery");
                             sts_notes.push(format!("would fail: {why}"));
@@ -543,8 +574,9 @@ async fn attempt_inner(
         if let Step::Done(r) = step {
             *tls_desc = format!("{} (session reused)", idle.tls);
             let (summary, dsn) = (idle.tls.clone(), idle.client.capabilities().dsn);
+            let verification = idle.verification.clone();
             keep_or_close(out, key, idle, &buf);
-            return HostResult::Done(r, summary, dsn);
+            return HostResult::Done(r, summary, dsn, verification);
         }
         // The server closed the idle session meanwhile: open a new one.
     }
@@ -595,7 +627,18 @@ async fn attempt_inner(
             implicit_tls: true,
             auth: who.auth.cloned(),
         });
-        return over_tls(out, key, host, tls, client, buf, pending, summary).await;
+        return over_tls(
+            out,
+            key,
+            host,
+            tls,
+            client,
+            buf,
+            pending,
+            summary,
+            outcome.verification,
+        )
+        .await;
     }
     let starttls = match (req.level, plain) {
         (TlsLevel::None, _) | (TlsLevel::May, true) => StartTls::Never,
@@ -617,10 +660,11 @@ async fn attempt_inner(
                 conn: Conn::Plain(tcp),
                 client,
                 tls: "plaintext".into(),
+                verification: None,
                 since: std::time::Instant::now(),
             };
             keep_or_close(out, key, idle, &buf);
-            return HostResult::Done(r, "plaintext".into(), dsn);
+            return HostResult::Done(r, "plaintext".into(), dsn, None);
         }
         Step::Failed(f) => return HostResult::Failed(before_tls_failure(f, host, req)),
     }
@@ -640,7 +684,18 @@ async fn attempt_inner(
     let summary = tls_summary(&outcome);
     *tls_desc = summary.clone();
     client.tls_established();
-    over_tls(out, key, host, tls, client, buf, pending, summary).await
+    over_tls(
+        out,
+        key,
+        host,
+        tls,
+        client,
+        buf,
+        pending,
+        summary,
+        outcome.verification,
+    )
+    .await
 }
 
 /// Runs the rest of a session over an established TLS stream; keeps it for reuse if clean.
@@ -654,6 +709,7 @@ async fn over_tls(
     mut buf: Vec<u8>,
     mut pending: Option<Outgoing>,
     summary: String,
+    verification: Verification,
 ) -> HostResult {
     match drive(&mut tls, &mut client, &mut buf, &mut pending, true, false).await {
         Step::Done(r) => {
@@ -662,10 +718,11 @@ async fn over_tls(
                 conn: Conn::Tls(Box::new(tls)),
                 client,
                 tls: summary.clone(),
+                verification: Some(verification.clone()),
                 since: std::time::Instant::now(),
             };
             keep_or_close(out, key, idle, &buf);
-            HostResult::Done(r, summary, dsn)
+            HostResult::Done(r, summary, dsn, Some(verification))
         }
         Step::Failed(f) => HostResult::Failed(session_failure(f, host)),
         Step::StartTls => HostResult::Failed(failure(

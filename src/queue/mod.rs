@@ -509,7 +509,7 @@ impl Queue {
             _ => None,
         };
         if let (Some(p), Some(s)) = (&sts, &self.sts) {
-            req = p.requirement(&req, s.extra_roots());
+            req = p.requirement(&req, s);
         }
         tracing::debug!(queue_id = %msg.id, domain, level = req.level.as_str(),
             mta_sts = sts.as_ref().map(|p| p.describe()).unwrap_or_default(), "TLS requirement");

@@ -17,7 +17,7 @@ use super::fetch::{FetchError, Fetcher, policy_host, policy_url};
 use super::policy::{Mode, Policy, parse_policy, parse_txt};
 use crate::dns::{MxAnswer, Resolver};
 use crate::outbound::tls::Connector;
-use crate::probe::{ProbeOptions, Verdict, probe};
+use crate::probe::{Kind, ProbeOptions, Verdict, probe};
 
 /// A finding's weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -136,7 +136,7 @@ pub async fn check(domain: &str, opts: &CheckOptions) -> Report {
         Ok(records) => {
             let sts: Vec<&String> = records
                 .iter()
-                .filter(|r| r.starts_with("v=STSv1"))
+                .filter(|r| super::policy::is_sts_record(r))
                 .collect();
             match sts.as_slice() {
                 [] => out.push(finding(
@@ -328,7 +328,7 @@ pub async fn check(domain: &str, opts: &CheckOptions) -> Report {
                 ));
             }
         }
-        out.push(mx_tls(host, opts).await);
+        out.extend(mx_tls(host, opts).await);
     }
     let ok = !out.iter().any(|f| f.status == Status::Fail);
     Report {
@@ -340,24 +340,29 @@ pub async fn check(domain: &str, opts: &CheckOptions) -> Report {
 }
 
 /// Probes one MX host's STARTTLS and certificate for its name.
-async fn mx_tls(host: &str, opts: &CheckOptions) -> Finding {
-    let ip: IpAddr = match opts.resolver.addresses(host).await.map(|a| a.first().copied()) {
+async fn mx_tls(host: &str, opts: &CheckOptions) -> Vec<Finding> {
+    let ip: IpAddr = match opts
+        .resolver
+        .addresses(host)
+        .await
+        .map(|a| a.first().copied())
+    {
         Ok(Some(ip)) => ip,
         Ok(None) => {
-            return finding(
+            return vec![finding(
                 Status::Fail,
                 "tls",
                 format!("{host} has no address"),
                 Some(format!("publish A/AAAA records for {host}")),
-            );
+            )];
         }
         Err(e) => {
-            return finding(
+            return vec![finding(
                 Status::Fail,
                 "tls",
                 format!("{host}: {e}"),
                 Some(format!("publish A/AAAA records for {host}")),
-            );
+            )];
         }
     };
     let probe_opts = ProbeOptions {
@@ -377,29 +382,69 @@ async fn mx_tls(host: &str, opts: &CheckOptions) -> Finding {
             let days = t
                 .chain
                 .first()
-                .map(|c| format!(", certificate expires in {} days", c.days_left))
+                .map(|c| match c.days_left {
+                    1 => ", certificate expires in 1 day".to_string(),
+                    d => format!(", certificate expires in {d} days"),
+                })
                 .unwrap_or_default();
             format!("{} {}{days}", t.version, t.cipher)
         })
         .unwrap_or_default();
-    match report.verdict {
-        Verdict::Pass => finding(
+    let mut found = match report.verdict {
+        Verdict::Pass => vec![finding(
             Status::Pass,
             "tls",
             format!("{host} [{ip}]: STARTTLS, {tls}, valid for {host}"),
             None,
-        ),
+        )],
         Verdict::Fail => {
             let why: Vec<String> = report.failures.iter().map(|f| f.message.clone()).collect();
-            finding(
+            let fix = report
+                .failures
+                .first()
+                .map(|f| tls_fix(f.kind, host, opts.smtp_port));
+            vec![finding(
                 Status::Fail,
                 "tls",
                 format!("{host} [{ip}]: {}", why.join("; ")),
-                Some(format!(
-                    "senders enforcing the policy refuse {host}: offer STARTTLS with an unexpired certificate for {host} from a public CA"
-                )),
-            )
+                fix,
+            )]
         }
+    };
+    for w in &report.warnings {
+        found.push(finding(
+            Status::Warn,
+            "tls",
+            format!("{host}: {}", w.message),
+            None,
+        ));
+    }
+    found
+}
+
+/// What the MX host's administrator must change, by the first failure.
+fn tls_fix(kind: Kind, host: &str, port: u16) -> String {
+    let enforced = "senders enforcing the policy will not deliver there until then";
+    match kind {
+        Kind::DnsFailure => format!("publish A/AAAA records for {host}"),
+        Kind::ConnectionRefused | Kind::Timeout | Kind::ConnectError => format!(
+            "make {host} accept SMTP connections on port {port} (a firewall may block it); {enforced}"
+        ),
+        Kind::StarttlsNotOffered | Kind::StarttlsRefused => {
+            format!("enable STARTTLS on {host}; {enforced}")
+        }
+        Kind::Expired | Kind::NotYetValid => {
+            format!("renew the certificate of {host} (and check its clock); {enforced}")
+        }
+        Kind::UntrustedIssuer => format!(
+            "use a certificate for {host} from a CA senders trust, and send the intermediate certificates too; {enforced}"
+        ),
+        Kind::NameMismatch => {
+            format!("use a certificate whose names include {host}; {enforced}")
+        }
+        _ => format!(
+            "offer STARTTLS on {host} with a valid, unexpired certificate for {host}; {enforced}"
+        ),
     }
 }
 

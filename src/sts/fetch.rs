@@ -166,46 +166,72 @@ impl Fetcher {
             .await
             .map_err(FetchError::Dns)?;
         let mut last = None;
+        // A black-holed first address must not use up the whole budget.
+        let per_address = (self.timeout / 3).max(Duration::from_secs(1));
         for ip in addrs {
             let addr = SocketAddr::new(ip, self.port);
-            let tcp = match TcpStream::connect(addr).await {
-                Ok(t) => t,
-                Err(e) => {
+            let tcp = match tokio::time::timeout(per_address, TcpStream::connect(addr)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
                     last = Some(FetchError::Connect {
                         host: format!("{host} [{addr}]"),
                         detail: e.to_string(),
                     });
                     continue;
                 }
+                Err(_) => {
+                    last = Some(FetchError::Connect {
+                        host: format!("{host} [{addr}]"),
+                        detail: format!("timed out after {}s", per_address.as_secs()),
+                    });
+                    continue;
+                }
             };
             let _ = tcp.set_nodelay(true);
-            let req = TlsRequirement {
-                level: TlsLevel::Verify,
-                extra_roots: self.extra_roots.clone(),
-                ..TlsRequirement::default()
-            };
-            let (mut tls, _) =
-                self.connector
-                    .handshake(tcp, &host, &req)
-                    .await
-                    .map_err(|failure| FetchError::Tls {
-                        host: host.clone(),
-                        failure,
-                    })?;
-            let request = format!(
-                "GET {POLICY_PATH} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: Moat/{}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n",
-                env!("CARGO_PKG_VERSION")
-            );
-            tls.write_all(request.as_bytes())
-                .await
-                .map_err(|e| FetchError::Http(format!("sending the request: {e}")))?;
-            let response = read_response(&mut tls, MAX_POLICY_BYTES).await?;
-            return check(response, addr, start.elapsed());
+            match self.exchange(tcp, &host, addr, start).await {
+                Ok(f) => return Ok(f),
+                // Another address may serve it properly.
+                Err(e) => last = Some(e),
+            }
         }
         Err(last.unwrap_or_else(|| FetchError::Connect {
             host,
             detail: "no address".into(),
         }))
+    }
+}
+
+impl Fetcher {
+    /// TLS, request and response on one connection.
+    async fn exchange(
+        &self,
+        tcp: TcpStream,
+        host: &str,
+        addr: SocketAddr,
+        start: Instant,
+    ) -> Result<Fetched, FetchError> {
+        let req = TlsRequirement {
+            level: TlsLevel::Verify,
+            extra_roots: self.extra_roots.clone(),
+            ..TlsRequirement::default()
+        };
+        let (mut tls, _) = self
+            .connector
+            .handshake(tcp, host, &req)
+            .await
+            .map_err(|failure| FetchError::Tls {
+                host: host.to_string(),
+                failure,
+            })?;
+        let request = format!(
+            "GET {POLICY_PATH} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: Moat/{}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        tls.write_all(request.as_bytes())
+            .await
+            .map_err(|e| FetchError::Http(format!("sending the request: {e}")))?;
+        let response = read_response(&mut tls, MAX_POLICY_BYTES).await?;
+        check(response, addr, start.elapsed())
     }
 }
 
@@ -264,8 +290,25 @@ pub async fn read_response<R: AsyncRead + Unpin>(
     stream: &mut R,
     cap: usize,
 ) -> Result<Response, FetchError> {
-    let io = |e: std::io::Error| FetchError::Http(format!("reading the response: {e}"));
     let mut buf = Vec::with_capacity(4096);
+    // Interim 1xx responses (100 Continue, 103 Early Hints) come before the real one.
+    for _ in 0..8 {
+        let (status, headers, rest) = read_head(stream, buf).await?;
+        if (100..200).contains(&status) {
+            buf = rest;
+            continue;
+        }
+        return read_body(stream, status, headers, rest, cap).await;
+    }
+    Err(FetchError::Http("too many interim responses".into()))
+}
+
+/// Reads a status line and headers; returns them and the bytes read past them.
+async fn read_head<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    mut buf: Vec<u8>,
+) -> Result<(u16, Vec<(String, String)>, Vec<u8>), FetchError> {
+    let io = |e: std::io::Error| FetchError::Http(format!("reading the response: {e}"));
     let head_end = loop {
         if let Some(i) = find(&buf, b"\r\n\r\n") {
             break i;
@@ -298,21 +341,57 @@ pub async fn read_response<R: AsyncRead + Unpin>(
         }
         headers.push((name.to_ascii_lowercase(), value.trim().to_string()));
     }
+    let rest = buf[head_end + 4..].to_vec();
+    Ok((status, headers, rest))
+}
+
+/// Reads the body that follows a final response head.
+async fn read_body<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    status: u16,
+    headers: Vec<(String, String)>,
+    rest: Vec<u8>,
+    cap: usize,
+) -> Result<Response, FetchError> {
+    let io = |e: std::io::Error| FetchError::Http(format!("reading the response: {e}"));
     let mut response = Response {
         status,
         headers,
         body: Vec::new(),
     };
-    let rest = buf[head_end + 4..].to_vec();
-    let chunked = response
-        .header("transfer-encoding")
-        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-    if chunked {
+    let encodings: Vec<String> = response
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "transfer-encoding")
+        .flat_map(|(_, v)| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty() && t != "identity")
+        .collect();
+    let lengths: Vec<&str> = response
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "content-length")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    if !encodings.is_empty() {
+        // Only plain chunked framing; a compressed policy is not a text/plain policy.
+        if encodings != ["chunked"] {
+            return Err(FetchError::Http(format!(
+                "unsupported Transfer-Encoding {}",
+                encodings.join(", ")
+            )));
+        }
         response.body = read_chunked(stream, rest, cap).await?;
-    } else if let Some(len) = response.header("content-length") {
-        let len: usize = len
-            .parse()
-            .map_err(|_| FetchError::Http(format!("bad Content-Length {len:?}")))?;
+    } else if let Some(&len) = lengths.first() {
+        if lengths.iter().any(|l| *l != len) {
+            return Err(FetchError::Http(
+                "conflicting Content-Length headers".into(),
+            ));
+        }
+        if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(FetchError::Http(format!("bad Content-Length {len:?}")));
+        }
+        let len: usize = len.parse().map_err(|_| FetchError::TooLarge)?;
         if len > cap {
             return Err(FetchError::TooLarge);
         }
@@ -340,9 +419,14 @@ pub async fn read_response<R: AsyncRead + Unpin>(
             match stream.read(&mut chunk).await {
                 Ok(0) => break,
                 Ok(n) => body.extend_from_slice(&chunk[..n]),
-                // A TLS peer that closes without close_notify: the body is still whole
-                // unless it was cut, which the policy parser would notice.
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                // Without close_notify the end of a close-delimited body cannot be told from
+                // a cut (an injected FIN could shorten max_age): refuse it.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(FetchError::Http(
+                        "the connection closed without TLS close_notify; the body may be cut"
+                            .into(),
+                    ));
+                }
                 Err(e) => return Err(io(e)),
             }
         }

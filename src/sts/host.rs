@@ -19,6 +19,8 @@ use crate::config::Config;
 use crate::http::{self, Response};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 512;
 
 /// Policy texts by policy host name (`mta-sts.<domain>`, lowercase).
 #[derive(Debug, Clone, Default)]
@@ -86,6 +88,7 @@ impl Policies {
 
 /// Serves policies on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, policies: Arc<Policies>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -95,8 +98,14 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, policies: Arc<P
                 continue;
             }
         };
+        // Over the cap the connection is simply closed; a policy is small and cacheable.
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "policy host: too many connections");
+            continue;
+        };
         let (acceptor, policies) = (acceptor.clone(), policies.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let work = async {
                 let tls = match acceptor.accept(tcp).await {
                     Ok(t) => t,

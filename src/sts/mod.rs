@@ -90,28 +90,24 @@ impl Applied {
 
     /// The requirement for a delivery under this policy, from the one explicit rules gave.
     /// Under `enforce` the stricter wins: at least `verify` against the MX host name with the
-    /// policy's trust anchors; a rule's pins still apply and its private CA is still trusted,
-    /// but names configured instead of the MX host give way to the MX host (RFC 8461 §4.2).
-    pub fn requirement(
-        &self,
-        base: &TlsRequirement,
-        extra_roots: Option<&Arc<RootCertStore>>,
-    ) -> TlsRequirement {
+    /// rule's and the policy's trust anchors; a rule's pins still apply, but names a rule
+    /// configured instead of the MX host give way to the MX host (RFC 8461 §4.2 requires it).
+    /// Under `testing` delivery follows the rules; when they demand no authentication, the
+    /// policy's trust anchors are added so the report says what enforce would have done.
+    pub fn requirement(&self, base: &TlsRequirement, sts: &Sts) -> TlsRequirement {
         match self.entry.policy.mode {
             Mode::Enforce => TlsRequirement {
                 level: base.level.max(TlsLevel::Verify),
                 match_names: Vec::new(),
                 pins: base.pins.clone(),
-                extra_roots: merge_roots(base.extra_roots.as_ref(), extra_roots),
+                extra_roots: sts.roots_for(base.extra_roots.as_ref()),
                 mta_sts: true,
             },
-            // Testing: deliver as the rules say, but check the certificate against the same
-            // anchors so the report says what enforce would have done.
-            Mode::Testing => TlsRequirement {
-                extra_roots: merge_roots(base.extra_roots.as_ref(), extra_roots),
+            Mode::Testing if base.level < TlsLevel::Encrypt => TlsRequirement {
+                extra_roots: sts.roots_for(base.extra_roots.as_ref()),
                 ..base.clone()
             },
-            Mode::None => base.clone(),
+            Mode::Testing | Mode::None => base.clone(),
         }
     }
 }
@@ -162,6 +158,15 @@ pub struct Stats {
     pub cache_hits: AtomicU64,
 }
 
+/// How long a failed policy fetch (or a failed TXT lookup with nothing cached) is remembered,
+/// so a dead or trickling policy host costs one fetch timeout per few minutes, not one per
+/// message.
+const FAILURE_MEMORY: u64 = 300;
+/// How long a TXT lookup failure is remembered when nothing is cached.
+const TXT_FAILURE_MEMORY: u64 = 60;
+/// Bound for the failure memo and the in-flight map.
+const MAX_TRACKED: usize = 10_000;
+
 /// Policy discovery and cache for the sending side.
 #[derive(Debug)]
 pub struct Sts {
@@ -170,9 +175,22 @@ pub struct Sts {
     extra_roots: Option<Arc<RootCertStore>>,
     dir: Option<PathBuf>,
     cache: std::sync::Mutex<HashMap<String, Arc<Entry>>>,
+    /// Recent failures by domain: `(TXT id or "" for the TXT lookup, until, why)`.
+    failures: std::sync::Mutex<HashMap<String, (String, u64, String)>>,
     /// One fetch at a time per domain.
     inflight: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Rule trust anchors merged with `extra_roots`, by the rule store's address (rule stores
+    /// live as long as the config), so a merged store keeps one identity for session reuse.
+    merged: std::sync::Mutex<HashMap<usize, MergedRoots>>,
     pub stats: Stats,
+}
+
+/// A rule's store (kept so its address stays valid) and the merged store.
+type MergedRoots = (Arc<RootCertStore>, Arc<RootCertStore>);
+
+/// Locks, recovering from a panicked holder: a poisoned cache must not silently drop policies.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What a cache file holds.
@@ -199,7 +217,9 @@ impl Sts {
             extra_roots,
             dir,
             cache: std::sync::Mutex::new(cache),
+            failures: std::sync::Mutex::new(HashMap::new()),
             inflight: std::sync::Mutex::new(HashMap::new()),
+            merged: std::sync::Mutex::new(HashMap::new()),
             stats: Stats::default(),
         })
     }
@@ -207,6 +227,27 @@ impl Sts {
     /// Extra trust anchors for MX certificates checked under a policy.
     pub fn extra_roots(&self) -> Option<&Arc<RootCertStore>> {
         self.extra_roots.as_ref()
+    }
+
+    /// The trust anchors for a delivery under `enforce`: the rule's and the policy's, as one
+    /// store with a stable identity.
+    pub fn roots_for(&self, rule: Option<&Arc<RootCertStore>>) -> Option<Arc<RootCertStore>> {
+        match (rule, &self.extra_roots) {
+            (Some(r), Some(x)) => {
+                let key = Arc::as_ptr(r) as usize;
+                let mut m = lock(&self.merged);
+                if let Some((kept, merged)) = m.get(&key)
+                    && Arc::ptr_eq(kept, r)
+                {
+                    return Some(merged.clone());
+                }
+                let merged = merge_roots(Some(r), Some(x))?;
+                m.insert(key, (r.clone(), merged.clone()));
+                Some(merged)
+            }
+            (Some(r), None) => Some(r.clone()),
+            (None, x) => x.clone(),
+        }
     }
 
     /// The fetcher (for `moat sts check`).
@@ -217,31 +258,33 @@ impl Sts {
     /// Every unexpired cache entry, by domain.
     pub fn entries(&self) -> Vec<(String, Arc<Entry>)> {
         let now = unix_now();
-        let mut v: Vec<(String, Arc<Entry>)> = match self.cache.lock() {
-            Ok(c) => c
-                .iter()
-                .filter(|(_, e)| e.expires() > now)
-                .map(|(d, e)| (d.clone(), e.clone()))
-                .collect(),
-            Err(_) => Vec::new(),
-        };
+        let mut v: Vec<(String, Arc<Entry>)> = lock(&self.cache)
+            .iter()
+            .filter(|(_, e)| e.expires() > now)
+            .map(|(d, e)| (d.clone(), e.clone()))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
 
     /// The unexpired cached policy of `domain`, without any lookup.
     pub fn entry(&self, domain: &str) -> Option<Arc<Entry>> {
-        let c = self.cache.lock().ok()?;
-        c.get(domain).filter(|e| e.expires() > unix_now()).cloned()
+        let domain = canonical(domain)?;
+        lock(&self.cache)
+            .get(&domain)
+            .filter(|e| e.expires() > unix_now())
+            .cloned()
     }
 
     fn cached(&self, domain: &str, now: u64) -> Option<Arc<Entry>> {
-        let mut cache = self.cache.lock().ok()?;
+        let mut cache = lock(&self.cache);
         match cache.get(domain) {
             Some(e) if e.expires() > now => Some(e.clone()),
             Some(_) => {
                 cache.remove(domain);
-                if let Some(dir) = &self.dir {
+                if let Some(dir) = &self.dir
+                    && safe_domain(domain)
+                {
                     let _ = std::fs::remove_file(cache_path(dir, domain));
                 }
                 None
@@ -250,7 +293,27 @@ impl Sts {
         }
     }
 
-    /// The policy in force for `domain` (lowercase ASCII), if any; `mode: none` counts as none.
+    /// A remembered failure for `domain` under `id`, if still fresh.
+    fn failed_recently(&self, domain: &str, id: &str, now: u64) -> Option<String> {
+        lock(&self.failures)
+            .get(domain)
+            .filter(|(i, until, _)| i == id && *until > now)
+            .map(|(_, _, why)| why.clone())
+    }
+
+    fn remember_failure(&self, domain: &str, id: &str, for_secs: u64, why: String) {
+        let now = unix_now();
+        let mut f = lock(&self.failures);
+        if f.len() >= MAX_TRACKED {
+            f.retain(|_, (_, until, _)| *until > now);
+            if f.len() >= MAX_TRACKED {
+                f.clear();
+            }
+        }
+        f.insert(domain.to_string(), (id.to_string(), now + for_secs, why));
+    }
+
+    /// The policy in force for `domain`, if any; `mode: none` counts as none.
     pub async fn policy_for(&self, domain: &str) -> Option<Applied> {
         let applied = self.lookup(domain).await?;
         if applied.entry.policy.mode == Mode::None {
@@ -261,7 +324,18 @@ impl Sts {
 
     /// Like [`Sts::policy_for`] but also returns `mode: none` policies.
     pub async fn lookup(&self, domain: &str) -> Option<Applied> {
-        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        self.lookup_inner(domain, false).await
+    }
+
+    /// Fetches `domain`'s policy again even when the cached id is current (the background
+    /// refresh before `max_age` runs out).
+    pub async fn refresh(&self, domain: &str) -> Option<Applied> {
+        self.lookup_inner(domain, true).await
+    }
+
+    async fn lookup_inner(&self, domain: &str, refresh: bool) -> Option<Applied> {
+        // The same name the router uses: A-labels, lowercase, no trailing dot.
+        let domain = canonical(domain)?;
         let now = unix_now();
         let cached = self.cached(&domain, now);
         let use_cached = |entry: Option<Arc<Entry>>, why: String| {
@@ -274,6 +348,9 @@ impl Sts {
                 }
             })
         };
+        if cached.is_none() && self.failed_recently(&domain, "", now).is_some() {
+            return None;
+        }
         let records = match self
             .fetcher
             .resolver
@@ -283,6 +360,9 @@ impl Sts {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(domain, error = %e, "MTA-STS TXT lookup failed");
+                if e.is_temporary() && cached.is_none() {
+                    self.remember_failure(&domain, "", TXT_FAILURE_MEMORY, e.to_string());
+                }
                 return use_cached(cached, format!("cached; TXT lookup failed: {e}"));
             }
         };
@@ -294,51 +374,84 @@ impl Sts {
                 return use_cached(cached, format!("cached; TXT record unusable: {e}"));
             }
         };
-        if let Some(c) = &cached
-            && c.id == record.id
-            && !c.wants_refresh(now)
-        {
+        let current = |c: &Option<Arc<Entry>>| c.as_ref().is_some_and(|c| c.id == record.id);
+        if current(&cached) && !refresh {
             return use_cached(cached, "cached".into());
+        }
+        if let Some(why) = self.failed_recently(&domain, &record.id, now) {
+            return use_cached(cached, format!("cached; policy fetch failed: {why}"));
         }
 
-        // One fetch per domain at a time; whoever waited may find the work done.
-        let lock = match self.inflight.lock() {
-            Ok(mut m) => m.entry(domain.clone()).or_default().clone(),
-            Err(_) => Arc::new(tokio::sync::Mutex::new(())),
+        // One fetch per domain at a time; whoever waited takes the result.
+        let gate = lock(&self.inflight)
+            .entry(domain.clone())
+            .or_default()
+            .clone();
+        let result = {
+            let _guard = gate.lock().await;
+            let cached = self.cached(&domain, now);
+            if current(&cached)
+                && (!refresh
+                    || cached
+                        .as_ref()
+                        .is_some_and(|c| !c.wants_refresh(unix_now())))
+            {
+                Ok(cached)
+            } else if let Some(why) = self.failed_recently(&domain, &record.id, unix_now()) {
+                Err((cached, why))
+            } else {
+                self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+                match self.fetch_policy(&domain).await {
+                    Ok((policy, text)) => {
+                        let entry = Arc::new(Entry {
+                            id: record.id.clone(),
+                            policy,
+                            fetched: unix_now(),
+                            text,
+                        });
+                        tracing::info!(domain, id = %entry.id, mode = entry.policy.mode.as_str(),
+                            max_age = entry.policy.max_age, "MTA-STS policy fetched");
+                        self.store(&domain, entry.clone());
+                        return self.finish(
+                            &domain,
+                            &gate,
+                            Some(Applied {
+                                domain: domain.clone(),
+                                entry,
+                                source: "fetched".into(),
+                            }),
+                        );
+                    }
+                    Err(e) => {
+                        self.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(domain, error = %e, cached = cached.is_some(),
+                            "MTA-STS policy fetch failed");
+                        self.remember_failure(&domain, &record.id, FAILURE_MEMORY, e.to_string());
+                        Err((cached, e.to_string()))
+                    }
+                }
+            }
         };
-        let _guard = lock.lock().await;
-        let cached = self.cached(&domain, now);
-        if let Some(c) = &cached
-            && c.id == record.id
-            && !c.wants_refresh(unix_now())
-        {
-            return use_cached(cached, "cached".into());
+        let applied = match result {
+            Ok(c) => use_cached(c, "cached".into()),
+            Err((c, why)) => use_cached(c, format!("cached; policy fetch failed: {why}")),
+        };
+        self.finish(&domain, &gate, applied)
+    }
+
+    /// Drops the domain's in-flight gate when nobody else holds it (the map stays small).
+    fn finish(
+        &self,
+        domain: &str,
+        gate: &Arc<tokio::sync::Mutex<()>>,
+        applied: Option<Applied>,
+    ) -> Option<Applied> {
+        let mut m = lock(&self.inflight);
+        // Ours and the map's: nobody else is waiting.
+        if Arc::strong_count(gate) <= 2 {
+            m.remove(domain);
         }
-        self.stats.fetches.fetch_add(1, Ordering::Relaxed);
-        match self.fetch_policy(&domain).await {
-            Ok((policy, text)) => {
-                let entry = Arc::new(Entry {
-                    id: record.id,
-                    policy,
-                    fetched: unix_now(),
-                    text,
-                });
-                tracing::info!(domain, id = %entry.id, mode = entry.policy.mode.as_str(),
-                    max_age = entry.policy.max_age, "MTA-STS policy fetched");
-                self.store(&domain, entry.clone());
-                Some(Applied {
-                    domain,
-                    entry,
-                    source: "fetched".into(),
-                })
-            }
-            Err(e) => {
-                self.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(domain, error = %e, cached = cached.is_some(),
-                    "MTA-STS policy fetch failed");
-                use_cached(cached, format!("cached; policy fetch failed: {e}"))
-            }
-        }
+        applied
     }
 
     async fn fetch_policy(&self, domain: &str) -> Result<(Policy, String), StsError> {
@@ -359,13 +472,12 @@ impl Sts {
                 tracing::warn!(domain, error = %e, "cannot save the MTA-STS policy cache");
             }
         }
-        if let Ok(mut c) = self.cache.lock() {
-            c.insert(domain.to_string(), entry);
-        }
+        lock(&self.failures).remove(domain);
+        lock(&self.cache).insert(domain.to_string(), entry);
     }
 
-    /// Refreshes, in the background, every cached policy past half its lifetime, so domains
-    /// that get mail rarely keep a fresh policy too (RFC 8461 §5.1).
+    /// Refreshes, in the background, every cached policy past half its lifetime, so a policy
+    /// is renewed before it expires whether or not mail flows (RFC 8461 §5.1).
     pub fn spawn_refresher(self: &Arc<Self>, every: std::time::Duration) {
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -380,11 +492,18 @@ impl Sts {
                     .map(|(d, _)| d)
                     .collect();
                 for d in due {
-                    let _ = sts.lookup(&d).await;
+                    let _ = sts.refresh(&d).await;
                 }
             }
         });
     }
+}
+
+/// The cache key for a domain: A-labels, lowercase, no trailing dot; `None` for a non-name.
+fn canonical(domain: &str) -> Option<String> {
+    crate::dns::canonical_name(domain)
+        .ok()
+        .filter(|d| safe_domain(d))
 }
 
 /// A fetch or parse failure.
@@ -451,7 +570,8 @@ fn load_cache(dir: &Path, cache: &mut HashMap<String, Arc<Entry>>) {
         let entry = Entry {
             id: file.id,
             policy,
-            fetched: file.fetched,
+            // A clock set back must not stretch a policy's life.
+            fetched: file.fetched.min(now),
             text: file.policy,
         };
         if entry.expires() <= now || !safe_domain(&file.domain) {

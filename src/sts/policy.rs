@@ -369,12 +369,13 @@ pub struct StsRecord {
     pub id: String,
 }
 
-/// True if a TXT record is meant as MTA-STS: `v=STSv1` followed by `;`, a space or tab, or
-/// nothing. Other records are ignored.
-fn is_sts_record(record: &str) -> bool {
+/// True if a TXT record counts as MTA-STS: `v=STSv1`, optional spaces or tabs, then `;`
+/// (RFC 8461 §3.1: records that do not begin with `v=STSv1;` are discarded). Other records,
+/// `v=STSv1 junk` included, are ignored.
+pub fn is_sts_record(record: &str) -> bool {
     record
         .strip_prefix(STS_VERSION)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with([';', ' ', '\t']))
+        .is_some_and(|rest| rest.trim_start_matches(is_wsp).starts_with(';'))
 }
 
 /// Parses one `_mta-sts` TXT record (RFC 8461 §3.1): `v=STSv1`, then `;`-separated fields
@@ -757,8 +758,13 @@ mod tests {
             "2 v=STSv1 TXT records; exactly one is allowed"
         );
         assert!(txt(&["v=STSv1; id=1", "v=STSv1; id=1"]).is_err());
-        assert!(txt(&["v=STSv1 id=1"]).is_err());
-        assert!(txt(&["v=STSv1"]).is_err());
+        // Not beginning with `v=STSv1;` (spaces allowed before the `;`): not an STS record.
+        assert_eq!(txt(&["v=STSv1 id=1"]), Ok(None));
+        assert_eq!(txt(&["v=STSv1"]), Ok(None));
+        assert_eq!(
+            txt(&["v=STSv1 junk", "v=STSv1; id=7;"]),
+            Ok(Some(StsRecord { id: "7".into() }))
+        );
         assert!(txt(&["v=STSv1;"]).is_err());
     }
 

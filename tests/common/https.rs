@@ -16,6 +16,7 @@ pub struct PolicyServer {
     pub addr: SocketAddr,
     response: Arc<Mutex<Vec<u8>>>,
     hits: Arc<AtomicUsize>,
+    hang: Arc<std::sync::atomic::AtomicBool>,
     /// The request heads received, in order.
     pub requests: Arc<Mutex<Vec<String>>>,
 }
@@ -52,7 +53,13 @@ impl PolicyServer {
         let response = Arc::new(Mutex::new(ok_response("")));
         let hits = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let (r, h, q) = (response.clone(), hits.clone(), requests.clone());
+        let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (r, h, q, g) = (
+            response.clone(),
+            hits.clone(),
+            requests.clone(),
+            hang.clone(),
+        );
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -64,7 +71,8 @@ impl PolicyServer {
                     let Ok((tcp, _)) = listener.accept().await else {
                         continue;
                     };
-                    let (acceptor, r, h, q) = (acceptor.clone(), r.clone(), h.clone(), q.clone());
+                    let (acceptor, r, h, q, g) =
+                        (acceptor.clone(), r.clone(), h.clone(), q.clone(), g.clone());
                     tokio::spawn(async move {
                         let Ok(mut tls) = acceptor.accept(tcp).await else {
                             return;
@@ -81,6 +89,11 @@ impl PolicyServer {
                         q.lock()
                             .unwrap()
                             .push(String::from_utf8_lossy(&buf).into_owned());
+                        if g.load(Ordering::SeqCst) {
+                            // Never answer; hold the connection.
+                            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                            return;
+                        }
                         let out = r.lock().unwrap().clone();
                         let _ = tls.write_all(&out).await;
                         let _ = tls.shutdown().await;
@@ -92,6 +105,7 @@ impl PolicyServer {
             addr,
             response,
             hits,
+            hang,
             requests,
         }
     }
@@ -106,7 +120,12 @@ impl PolicyServer {
         self.set_response(ok_response(policy));
     }
 
-    /// Requests answered so far.
+    /// From now on requests are read and never answered.
+    pub fn hang(&self) {
+        self.hang.store(true, Ordering::SeqCst);
+    }
+
+    /// Requests received so far.
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }

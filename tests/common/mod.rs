@@ -2,6 +2,7 @@
 //! temp dir, and a small synchronous SMTP client (plain, STARTTLS, implicit TLS) to talk to it.
 #![allow(dead_code)]
 
+pub mod chromium;
 pub mod dns;
 pub mod https;
 

@@ -2,6 +2,9 @@
 # Interop suite: Moat against real third-party software (swaks, OpenSSL s_client, Python's
 # ssl module, Postfix as a sending MTA, testssl.sh), and Moat as a sender: a second Moat
 # relays to a real Postfix receiver (TLS policy verify/may/encrypt, DSN, SMTP smuggling).
+# `moat probe` and `moat sts check` run against Postfix with good, wrong-name and expired
+# certificates, without TLS and against a closed port, with a Knot DNS server and an nginx
+# MTA-STS policy host.
 #
 # Runs on a fresh Debian 12 machine as root: installs what it needs (apt), builds nothing but
 # the moat binary if it is missing, uses only 127.0.0.x addresses, cleans up after itself.
@@ -26,7 +29,7 @@ log() { printf '== %s\n' "$*"; }
 # ---------------------------------------------------------------------------------------------
 need_pkgs=()
 for p in postfix swaks libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl openssl \
-         testssl.sh procps bsdextrautils bsdutils python3 ca-certificates; do
+         testssl.sh procps bsdextrautils bsdutils python3 ca-certificates knot nginx-light; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed'; then
         need_pkgs+=("$p")
     fi
@@ -38,7 +41,7 @@ if ((${#need_pkgs[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
 TESTSSL=$(command -v testssl.sh || command -v testssl || true)
-for tool in swaks openssl python3 script; do
+for tool in swaks openssl python3 script knotd nginx; do
     command -v "$tool" >/dev/null || { echo "interop: required tool $tool is missing after install" >&2; exit 2; }
 done
 [[ -n "$TESTSSL" ]] || { echo "interop: testssl.sh is missing after install" >&2; exit 2; }
@@ -64,8 +67,12 @@ PF_DIR="$W/postfix/etc"
 PF_STARTED=0
 PR_DIR="$W/postfix-rx/etc"
 PR_STARTED=0
+PS_DIR="$W/postfix-sts/etc"   # Postfix for moat probe / moat sts check (section 4g)
+PS_STARTED=0
+KNOT_PID=""
+NGINX_PID=""
 
-# stop_moat PID: SIGTERM, wait up to 5 s, then SIGKILL.
+# stop_moat PID: SIGTERM, wait up to 5 s, then SIGKILL (also used for knotd and nginx).
 stop_moat() {
     local pid=$1
     [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 0
@@ -93,6 +100,9 @@ cleanup() {
     stop_moat "$MOAT2_PID"
     ((PF_STARTED)) && stop_postfix "$PF_DIR" "$W/postfix/queue"
     ((PR_STARTED)) && stop_postfix "$PR_DIR" "$W/postfix-rx/queue"
+    ((PS_STARTED)) && stop_postfix "$PS_DIR" "$W/postfix-sts/queue"
+    stop_moat "$KNOT_PID"
+    stop_moat "$NGINX_PID"
     if [[ -n "${INTEROP_KEEP:-}" ]]; then
         echo "interop: work dir kept: $W" >&2
     else
@@ -1017,7 +1027,7 @@ if ((rx_ok)); then
     name="Moat log: one 'delivery attempt' line (ip, TLSv1.3, verified, accepted), then delivered (..., verified)"
     end=$((SECONDS + 10)); ok=0
     while ((SECONDS < end)); do
-        if grep -E "delivery attempt .*ip=$PR_RX_TLS:$PR_PORT .*level=\"verify\" tls=TLSv1\.3 with cipher .*verified outcome=1 of 1 recipient" "$W/moat2.log" >/dev/null 2>&1 \
+        if grep -E "delivery attempt .*ip=$PR_RX_TLS:$PR_PORT .*level=\"verify\" (mta_sts=[a-z]+ )?tls=TLSv1\.3 with cipher .*verified outcome=1 of 1 recipient" "$W/moat2.log" >/dev/null 2>&1 \
            && grep -E "delivered .*to=pfv@postfix.test .*relay=$PR_RX_TLS .*TLSv1\.3 .*verified\)" "$W/moat2.log" >/dev/null 2>&1; then
             ok=1; break
         fi
@@ -1269,6 +1279,472 @@ print(next((r.get("finding","") for r in d if r.get("id")=="cert_chain_of_trust"
         pass "$name"
     else
         fail "$name" "cert_chain_of_trust: $trust" "$W/testssl.out"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 4g. moat probe and moat sts check against Postfix, a Knot DNS server and an nginx policy host
+# ---------------------------------------------------------------------------------------------
+# One Postfix instance, one smtpd per address, all on port 2525:
+#   127.0.0.35  STARTTLS, certificate for mx.good.interop.test       (MX of good.interop.test)
+#   127.0.0.36  STARTTLS, certificate for mx.wrong.interop.test      (MX 10 of bad.interop.test)
+#   127.0.0.37  STARTTLS, certificate for mx2.bad.interop.test, expired in 2020 (MX 20 of bad)
+#   127.0.0.38  no STARTTLS
+#   127.0.0.39  nothing listens (closed port)
+# 127.0.0.33:5353  Knot, authoritative for interop.test (UDP and TCP)
+# 127.0.0.34:8443  nginx: https://mta-sts.{good,bad}.interop.test/.well-known/mta-sts.txt (SNI)
+# good.interop.test's policy covers its MX; bad.interop.test's lists only mx2.bad.interop.test.
+log "moat probe / moat sts check against Postfix, Knot and nginx"
+ST="$W/sts"
+PS="$W/postfix-sts"
+ST_DNS=127.0.0.33
+ST_DNS_PORT=5353
+ST_WEB=127.0.0.34
+ST_WEB_PORT=8443
+ST_GOOD=127.0.0.35
+ST_WRONG=127.0.0.36
+ST_EXPIRED=127.0.0.37
+ST_PLAIN=127.0.0.38
+ST_CLOSED=127.0.0.39
+ST_PORT=2525
+mkdir -p "$ST/ca-db" "$ST/knot/db" "$ST/www/good" "$ST/www/bad" "$ST/nginx/tmp"
+
+# st_leaf NAME SAN [START END]: key + certificate NAME.{key,crt} from the test CA, valid for SAN
+# (a comma-separated subjectAltName value). With START and END (YYYYMMDDHHMMSSZ) it is signed by
+# `openssl ca`, which takes any validity period (OpenSSL 3.0's `x509 -req` cannot back-date).
+st_leaf() {
+    local base=$ST/$1 san=$2 cn=${2%%,*}
+    openssl ecparam -name prime256v1 -genkey -noout -out "$base.key"
+    openssl req -new -key "$base.key" -subj "/CN=${cn#DNS:}" -out "$base.csr"
+    printf '%s\n' "subjectAltName=$san" "basicConstraints=critical,CA:FALSE" \
+        "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" >"$base.ext"
+    if (($# > 2)); then
+        openssl ca -batch -notext -config "$ST/ca.cnf" -cert "$W/ca.crt" -keyfile "$W/ca.key" \
+            -in "$base.csr" -out "$base.crt" -startdate "$3" -enddate "$4" -extfile "$base.ext"
+    else
+        openssl x509 -req -in "$base.csr" -CA "$W/ca.crt" -CAkey "$W/ca.key" -CAcreateserial \
+            -sha256 -days 2 -extfile "$base.ext" -out "$base.crt"
+    fi
+    chmod 644 "$base.crt"
+}
+cat >"$ST/ca.cnf" <<EOF
+[ ca ]
+default_ca = interop_ca
+[ interop_ca ]
+database = $ST/ca-db/index.txt
+new_certs_dir = $ST/ca-db
+serial = $ST/ca-db/serial
+default_md = sha256
+policy = interop_policy
+unique_subject = no
+[ interop_policy ]
+commonName = supplied
+EOF
+: >"$ST/ca-db/index.txt"
+echo 1000 >"$ST/ca-db/serial"
+st_ok=1
+{
+    st_leaf good "DNS:mx.good.interop.test" &&
+    st_leaf wrong "DNS:mx.wrong.interop.test" &&
+    st_leaf expired "DNS:mx2.bad.interop.test" 20200101000000Z 20200201000000Z &&
+    st_leaf web "DNS:mta-sts.good.interop.test,DNS:mta-sts.bad.interop.test"
+} >"$ST/openssl.log" 2>&1 || st_ok=0
+if ((st_ok)) && ! openssl x509 -in "$ST/expired.crt" -noout -checkend 0 >/dev/null 2>&1 \
+   && openssl x509 -in "$ST/expired.crt" -noout -enddate | grep -q 'Feb  1 00:00:00 2020 GMT'; then
+    :
+else
+    st_ok=0
+    fail "probe/sts test certificates made (good, wrong name, expired 2020-02-01, policy host)" \
+        "openssl failed or the expired certificate is not expired" "$ST/openssl.log"
+fi
+
+# Postfix with four smtpd services.
+mkdir -p "$PS_DIR" "$PS/queue" "$PS/data" "$PS/log"
+chown postfix "$PS/data"
+chmod 755 "$PS" "$PS/log"
+cat >"$PS_DIR/main.cf" <<EOF
+compatibility_level = 3.6
+config_directory = $PS_DIR
+queue_directory = $PS/queue
+data_directory = $PS/data
+command_directory = /usr/sbin
+daemon_directory = /usr/lib/postfix/sbin
+meta_directory = /etc/postfix
+shlib_directory = /usr/lib/postfix
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = mx.good.interop.test
+mydomain = interop.test
+mydestination =
+alias_maps =
+alias_database =
+local_recipient_maps =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtp_dns_support_level = disabled
+maillog_file = $PS/log/maillog
+maillog_file_prefixes = $PS/log
+smtpd_tls_security_level = may
+smtpd_tls_cert_file = $ST/good.crt
+smtpd_tls_key_file = $ST/good.key
+smtpd_tls_loglevel = 1
+smtpd_tls_session_cache_database =
+smtpd_peername_lookup = no
+EOF
+cat >"$PS_DIR/master.cf" <<EOF
+$ST_GOOD:$ST_PORT inet n - n - - smtpd
+  -o syslog_name=postfix-sts-good
+$ST_WRONG:$ST_PORT inet n - n - - smtpd
+  -o syslog_name=postfix-sts-wrong
+  -o myhostname=mx.bad.interop.test
+  -o smtpd_tls_cert_file=$ST/wrong.crt
+  -o smtpd_tls_key_file=$ST/wrong.key
+$ST_EXPIRED:$ST_PORT inet n - n - - smtpd
+  -o syslog_name=postfix-sts-expired
+  -o myhostname=mx2.bad.interop.test
+  -o smtpd_tls_cert_file=$ST/expired.crt
+  -o smtpd_tls_key_file=$ST/expired.key
+$ST_PLAIN:$ST_PORT inet n - n - - smtpd
+  -o syslog_name=postfix-sts-plain
+  -o myhostname=mx.plain.interop.test
+  -o smtpd_tls_security_level=none
+pickup      unix  n       -       n       60      1       pickup
+cleanup     unix  n       -       n       -       0       cleanup
+qmgr        unix  n       -       n       300     1       qmgr
+tlsmgr      unix  -       -       n       1000?   1       tlsmgr
+rewrite     unix  -       -       n       -       -       trivial-rewrite
+bounce      unix  -       -       n       -       0       bounce
+defer       unix  -       -       n       -       0       bounce
+trace       unix  -       -       n       -       0       bounce
+verify      unix  -       -       n       -       1       verify
+flush       unix  n       -       n       1000?   0       flush
+proxymap    unix  -       -       n       -       -       proxymap
+showq       unix  n       -       n       -       -       showq
+error       unix  -       -       n       -       -       error
+retry       unix  -       -       n       -       -       error
+discard     unix  -       -       n       -       -       discard
+anvil       unix  -       -       n       -       1       anvil
+scache      unix  -       -       n       -       1       scache
+postlog     unix-dgram n  -       n       -       1       postlogd
+smtp        unix  -       -       n       -       -       smtp
+EOF
+
+# Knot: authoritative for interop.test.
+cat >"$ST/knot/interop.test.zone" <<EOF
+\$ORIGIN interop.test.
+\$TTL 300
+@                 SOA   ns.interop.test. hostmaster.interop.test. 1 3600 600 86400 300
+@                 NS    ns
+ns                A     $ST_DNS
+good              MX    10 mx.good
+mx.good           A     $ST_GOOD
+mta-sts.good      A     $ST_WEB
+_mta-sts.good     TXT   "v=STSv1; id=1;"
+bad               MX    10 mx.bad
+bad               MX    20 mx2.bad
+mx.bad            A     $ST_WRONG
+mx2.bad           A     $ST_EXPIRED
+mta-sts.bad       A     $ST_WEB
+_mta-sts.bad      TXT   "v=STSv1; id=1;"
+EOF
+cat >"$ST/knot/knot.conf" <<EOF
+server:
+    listen: $ST_DNS@$ST_DNS_PORT
+    rundir: $ST/knot
+database:
+    storage: $ST/knot/db
+log:
+  - target: stderr
+    any: info
+zone:
+  - domain: interop.test
+    storage: $ST/knot
+    file: interop.test.zone
+    zonefile-sync: -1
+    journal-content: none
+EOF
+
+# nginx: the policy host, one server block (and certificate name) per policy domain.
+printf 'version: STSv1\r\nmode: enforce\r\nmx: mx.good.interop.test\r\nmax_age: 604800\r\n' >"$ST/www/good/mta-sts.txt"
+printf 'version: STSv1\r\nmode: enforce\r\nmx: mx2.bad.interop.test\r\nmax_age: 604800\r\n' >"$ST/www/bad/mta-sts.txt"
+chmod -R a+rX "$ST/www"
+{
+    cat <<EOF
+worker_processes 1;
+pid $ST/nginx/nginx.pid;
+error_log $ST/nginx/error.log info;
+events { worker_connections 64; }
+http {
+    log_format sts '\$ssl_server_name \$host "\$request" \$status';
+    access_log $ST/nginx/access.log sts;
+    client_body_temp_path $ST/nginx/tmp/body;
+    proxy_temp_path $ST/nginx/tmp/proxy;
+    fastcgi_temp_path $ST/nginx/tmp/fastcgi;
+    uwsgi_temp_path $ST/nginx/tmp/uwsgi;
+    scgi_temp_path $ST/nginx/tmp/scgi;
+    default_type application/octet-stream;
+EOF
+    for d in good bad; do
+        cat <<EOF
+    server {
+        listen $ST_WEB:$ST_WEB_PORT ssl;
+        server_name mta-sts.$d.interop.test;
+        ssl_certificate $ST/web.crt;
+        ssl_certificate_key $ST/web.key;
+        root $ST/www/$d;
+        location = /.well-known/mta-sts.txt {
+            default_type text/plain;
+            alias $ST/www/$d/mta-sts.txt;
+        }
+    }
+EOF
+    done
+    echo "}"
+} >"$ST/nginx/nginx.conf"
+
+if ((st_ok)); then
+    rc=0
+    script -qec "postfix -c $PS_DIR check" /dev/null >"$W/postfix-sts-check.out" 2>&1 || rc=$?
+    if ((rc != 0)); then
+        st_ok=0
+        fail "Postfix (4 smtpd), Knot and nginx start for the probe/sts checks" "postfix check failed (rc=$rc)" "$W/postfix-sts-check.out"
+    else
+        PS_STARTED=1
+        script -qec "postfix -c $PS_DIR start" /dev/null >"$W/postfix-sts-start.out" 2>&1 || rc=$?
+    fi
+fi
+if ((st_ok)); then
+    knotd -c "$ST/knot/knot.conf" >"$ST/knot/knot.log" 2>&1 &
+    KNOT_PID=$!
+    nginx -p "$ST/nginx" -c "$ST/nginx/nginx.conf" -e "$ST/nginx/error.log" -g 'daemon off;' >"$ST/nginx/stdout.log" 2>&1 &
+    NGINX_PID=$!
+    for hp in $ST_GOOD:$ST_PORT $ST_WRONG:$ST_PORT $ST_EXPIRED:$ST_PORT $ST_PLAIN:$ST_PORT \
+              $ST_DNS:$ST_DNS_PORT $ST_WEB:$ST_WEB_PORT; do
+        if ! wait_port "${hp%:*}" "${hp#*:}" 20; then
+            st_ok=0
+            fail "Postfix (4 smtpd), Knot and nginx start for the probe/sts checks" "nothing listens on $hp" \
+                "$W/postfix-sts-start.out" "$PS/log/maillog" "$ST/knot/knot.log" "$ST/nginx/error.log"
+            break
+        fi
+    done
+fi
+if ((st_ok)); then
+    # Knot answers over UDP once the zone is loaded; make sure before asserting on moat's view.
+    end=$((SECONDS + 10))
+    until python3 - "$ST_DNS" "$ST_DNS_PORT" <<'PYEOF' >/dev/null 2>&1
+import socket, struct, sys
+q = struct.pack(">HHHHHH", 0x4242, 0, 1, 0, 0, 0) + b"".join(
+    bytes([len(l)]) + l.encode() for l in "good.interop.test".split(".")) + b"\0" + struct.pack(">HH", 15, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1)
+s.sendto(q, (sys.argv[1], int(sys.argv[2])))
+r = s.recv(4096)
+sys.exit(0 if r[:2] == b"\x42\x42" and (r[3] & 15) == 0 and struct.unpack(">H", r[6:8])[0] > 0 else 1)
+PYEOF
+    do
+        if ((SECONDS >= end)); then
+            st_ok=0
+            fail "Postfix (4 smtpd), Knot and nginx start for the probe/sts checks" "Knot does not answer MX good.interop.test" "$ST/knot/knot.log"
+            break
+        fi
+        sleep 0.2
+    done
+fi
+
+# jget FILE EXPR: prints the Python expression EXPR evaluated over the JSON document d in FILE
+# (or the error, never failing: its output is compared, and `x=$(false)` would end the script).
+jget() {
+    python3 -c 'import json, sys
+d = json.load(open(sys.argv[1]))
+print(eval(sys.argv[2]))' "$1" "$2" 2>&1 || true
+}
+
+# probe_run OUT ARGS...: runs moat probe ARGS twice (text to OUT.txt, --json to OUT.json);
+# sets prc (text run's exit status), jrc (JSON run's).
+probe_run() {
+    local out=$1
+    shift
+    prc=0
+    jrc=0
+    timeout 60 "$MOAT" probe --timeout 5 "$@" >"$out.txt" 2>&1 || prc=$?
+    timeout 60 "$MOAT" probe --timeout 5 --json "$@" >"$out.json" 2>"$out.json.err" || jrc=$?
+}
+
+if ((st_ok)); then
+    CA=(--ca-file "$W/ca.crt")
+
+    # --- moat probe ---
+    name="moat probe good certificate: exit 0, PASS, TLSv1.3, Postfix banner, WARN expires soon, JSON verdict pass"
+    o="$ST/probe-good"
+    probe_run "$o" "$ST_GOOD:$ST_PORT" --name mx.good.interop.test "${CA[@]}"
+    if ((prc != 0 || jrc != 0)); then
+        fail "$name" "exit status $prc (text), $jrc (json)" "$o.txt" "$o.json"
+    elif ! grep -qx "PASS  $ST_GOOD:$ST_PORT offers STARTTLS with a certificate valid for mx.good.interop.test" "$o.txt" \
+         || ! grep -Eq '^  tls +TLSv1\.3 TLS_[A-Z0-9_]+ \([0-9]+ bits\)' "$o.txt" \
+         || ! grep -Eq '^  banner +220 mx\.good\.interop\.test ESMTP Postfix' "$o.txt" \
+         || ! grep -Eq '^  verify +ok for mx\.good\.interop\.test' "$o.txt" \
+         || ! grep -Eq '^WARN  the certificate expires (in [0-9]+ days?|within a day) \(' "$o.txt" \
+         || grep -q '^FAIL' "$o.txt"; then
+        fail "$name" "text output lacks the PASS / tls TLSv1.3 / Postfix banner / verify ok / WARN expires (2-day test certificate) lines" "$o.txt"
+    elif [[ $(jget "$o.json" 'd["verdict"], d["tls"]["version"], d["tls"]["verification"]["result"], d["tls"]["verification"]["name_matches"], d["tls"]["chain"][0]["dns_names"], d["failures"], [w["kind"] for w in d["warnings"]]') \
+            != "('pass', 'TLSv1.3', 'verified', True, ['mx.good.interop.test'], [], ['expires_soon'])" ]] \
+         || [[ $(jget "$o.json" '"ESMTP Postfix" in " ".join(d["banner"]["lines"]) and "STARTTLS" in d["capabilities"] and "STARTTLS" not in d["capabilities_tls"]') != True ]]; then
+        fail "$name" "JSON: $(jget "$o.json" 'd["verdict"], d["tls"]["version"], d["tls"]["verification"], d["banner"], d["failures"]')" "$o.json"
+    else
+        pass "$name"
+    fi
+
+    name="moat probe wrong-name certificate: exit 1, FAIL wrong name naming mx.wrong.interop.test"
+    o="$ST/probe-wrong"
+    probe_run "$o" "$ST_WRONG:$ST_PORT" --name mx.bad.interop.test "${CA[@]}"
+    if ((prc != 1 || jrc != 1)); then
+        fail "$name" "exit status $prc (text), $jrc (json), want 1" "$o.txt" "$o.json"
+    elif ! grep -E '^FAIL  wrong name: ' "$o.txt" | grep -F 'mx.bad.interop.test' | grep -qF 'mx.wrong.interop.test' \
+         || [[ $(grep -c '^FAIL' "$o.txt") != 1 ]] || grep -q '^PASS' "$o.txt" \
+         || ! grep -Eq '^  verify +FAILED: not valid for mx\.bad\.interop\.test' "$o.txt"; then
+        fail "$name" "want exactly one FAIL line, 'wrong name: ...' with both names, and 'verify FAILED: not valid for'" "$o.txt"
+    elif [[ $(jget "$o.json" 'd["verdict"], [f["kind"] for f in d["failures"]], d["tls"]["verification"]["chain_trusted"], d["tls"]["verification"]["name_matches"]') \
+            != "('fail', ['name_mismatch'], True, False)" ]]; then
+        fail "$name" "JSON: $(jget "$o.json" 'd["verdict"], d["failures"], d["tls"]["verification"]')" "$o.json"
+    else
+        pass "$name"
+    fi
+
+    name="moat probe expired certificate: exit 1, FAIL expired (name matches)"
+    o="$ST/probe-expired"
+    probe_run "$o" "$ST_EXPIRED:$ST_PORT" --name mx2.bad.interop.test "${CA[@]}"
+    if ((prc != 1 || jrc != 1)); then
+        fail "$name" "exit status $prc (text), $jrc (json), want 1" "$o.txt" "$o.json"
+    elif ! grep -Eq '^FAIL  expired: .*\([0-9]+ days ago\)$' "$o.txt" || [[ $(grep -c '^FAIL' "$o.txt") != 1 ]] \
+         || ! grep -Eq '^  certificate +CN=mx2\.bad\.interop\.test .*valid 2020-01-01 \.\. 2020-02-01 \(expired [0-9]+ days ago\)' "$o.txt"; then
+        fail "$name" "want exactly one 'FAIL  expired: ... (N days ago)' and the certificate line 'valid 2020-01-01 .. 2020-02-01 (expired N days ago)'" "$o.txt"
+    elif [[ $(jget "$o.json" 'd["verdict"], [f["kind"] for f in d["failures"]], d["tls"]["chain"][0]["expired"], d["tls"]["verification"]["name_matches"]') \
+            != "('fail', ['expired'], True, True)" ]]; then
+        fail "$name" "JSON: $(jget "$o.json" 'd["verdict"], d["failures"], d["tls"]["chain"][0], d["tls"]["verification"]')" "$o.json"
+    else
+        pass "$name"
+    fi
+
+    name="moat probe Postfix without TLS: exit 1, FAIL STARTTLS not offered, no handshake"
+    o="$ST/probe-plain"
+    probe_run "$o" "$ST_PLAIN:$ST_PORT" --name mx.plain.interop.test "${CA[@]}"
+    if ((prc != 1 || jrc != 1)); then
+        fail "$name" "exit status $prc (text), $jrc (json), want 1" "$o.txt" "$o.json"
+    elif ! grep -q '^FAIL  STARTTLS not offered' "$o.txt" || [[ $(grep -c '^FAIL' "$o.txt") != 1 ]] \
+         || ! grep -Eq '^  banner +220 mx\.plain\.interop\.test ESMTP Postfix' "$o.txt" \
+         || grep -q '^  C: STARTTLS' "$o.txt" || ! grep -q '^  C: QUIT' "$o.txt"; then
+        fail "$name" "want one 'FAIL  STARTTLS not offered', the banner, no STARTTLS sent, a QUIT" "$o.txt"
+    elif [[ $(jget "$o.json" 'd["verdict"], [f["kind"] for f in d["failures"]], d["tls"], "STARTTLS" in d["capabilities"]') \
+            != "('fail', ['starttls_not_offered'], None, False)" ]]; then
+        fail "$name" "JSON: $(jget "$o.json" 'd["verdict"], d["failures"], d["capabilities"]')" "$o.json"
+    else
+        pass "$name"
+    fi
+
+    name="moat probe closed port: exit 1, FAIL connection refused"
+    o="$ST/probe-closed"
+    probe_run "$o" "$ST_CLOSED:$ST_PORT" --name mx.closed.interop.test "${CA[@]}"
+    if ((prc != 1 || jrc != 1)); then
+        fail "$name" "exit status $prc (text), $jrc (json), want 1" "$o.txt" "$o.json"
+    elif ! grep -qx "FAIL  connection refused: nothing listens on $ST_CLOSED:$ST_PORT, or a firewall rejects it" "$o.txt" \
+         || [[ $(grep -c '^FAIL' "$o.txt") != 1 ]]; then
+        fail "$name" "want exactly 'FAIL  connection refused: nothing listens on $ST_CLOSED:$ST_PORT, or a firewall rejects it'" "$o.txt"
+    elif [[ $(jget "$o.json" 'd["verdict"], [f["kind"] for f in d["failures"]], [(c["address"], c["result"]) for c in d["connect"]], d["banner"]') \
+            != "('fail', ['connection_refused'], [('$ST_CLOSED:$ST_PORT', 'refused')], None)" ]]; then
+        fail "$name" "JSON: $(jget "$o.json" 'd["verdict"], d["failures"], d["connect"]')" "$o.json"
+    else
+        pass "$name"
+    fi
+
+    name="moat probe good certificate without --ca-file: exit 1, FAIL untrusted issuer (the test CA)"
+    o="$ST/probe-noca"
+    probe_run "$o" "$ST_GOOD:$ST_PORT" --name mx.good.interop.test
+    if ((prc != 1 || jrc != 1)); then
+        fail "$name" "exit status $prc (text), $jrc (json), want 1" "$o.txt" "$o.json"
+    elif ! grep -E '^FAIL  untrusted issuer: ' "$o.txt" | grep -q 'Moat Interop Test CA' \
+         || [[ $(grep -c '^FAIL' "$o.txt") != 1 ]]; then
+        fail "$name" "want exactly one 'FAIL  untrusted issuer: ...' naming Moat Interop Test CA" "$o.txt"
+    elif [[ $(jget "$o.json" 'd["verdict"], [f["kind"] for f in d["failures"]], d["tls"]["verification"]["chain_trusted"], d["tls"]["verification"]["name_matches"]') \
+            != "('fail', ['untrusted_issuer'], False, True)" ]]; then
+        fail "$name" "JSON: $(jget "$o.json" 'd["verdict"], d["failures"], d["tls"]["verification"]')" "$o.json"
+    else
+        pass "$name"
+    fi
+
+    # --- moat sts check ---
+    STS=(timeout 60 "$MOAT" sts check --nameserver "$ST_DNS:$ST_DNS_PORT" --policy-port "$ST_WEB_PORT"
+         --smtp-port "$ST_PORT" "${CA[@]}" --timeout 5)
+
+    name="moat sts check good.interop.test (Knot + nginx + Postfix): exit 0, PASS txt, fetch, policy, mx, tls"
+    o="$ST/sts-good"
+    rc=0
+    "${STS[@]}" good.interop.test >"$o.txt" 2>&1 || rc=$?
+    if ((rc != 0)); then
+        fail "$name" "exit status $rc" "$o.txt" "$ST/nginx/access.log" "$ST/knot/knot.log"
+    elif ! grep -Eq '^PASS  txt +_mta-sts\.good\.interop\.test "v=STSv1; id=1;" \(id 1\)$' "$o.txt" \
+         || ! grep -Eq "^PASS  fetch +https://mta-sts\.good\.interop\.test/\.well-known/mta-sts\.txt: 200, text/plain, [0-9]+ bytes in [0-9]+ ms from $ST_WEB\$" "$o.txt" \
+         || ! grep -Eq '^PASS  policy +mode enforce, max_age 604800, mx mx\.good\.interop\.test$' "$o.txt" \
+         || ! grep -Eq '^PASS  mx +mx\.good\.interop\.test is covered by the policy$' "$o.txt" \
+         || ! grep -Eq "^PASS  tls +mx\.good\.interop\.test \[$ST_GOOD\]: STARTTLS, TLSv1\.3 TLS_[A-Z0-9_]+, certificate expires in [0-9]+ days?, valid for mx\.good\.interop\.test\$" "$o.txt" \
+         || grep -Eq '^FAIL' "$o.txt" \
+         || ! grep -Eq '^WARN  tls +mx\.good\.interop\.test: the certificate expires' "$o.txt" \
+         || ! grep -qx 'good.interop.test: MTA-STS set up correctly (1 warning(s))' "$o.txt"; then
+        fail "$name" "want PASS lines for txt, fetch, policy, mx, tls, no FAIL, the 2-day certificate's expiry WARN and the 'set up correctly' summary" "$o.txt"
+    else
+        pass "$name"
+    fi
+
+    name="moat sts check good.interop.test --json: ok true, five findings pass (and the expiry warning), the policy text"
+    rc=0
+    "${STS[@]}" --json good.interop.test >"$o.json" 2>"$o.json.err" || rc=$?
+    got=$(jget "$o.json" 'd["domain"], d["ok"], [(f["check"], f["status"]) for f in d["findings"]], "mx: mx.good.interop.test" in d["policy"]')
+    if ((rc == 0)) && [[ $got == "('good.interop.test', True, [('txt', 'pass'), ('fetch', 'pass'), ('policy', 'pass'), ('mx', 'pass'), ('tls', 'pass'), ('tls', 'warn')], True)" ]]; then
+        pass "$name"
+    else
+        fail "$name" "exit $rc; got $got" "$o.json" "$o.json.err"
+    fi
+
+    name="moat sts check bad.interop.test: exit 1, FAIL mx (not covered) and FAIL tls (wrong name, expired), each with fix:"
+    o="$ST/sts-bad"
+    rc=0
+    "${STS[@]}" bad.interop.test >"$o.txt" 2>&1 || rc=$?
+    if ((rc != 1)); then
+        fail "$name" "exit status $rc, want 1" "$o.txt"
+    elif ! grep -Eq '^PASS  txt ' "$o.txt" || ! grep -Eq '^PASS  fetch ' "$o.txt" \
+         || ! grep -Eq '^PASS  policy +mode enforce, max_age 604800, mx mx2\.bad\.interop\.test$' "$o.txt" \
+         || ! grep -Eq '^PASS  mx +mx2\.bad\.interop\.test is covered by the policy$' "$o.txt"; then
+        fail "$name" "want PASS txt, fetch, policy and 'mx2.bad.interop.test is covered'" "$o.txt"
+    elif ! grep -A1 -E '^FAIL  mx +mx\.bad\.interop\.test matches no mx pattern of the policy$' "$o.txt" \
+            | grep -Eq '^ +fix: add "mx: mx\.bad\.interop\.test" to the policy' \
+         || ! grep -A1 -E "^FAIL  tls +mx\.bad\.interop\.test \[$ST_WRONG\]: wrong name: .*mx\.wrong\.interop\.test" "$o.txt" \
+            | grep -Eq '^ +fix: use a certificate whose names include mx\.bad\.interop\.test; senders enforcing the policy' \
+         || ! grep -A1 -E "^FAIL  tls +mx2\.bad\.interop\.test \[$ST_EXPIRED\]: expired: " "$o.txt" \
+            | grep -Eq '^ +fix: renew the certificate of mx2\.bad\.interop\.test' \
+         || [[ $(grep -c '^FAIL' "$o.txt") != 3 ]] \
+         || ! grep -qx 'bad.interop.test: 3 problem(s), 1 warning(s); senders will not apply the policy as intended' "$o.txt"; then
+        fail "$name" "want exactly: FAIL mx mx.bad (no mx pattern), FAIL tls mx.bad (wrong name), FAIL tls mx2.bad (expired), each followed by fix:, and '3 problem(s)'" "$o.txt"
+    else
+        pass "$name"
+    fi
+
+    name="moat sts check bad.interop.test --json: ok false, failures mx and tls x2 with fixes"
+    rc=0
+    "${STS[@]}" --json bad.interop.test >"$o.json" 2>"$o.json.err" || rc=$?
+    got=$(jget "$o.json" 'd["ok"], [(f["check"], f["status"], bool(f.get("fix"))) for f in d["findings"]]')
+    want="(False, [('txt', 'pass', False), ('fetch', 'pass', False), ('policy', 'pass', False), ('mx', 'fail', True), ('tls', 'fail', True), ('tls', 'warn', False), ('mx', 'pass', False), ('tls', 'fail', True)])"
+    if ((rc == 1)) && [[ $got == "$want" ]]; then
+        pass "$name"
+    else
+        fail "$name" "exit $rc; got $got" "$o.json" "$o.json.err"
+    fi
+
+    # The policies came from nginx, each from the server block its SNI name selected.
+    name="moat sts check fetched each policy from nginx with SNI mta-sts.<domain> (access log)"
+    if grep -Eq '^mta-sts\.good\.interop\.test mta-sts\.good\.interop\.test "GET /\.well-known/mta-sts\.txt HTTP/1\.[01]" 200$' "$ST/nginx/access.log" \
+       && grep -Eq '^mta-sts\.bad\.interop\.test mta-sts\.bad\.interop\.test "GET /\.well-known/mta-sts\.txt HTTP/1\.[01]" 200$' "$ST/nginx/access.log"; then
+        pass "$name"
+    else
+        fail "$name" "nginx's access log lacks a 200 GET of the policy for each SNI name" "$ST/nginx/access.log"
     fi
 fi
 
