@@ -42,6 +42,24 @@ pub struct Config {
     pub tls_policies: Vec<TlsPolicyConfig>,
     #[serde(default)]
     pub mta_sts: MtaStsConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// The file this config was read from (set by [`Config::load`]; used by reload).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// The admin listener: HTTP+JSON API, `/metrics` and the report page. Every request needs the
+/// token (`Authorization: Bearer …`, or `?token=` for a browser).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address to listen on; none = no admin listener. Loopback only unless `allow_remote`.
+    pub listen: Option<SocketAddr>,
+    /// Allow a non-loopback `listen` address (the token is still required).
+    pub allow_remote: bool,
+    /// The token file; default `<data_dir>/admin.token`, made (mode 0600) on first start.
+    pub token_file: Option<PathBuf>,
 }
 
 /// MTA-STS (RFC 8461): honouring recipient domains' policies when sending, and hosting
@@ -504,7 +522,9 @@ impl Config {
             key: "(file)".into(),
             message: e.to_string(),
         })?;
-        Config::parse(&src, &file)
+        let mut c = Config::parse(&src, &file)?;
+        c.source = Some(path.to_path_buf());
+        Ok(c)
     }
 
     /// Parses and validates config text; `file` names it in errors.
@@ -661,6 +681,19 @@ impl Config {
                 crate::outbound::tls::Pin::parse(pin)
                     .map_err(|m| err("tls_policy", i, "pins", m))?;
             }
+        }
+        if let Some(a) = self.admin.listen
+            && !a.ip().is_loopback()
+            && !self.admin.allow_remote
+        {
+            return Err(err(
+                "admin",
+                0,
+                "listen",
+                format!(
+                    "{a} is not a loopback address; the admin API stays on loopback unless allow_remote = true"
+                ),
+            ));
         }
         let sts = &self.mta_sts;
         if sts.fetch_timeout_secs == 0 {
@@ -882,6 +915,9 @@ mode = "submission"
 name = "localhost"
 route = "maildir"
 path = "mail"
+
+[admin]
+listen = "127.0.0.1:2580"
 "#;
 
 #[cfg(test)]

@@ -2,10 +2,12 @@
 //!
 //! See `DESIGN.md` in the shared folder for the architecture; each module's docs describe its room.
 
+pub mod admin_api;
 pub mod config;
 pub mod dns;
 pub mod http;
 pub mod inbound;
+pub mod metrics;
 pub mod outbound;
 pub mod probe;
 pub mod queue;

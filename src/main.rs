@@ -70,6 +70,18 @@ enum Command {
     /// Inspect and act on the running server's queue (through its local admin socket).
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Show the running server's health and headline figures: uptime, queue, last 24 hours
+    /// of deliveries by TLS version and authentication, certificates near expiry.
+    ///
+    /// Asks the admin API (`[admin] listen`) with the token from the data dir. Exit status 1
+    /// when the server cannot be reached or reports a problem.
+    Status {
+        #[command(flatten)]
+        source: Source,
+        /// Print the API's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
     /// Test whether an SMTP server offers TLS with a certificate that verifies.
     ///
     /// Connects to HOST (each of its addresses in turn until one answers), reads the banner,
@@ -442,6 +454,40 @@ fn sts_check(cmd: StsCommand) -> ExitCode {
     }
 }
 
+fn status(source: &Source, json: bool) -> Result<(), String> {
+    let config = source.load()?;
+    let addr = config
+        .admin
+        .listen
+        .ok_or("no admin API in this config: set [admin] listen (e.g. \"127.0.0.1:2580\")")?;
+    let token_file = moat::admin_api::token_path(&config);
+    let token = std::fs::read_to_string(&token_file).map_err(|e| {
+        format!(
+            "{}: {e} (has moat serve run with this data dir?)",
+            token_file.display()
+        )
+    })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    let (code, body) = runtime.block_on(moat::admin_api::get(addr, "/api/health", token.trim()))?;
+    if code != 200 {
+        return Err(format!("the admin API answered {code}: {}", body.trim()));
+    }
+    let health: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| format!("bad answer from the admin API: {e}"))?;
+    if json {
+        println!("{body}");
+    } else {
+        print!("{}", moat::admin_api::render_status(&health));
+    }
+    match health["status"].as_str() {
+        Some("ok") => Ok(()),
+        other => Err(format!("status {}", other.unwrap_or("unknown"))),
+    }
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve(source) => {
@@ -471,6 +517,7 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::User(cmd) => user(cmd),
         Command::Queue(cmd) => queue(cmd),
+        Command::Status { source, json } => status(&source, json),
         // Handled in `main`: they have their own exit statuses.
         Command::Probe(_) | Command::Sts(StsCommand::Check { .. }) => Ok(()),
         Command::Sts(StsCommand::Generate {

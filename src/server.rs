@@ -238,7 +238,7 @@ async fn policy_host(config: &Config, smtp_store: &CertStore) -> Result<Arc<Cert
     Ok(store)
 }
 
-fn policy_from(config: &Config) -> Result<TlsPolicy, String> {
+pub fn policy_from(config: &Config) -> Result<TlsPolicy, String> {
     let mut rules = Vec::new();
     let mut sender_rules = Vec::new();
     for p in &config.tls_policies {
@@ -300,7 +300,11 @@ pub async fn serve(config: Config) -> Result<(), String> {
         routes,
         hostname: config.hostname.clone(),
         outbound,
-        policy,
+        policy: std::sync::RwLock::new(Arc::new(policy)),
+        events: Arc::new(
+            crate::report::EventLog::open(&config.data_dir.join("report"))
+                .map_err(|e| format!("report event log: {e}"))?,
+        ),
         sts,
         config: config.queue.clone(),
         dest_slots: Default::default(),
@@ -428,6 +432,10 @@ pub async fn serve(config: Config) -> Result<(), String> {
                     }
                     Err(why) => {
                         tracing::warn!(%peer, listener = %ctx.name, why, "connection refused");
+                        crate::metrics::inc(
+                            "moat_connections_refused_total",
+                            &[("listener", &ctx.name)],
+                        );
                         if !ctx.implicit_tls {
                             let host = shared.rules.hostname.clone();
                             tokio::spawn(async move {
@@ -447,8 +455,32 @@ pub async fn serve(config: Config) -> Result<(), String> {
     }
 
     let mut stores = vec![store.clone()];
+    let mut named = vec![("smtp".to_string(), store.clone())];
     if !config.mta_sts.listen.is_empty() {
-        stores.push(policy_host(&config, &store).await?);
+        let host_store = policy_host(&config, &store).await?;
+        stores.push(host_store.clone());
+        named.push(("mta-sts host".to_string(), host_store));
+    }
+    if let Some(addr) = config.admin.listen {
+        let token_file = crate::admin_api::token_path(&config);
+        let token = crate::admin_api::ensure_token(&token_file)?;
+        let socket = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} (admin API): {e}"))?;
+        println!(
+            "moat: admin API, metrics and report on http://{}/ (token in {})",
+            socket.local_addr().map_err(|e| e.to_string())?,
+            token_file.display()
+        );
+        let ctx = Arc::new(crate::admin_api::AdminCtx {
+            queue: queue.clone(),
+            requeue: deliver.clone(),
+            token,
+            stores: named,
+            started: std::time::Instant::now(),
+            config: config.clone(),
+        });
+        tokio::spawn(crate::admin_api::serve(socket, ctx));
     }
     let reload_stores = stores;
     let interval = Duration::from_secs(config.tls.reload_interval_secs.max(1));

@@ -120,6 +120,21 @@ impl CertStore {
         })
     }
 
+    /// Each loaded certificate's names and `notAfter` (Unix seconds).
+    pub fn expiries(&self) -> Vec<(Vec<String>, u64)> {
+        let Ok(g) = self.inner.read() else {
+            return Vec::new();
+        };
+        g.iter()
+            .filter_map(|l| {
+                let ee = l.key.cert.first()?;
+                let (_, cert) = x509_parser::parse_x509_certificate(ee.as_ref()).ok()?;
+                let not_after = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0);
+                Some((certificate_names(ee.as_ref()), not_after))
+            })
+            .collect()
+    }
+
     /// The DNS names (and subject CNs) of every loaded certificate, lowercase.
     pub fn names(&self) -> Vec<String> {
         let Ok(g) = self.inner.read() else {
@@ -240,11 +255,19 @@ pub fn ensure_self_signed(dir: &Path, hostname: &str) -> Result<(PathBuf, PathBu
         return Ok((cert_path, key_path));
     }
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let ck = rcgen::generate_simple_self_signed(vec![hostname.to_string()])
-        .map_err(|e| format!("generating a self-signed certificate: {e}"))?;
-    write_private(&key_path, ck.signing_key.serialize_pem().as_bytes())?;
-    std::fs::write(&cert_path, ck.cert.pem())
-        .map_err(|e| format!("{}: {e}", cert_path.display()))?;
+    let fail = |e: rcgen::Error| format!("generating a self-signed certificate: {e}");
+    let key = rcgen::KeyPair::generate().map_err(fail)?;
+    let mut params = rcgen::CertificateParams::new(vec![hostname.to_string()]).map_err(fail)?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, hostname);
+    // Ten years from yesterday: long enough not to surprise anyone who runs the default.
+    let now = std::time::SystemTime::now();
+    params.not_before = (now - std::time::Duration::from_secs(86_400)).into();
+    params.not_after = (now + std::time::Duration::from_secs(3650 * 86_400)).into();
+    let cert = params.self_signed(&key).map_err(fail)?;
+    write_private(&key_path, key.serialize_pem().as_bytes())?;
+    std::fs::write(&cert_path, cert.pem()).map_err(|e| format!("{}: {e}", cert_path.display()))?;
     Ok((cert_path, key_path))
 }
 

@@ -18,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use super::auth::Authenticator;
 use super::received;
 use crate::config::{IpNet, Limits};
+use crate::metrics;
 use crate::queue::spool::Spool;
 use crate::smtp::session::{Action, AuthOutcome, ListenerRules, Peer, Rules, Session};
 use crate::util;
@@ -82,6 +83,7 @@ pub async fn handle(
             .collect(),
     };
     tracing::debug!(%peer, listener = %listener.name, "connection");
+    let _open = OpenConnection::new(&listener.name);
     let handshake_timeout = Duration::from_secs(limits.handshake_timeout_secs);
     if listener.implicit_tls {
         let Some(mut tls) =
@@ -92,16 +94,24 @@ pub async fn handle(
         info.tls = Some(crate::tls::summarize(tls.get_ref().1));
         let mut session = Session::new(shared.rules.clone(), listener.rules.clone(), info);
         session.greeting();
-        drive(&mut tls, &mut session, &shared, deadline).await;
+        drive(&mut tls, &mut session, &shared, deadline, &listener.name).await;
         let _ = tls.shutdown().await;
+        metrics::inc(
+            "moat_sessions_total",
+            &[("listener", &listener.name), ("tls", "yes")],
+        );
         return;
     }
     let mut stream = stream;
     let mut session = Session::new(shared.rules.clone(), listener.rules.clone(), info);
     session.greeting();
-    match drive(&mut stream, &mut session, &shared, deadline).await {
+    match drive(&mut stream, &mut session, &shared, deadline, &listener.name).await {
         Next::Close => {
             let _ = stream.shutdown().await;
+            metrics::inc(
+                "moat_sessions_total",
+                &[("listener", &listener.name), ("tls", "no")],
+            );
         }
         Next::StartTls => {
             let Some(mut tls) =
@@ -110,8 +120,12 @@ pub async fn handle(
                 return;
             };
             session.tls_started(crate::tls::summarize(tls.get_ref().1));
-            drive(&mut tls, &mut session, &shared, deadline).await;
+            drive(&mut tls, &mut session, &shared, deadline, &listener.name).await;
             let _ = tls.shutdown().await;
+            metrics::inc(
+                "moat_sessions_total",
+                &[("listener", &listener.name), ("tls", "yes")],
+            );
         }
     }
 }
@@ -129,14 +143,33 @@ async fn handshake(
             tracing::info!(%peer, listener, version = %s.version, cipher = %s.cipher,
                 key_exchange = s.key_exchange.as_deref().unwrap_or("-"),
                 sni = s.sni.as_deref().unwrap_or("-"), "TLS established");
+            metrics::inc(
+                "moat_tls_handshakes_total",
+                &[
+                    ("direction", "in"),
+                    ("version", &s.version),
+                    ("cipher", &s.cipher),
+                ],
+            );
             Some(tls)
         }
         Ok(Err(e)) => {
             tracing::warn!(%peer, listener, cause = %e, "TLS handshake failed");
+            metrics::inc(
+                "moat_tls_handshake_failures_total",
+                &[
+                    ("direction", "in"),
+                    ("cause", handshake_cause(&e.to_string())),
+                ],
+            );
             None
         }
         Err(_) => {
             tracing::warn!(%peer, listener, cause = "timeout", "TLS handshake failed");
+            metrics::inc(
+                "moat_tls_handshake_failures_total",
+                &[("direction", "in"), ("cause", "timeout")],
+            );
             None
         }
     }
@@ -153,8 +186,62 @@ async fn write_out<S: AsyncWrite + Unpin>(
         return true;
     }
     let out = session.take_output();
+    count_rejections(&out);
     let write = async { s.write_all(&out).await.and(s.flush().await) };
     matches!(timeout(limit, write).await, Ok(Ok(())))
+}
+
+/// Counts each negative final reply line (`550 5.7.1 …`) in a batch of output.
+fn count_rejections(out: &[u8]) {
+    for line in out.split(|&b| b == b'\n') {
+        if line.len() > 4
+            && (line[0] == b'4' || line[0] == b'5')
+            && line[3] == b' '
+            && let Ok(text) = std::str::from_utf8(line)
+        {
+            metrics::rejection(text.trim_end());
+        }
+    }
+}
+
+/// A short, bounded cause for a failed inbound handshake (a metrics label).
+fn handshake_cause(e: &str) -> &'static str {
+    let e = e.to_ascii_lowercase();
+    if e.contains("protocol version") || e.contains("no protocols") {
+        "protocol_version"
+    } else if e.contains("cipher") || e.contains("no shared") || e.contains("handshakefailure") {
+        "no_shared_cipher"
+    } else if e.contains("corrupt")
+        || e.contains("invalidcontenttype")
+        || e.contains("invalid message")
+    {
+        "not_tls"
+    } else if e.contains("alert") {
+        "alert_from_client"
+    } else if e.contains("eof") || e.contains("reset") || e.contains("closed") {
+        "closed"
+    } else if e.contains("certificate") {
+        "client_certificate"
+    } else {
+        "other"
+    }
+}
+
+/// Counts a connection as open while it lives.
+struct OpenConnection(String);
+
+impl OpenConnection {
+    fn new(listener: &str) -> OpenConnection {
+        metrics::inc("moat_connections_total", &[("listener", listener)]);
+        metrics::global().add("moat_connections_active", &[("listener", listener)], 1);
+        OpenConnection(listener.to_string())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::global().add("moat_connections_active", &[("listener", &self.0)], -1);
+    }
 }
 
 async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
@@ -162,6 +249,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     session: &mut Session,
     shared: &Shared,
     deadline: Instant,
+    listener: &str,
 ) -> Next {
     let mut buf: Vec<u8> = Vec::new();
     let mut shutdown = shared.shutdown.clone();
@@ -239,9 +327,12 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 );
                 let mut message = header.into_bytes();
                 message.extend_from_slice(&body);
+                let started = std::time::Instant::now();
                 let result = shared.spool.store(&id, now, &envelope, &message).await;
                 match &result {
                     Ok(()) => {
+                        metrics::global().observe_sync(started.elapsed());
+                        metrics::inc("moat_messages_accepted_total", &[("listener", listener)]);
                         tracing::info!(queue_id = %id, client = %trace.ip, protocol = %trace.protocol,
                             from = %envelope.sender, rcpts = envelope.recipients.len(),
                             size = message.len(),

@@ -231,6 +231,9 @@ pub enum RcptResult {
         remote: String,
         reply: String,
         dsn_passed: bool,
+        /// How the message travelled, for the report page and metrics.
+        tls: crate::report::TlsClass,
+        auth: crate::report::AuthClass,
     },
     NotDelivered(Failure),
 }
@@ -414,6 +417,7 @@ pub async fn deliver(
             }
             match result {
                 HostResult::Done(outcomes, mut tls, dsn, verification) => {
+                    let classes = classify(&tls, verification.as_ref(), req);
                     if let Some(p) = sts {
                         // What enforce would have said about this session.
                         let why = match (&verification, &handshake_failed) {
@@ -444,7 +448,7 @@ pub async fn deliver(
                     }
                     return outcomes
                         .into_iter()
-                        .map(|o| rcpt_result(o, &h.host, &tls, dsn))
+                        .map(|o| rcpt_result(o, &h.host, &tls, dsn, classes))
                         .collect();
                 }
                 HostResult::Failed(f) | HostResult::RetryPlain(f) => {
@@ -469,12 +473,73 @@ pub async fn deliver(
     all(last)
 }
 
-fn rcpt_result(o: RcptOutcome, host: &str, tls: &str, dsn_passed: bool) -> RcptResult {
+/// Counts an outbound handshake in the metrics and passes its result on.
+fn count_handshake<T>(
+    r: Result<(T, TlsOutcome), TlsFailure>,
+) -> Result<(T, TlsOutcome), TlsFailure> {
+    match &r {
+        Ok((_, o)) => crate::metrics::inc(
+            "moat_tls_handshakes_total",
+            &[
+                ("direction", "out"),
+                ("version", &o.version),
+                ("cipher", &o.cipher),
+            ],
+        ),
+        Err(e) => {
+            let cause = match e {
+                TlsFailure::Certificate(c) => crate::sts::cert_reason(c),
+                TlsFailure::Handshake(_) => "handshake",
+                TlsFailure::Timeout => "timeout",
+            };
+            crate::metrics::inc(
+                "moat_tls_handshake_failures_total",
+                &[("direction", "out"), ("cause", cause)],
+            );
+        }
+    }
+    r
+}
+
+/// The report's view of a session: TLS version, and how the server was authenticated
+/// (`MtaSts` under an enforce policy, `Verified` under a `verify` rule, `Opportunistic` for TLS
+/// that was not required to verify).
+fn classify(
+    summary: &str,
+    verification: Option<&Verification>,
+    req: &TlsRequirement,
+) -> (crate::report::TlsClass, crate::report::AuthClass) {
+    use crate::report::{AuthClass, TlsClass};
+    let Some(v) = verification else {
+        return (TlsClass::Plaintext, AuthClass::Plaintext);
+    };
+    let tls = if summary.starts_with("TLSv1.3") {
+        TlsClass::Tls13
+    } else {
+        TlsClass::Tls12
+    };
+    let auth = match v {
+        Verification::Verified if req.mta_sts => AuthClass::MtaSts,
+        Verification::Verified if req.level >= TlsLevel::Verify => AuthClass::Verified,
+        _ => AuthClass::Opportunistic,
+    };
+    (tls, auth)
+}
+
+fn rcpt_result(
+    o: RcptOutcome,
+    host: &str,
+    tls: &str,
+    dsn_passed: bool,
+    classes: (crate::report::TlsClass, crate::report::AuthClass),
+) -> RcptResult {
     match o {
         RcptOutcome::Delivered(r) => RcptResult::Delivered {
             remote: host.to_string(),
             reply: format!("{} ({tls})", r.one_line()),
             dsn_passed,
+            tls: classes.0,
+            auth: classes.1,
         },
         RcptOutcome::Refused(r) => {
             let fallback = if r.is_permanent() { "5.0.0" } else { "4.0.0" };
@@ -615,7 +680,7 @@ async fn attempt_inner(
     let mut pending = Some(msg);
     if who.implicit_tls {
         // RFC 8314: TLS first; no plaintext fallback exists on such a port.
-        let (tls, outcome) = match out.connector.handshake(tcp, host, req).await {
+        let (tls, outcome) = match count_handshake(out.connector.handshake(tcp, host, req).await) {
             Ok(x) => x,
             Err(e) => return HostResult::Failed(tls_failure(&e, host, req)),
         };
@@ -670,7 +735,7 @@ async fn attempt_inner(
     }
     // CVE-2021-38371: nothing the server sent after its 220 is kept.
     buf.clear();
-    let (tls, outcome) = match out.connector.handshake(tcp, host, req).await {
+    let (tls, outcome) = match count_handshake(out.connector.handshake(tcp, host, req).await) {
         Ok(x) => x,
         Err(e) => {
             let f = tls_failure(&e, host, req);

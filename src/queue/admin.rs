@@ -123,6 +123,83 @@ fn has_domain(m: &Spooled, d: &str) -> bool {
         .any(|r| super::domain_of(r).eq_ignore_ascii_case(d))
 }
 
+/// One recipient of a queued message, for the admin API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RcptInfo {
+    pub address: String,
+    pub state: &'static str,
+    pub attempts: u32,
+    /// Seconds until the next attempt, for deferred recipients.
+    pub next_attempt_in: Option<u64>,
+    pub status: String,
+    pub remote: Option<String>,
+    pub reason: String,
+}
+
+/// One queued message, for the admin API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MessageInfo {
+    pub id: String,
+    pub age_secs: u64,
+    pub size: usize,
+    pub sender: String,
+    pub recipients: Vec<RcptInfo>,
+}
+
+fn info(m: &Spooled, st: &MessageState, now: u64) -> MessageInfo {
+    MessageInfo {
+        id: m.id.clone(),
+        age_secs: now.saturating_sub(m.arrived),
+        size: m.message.len(),
+        sender: m.envelope.sender.clone(),
+        recipients: m
+            .envelope
+            .recipients
+            .iter()
+            .zip(&st.rcpts)
+            .map(|(a, r)| RcptInfo {
+                address: a.clone(),
+                state: r.state.as_str(),
+                attempts: r.attempts,
+                next_attempt_in: (r.state == RcptState::Deferred)
+                    .then(|| r.next_attempt.saturating_sub(now)),
+                status: r.status.clone(),
+                remote: r.remote.clone(),
+                reason: r.reason.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// The queued messages, optionally only those with a recipient in `domain` or in `state`.
+pub fn messages(
+    queue: &Queue,
+    domain: Option<&str>,
+    state: Option<&str>,
+) -> Result<Vec<MessageInfo>, String> {
+    let now = unix_now();
+    let mut out = Vec::new();
+    for id in queue.spool.list().map_err(|e| e.to_string())? {
+        let Ok((m, st)) = load(queue, &id) else {
+            continue;
+        };
+        if domain.is_some_and(|d| !has_domain(&m, &d.to_ascii_lowercase())) {
+            continue;
+        }
+        if state.is_some_and(|s| !st.rcpts.iter().any(|r| r.state.as_str() == s)) {
+            continue;
+        }
+        out.push(info(&m, &st, now));
+    }
+    Ok(out)
+}
+
+/// One queued message.
+pub fn message(queue: &Queue, id: &str) -> Option<MessageInfo> {
+    let (m, st) = load(queue, id).ok()?;
+    Some(info(&m, &st, unix_now()))
+}
+
 fn load(queue: &Queue, id: &str) -> io::Result<(Spooled, MessageState)> {
     let m = queue.spool.load(id)?;
     let st = MessageState::load(&queue.spool.state_dir(), id, m.envelope.recipients.len())?;
@@ -211,7 +288,7 @@ fn describe(queue: &Queue, m: &Spooled, st: &MessageState, now: u64, detail: boo
                 .unwrap_or_default();
             s.push_str(&format!(
                 "  {d}: route {route}, TLS policy {}{sts}\n",
-                queue.policy.for_domain(&lower).level.as_str()
+                queue.tls_policy().for_domain(&lower).level.as_str()
             ));
         }
         let header_end = m
@@ -227,7 +304,7 @@ fn describe(queue: &Queue, m: &Spooled, st: &MessageState, now: u64, detail: boo
     s
 }
 
-async fn run(
+pub(crate) async fn run(
     queue: &Arc<Queue>,
     requeue: &mpsc::UnboundedSender<String>,
     words: &[&str],

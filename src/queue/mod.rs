@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use crate::config::QueueConfig;
 use crate::outbound::deliver::{self, NextHop, Outbound, RcptResult};
 use crate::outbound::tls::TlsRequirement;
+use crate::report::{AuthClass, DeliveryEvent, Outcome, TlsClass};
 use crate::smtp::client::Outgoing;
 use crate::smtp::session::Envelope;
 use crate::util::unix_now;
@@ -110,7 +111,10 @@ pub struct Queue {
     pub routes: HashMap<String, Route>,
     pub hostname: String,
     pub outbound: Outbound,
-    pub policy: TlsPolicy,
+    /// Replaced whole on reload.
+    pub policy: std::sync::RwLock<Arc<TlsPolicy>>,
+    /// Delivery events for the transport-security report.
+    pub events: Arc<crate::report::EventLog>,
     /// MTA-STS discovery and cache; `None` when disabled.
     pub sts: Option<Arc<crate::sts::Sts>>,
     pub config: QueueConfig,
@@ -176,7 +180,10 @@ impl Queue {
                         remote,
                         reply,
                         dsn_passed,
+                        tls,
+                        auth,
                     } => {
+                        self.record(&msg, i, Outcome::Delivered, tls, auth, None);
                         if msg.envelope.dsn_of(i).wants_success() && !dsn_passed {
                             let action = if remote == "maildir" || remote == "discard" {
                                 dsn::Action::Delivered
@@ -221,6 +228,20 @@ impl Queue {
                             r.state = RcptState::Deferred;
                             r.next_attempt = now + schedule.get(step).copied().unwrap_or(3600);
                         }
+                        let outcome = if r.state == RcptState::Failed {
+                            Outcome::Bounced
+                        } else {
+                            Outcome::Deferred
+                        };
+                        let cause = format!("{} {}", r.status, short_cause(&r.status, &f.reason));
+                        self.record(
+                            &msg,
+                            i,
+                            outcome,
+                            TlsClass::None,
+                            AuthClass::None,
+                            Some(cause),
+                        );
                         tracing::warn!(queue_id = id, to = %rcpt, state = r.state.as_str(), status = %r.status,
                             remote = r.remote.as_deref().unwrap_or("-"), cause = %r.reason, "not delivered");
                         if r.state == RcptState::Failed && !r.notified {
@@ -409,6 +430,8 @@ impl Queue {
             Some(Route::Discard) => idx
                 .iter()
                 .map(|_| RcptResult::Delivered {
+                    tls: crate::report::TlsClass::Local,
+                    auth: crate::report::AuthClass::Local,
                     dsn_passed: false,
                     remote: "discard".into(),
                     reply: "discarded by route".into(),
@@ -424,6 +447,8 @@ impl Queue {
                     .await;
                     out.push(match r {
                         Ok(Ok(path)) => RcptResult::Delivered {
+                            tls: crate::report::TlsClass::Local,
+                            auth: crate::report::AuthClass::Local,
                             dsn_passed: false,
                             remote: "maildir".into(),
                             reply: path.display().to_string(),
@@ -502,7 +527,7 @@ impl Queue {
         };
         let _permit = slots.acquire_owned().await;
         let mut req =
-            self.policy
+            self.tls_policy()
                 .for_message(domain, &msg.envelope.sender, &msg.envelope.recipients);
         let sts = match (&self.sts, &hop) {
             (Some(sts), NextHop::Mx) => sts.policy_for(domain).await,
@@ -524,6 +549,74 @@ impl Queue {
         )
         .await
     }
+}
+
+impl Queue {
+    /// The TLS policy in force.
+    pub fn tls_policy(&self) -> Arc<TlsPolicy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the TLS policy (config reload); deliveries already under way keep the old one.
+    pub fn set_tls_policy(&self, p: TlsPolicy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
+    }
+
+    /// Records one recipient's outcome in the event log and the metrics.
+    fn record(
+        &self,
+        msg: &Spooled,
+        i: usize,
+        outcome: Outcome,
+        tls: TlsClass,
+        auth: AuthClass,
+        cause: Option<String>,
+    ) {
+        let ev = DeliveryEvent {
+            time: unix_now(),
+            queue_id: msg.id.clone(),
+            sender_domain: domain_of(&msg.envelope.sender),
+            rcpt_domain: domain_of(&msg.envelope.recipients[i]),
+            outcome,
+            tls,
+            auth,
+            cause,
+        };
+        crate::metrics::delivery(&ev);
+        self.events.record(ev);
+    }
+}
+
+/// A few words for a failure's status code (the report and metrics group by these).
+fn short_cause(status: &str, reason: &str) -> String {
+    let tail = status.get(1..).unwrap_or("");
+    let words = match tail {
+        ".4.316" => "connection refused",
+        ".4.315" => "connection timed out",
+        ".4.312" => "DNS failure",
+        ".4.317" => "STARTTLS not offered",
+        ".7.320" => "certificate validation failed",
+        ".4.8" => "MX not in MTA-STS policy",
+        ".7.5" => "certificate failed MTA-STS validation",
+        ".1.10" => "null MX",
+        ".4.6" => "mail loop",
+        _ => "",
+    };
+    if !words.is_empty() {
+        return words.to_string();
+    }
+    // Otherwise the start of the reason, without host-specific detail after a colon.
+    let first: String = reason
+        .split([':', ';'])
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(50)
+        .collect();
+    first.trim().to_string()
 }
 
 /// `4.x.y` becomes `5.x.y` once retrying has ended.
