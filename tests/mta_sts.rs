@@ -7,8 +7,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -89,17 +88,6 @@ fn submit(m: &Moat, from: &str, to: &[&str], subject: &str) -> String {
     r.text().rsplit(' ').next().unwrap().trim().to_string()
 }
 
-fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn moat_cli(m: &Moat, args: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
         .args(args)
@@ -112,50 +100,6 @@ fn moat_cli(m: &Moat, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// A plaintext-only SMTP peer that accepts everything.
-fn plain_peer(ip: &str) {
-    let listener = TcpListener::bind((ip, SMTP)).unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut w = conn.try_clone().unwrap();
-                let mut r = BufReader::new(conn);
-                let _ = w.write_all(b"220 plain.test ESMTP\r\n");
-                let mut line = String::new();
-                loop {
-                    line.clear();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let upper = line.trim_end().to_ascii_uppercase();
-                    let reply: &[u8] = if upper.starts_with("EHLO") {
-                        b"250-plain.test\r\n250 PIPELINING\r\n"
-                    } else if upper == "DATA" {
-                        let _ = w.write_all(b"354 go\r\n");
-                        loop {
-                            line.clear();
-                            if r.read_line(&mut line).unwrap_or(0) == 0 {
-                                return;
-                            }
-                            if line == ".\r\n" {
-                                break;
-                            }
-                        }
-                        b"250 2.0.0 accepted in plaintext\r\n"
-                    } else if upper == "QUIT" {
-                        let _ = w.write_all(b"221 bye\r\n");
-                        return;
-                    } else {
-                        b"250 2.0.0 ok\r\n"
-                    };
-                    let _ = w.write_all(reply);
-                }
-            });
-        }
-    });
 }
 
 #[test]

@@ -337,6 +337,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                             from = %envelope.sender, rcpts = envelope.recipients.len(),
                             size = message.len(),
                             tls = trace.tls.as_ref().map_or("none", |t| t.version.as_str()),
+                            cipher = trace.tls.as_ref().map_or("-", |t| t.cipher.as_str()),
                             "accepted");
                         let _ = shared.deliver.send(id.clone());
                     }

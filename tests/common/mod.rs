@@ -608,3 +608,72 @@ pub fn pem_der(path: &Path) -> Vec<u8> {
         .unwrap()
         .to_vec()
 }
+
+/// A plaintext-only SMTP peer (no STARTTLS) that records what it was sent.
+pub fn plain_peer(ip: &str) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    let listener = std::net::TcpListener::bind((ip, SMTP)).unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let log = log2.clone();
+            std::thread::spawn(move || {
+                let mut w = conn.try_clone().unwrap();
+                let mut r = std::io::BufReader::new(conn);
+                let _ = w.write_all(b"220 plain.test ESMTP\r\n");
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let cmd = line.trim_end().to_string();
+                    log.lock().unwrap().push(cmd.clone());
+                    let upper = cmd.to_ascii_uppercase();
+                    let reply: &[u8] = if upper.starts_with("EHLO") {
+                        b"250-plain.test\r\n250 PIPELINING\r\n"
+                    } else if upper == "DATA" {
+                        let _ = w.write_all(b"354 go\r\n");
+                        let mut body = String::new();
+                        loop {
+                            line.clear();
+                            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line == ".\r\n" {
+                                break;
+                            }
+                            body.push_str(&line);
+                        }
+                        log.lock().unwrap().push(format!("MESSAGE {body}"));
+                        b"250 2.0.0 accepted\r\n"
+                    } else if upper == "QUIT" {
+                        let _ = w.write_all(b"221 bye\r\n");
+                        return;
+                    } else if upper.starts_with("STARTTLS") {
+                        b"502 5.5.1 not here\r\n"
+                    } else {
+                        b"250 2.0.0 ok\r\n"
+                    };
+                    let _ = w.write_all(reply);
+                }
+            });
+        }
+    });
+    log
+}
+
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
