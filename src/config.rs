@@ -937,7 +937,10 @@ mod tests {
         let src = include_str!("../examples/moat.toml");
         Config::parse(src, "examples/moat.toml").unwrap();
         let gw = Config::parse(include_str!("../examples/gateway.toml"), "gateway.toml").unwrap();
-        assert_eq!(gw.tls_policies[0].level, crate::outbound::tls::TlsLevel::Verify);
+        assert_eq!(
+            gw.tls_policies[0].level,
+            crate::outbound::tls::TlsLevel::Verify
+        );
         assert!(gw.admin.listen.is_some_and(|a| a.ip().is_loopback()));
     }
 
