@@ -142,7 +142,9 @@ async fn handshake(
             let s = crate::tls::summarize(tls.get_ref().1);
             tracing::info!(%peer, listener, version = %s.version, cipher = %s.cipher,
                 key_exchange = s.key_exchange.as_deref().unwrap_or("-"),
-                sni = s.sni.as_deref().unwrap_or("-"), "TLS established");
+                sni = s.sni.as_deref().unwrap_or("-"),
+                client_cert = if s.client_names.is_empty() { "none".to_string() } else { format!("verified ({})", s.client_names.join(" ")) },
+                "TLS established");
             metrics::inc(
                 "moat_tls_handshakes_total",
                 &[

@@ -581,3 +581,171 @@ fn load_cache(dir: &Path, cache: &mut HashMap<String, Arc<Entry>>) {
         cache.insert(file.domain, Arc::new(entry));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::tls::{Connector, Pin};
+    use crate::sts::policy::MxPattern;
+
+    fn roots() -> Arc<RootCertStore> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = p.self_signed(&key).unwrap();
+        let mut store = RootCertStore::empty();
+        store.add(ca.der().clone()).unwrap();
+        Arc::new(store)
+    }
+
+    fn sts(extra: Option<Arc<RootCertStore>>, dir: Option<PathBuf>) -> Sts {
+        let fetcher = Fetcher {
+            resolver: crate::dns::Resolver::with_nameservers(&["127.0.0.1:9".parse().unwrap()])
+                .unwrap(),
+            connector: Connector::new(false, None),
+            extra_roots: extra,
+            port: 443,
+            timeout: std::time::Duration::from_secs(1),
+        };
+        Sts::new(fetcher, dir).unwrap()
+    }
+
+    fn applied(mode: Mode) -> Applied {
+        Applied {
+            domain: "example.com".into(),
+            entry: Arc::new(Entry {
+                id: "1".into(),
+                policy: Policy {
+                    mode,
+                    mx: vec![MxPattern::parse("mx.example.com").unwrap()],
+                    max_age: 86_400,
+                },
+                fetched: unix_now(),
+                text: String::new(),
+            }),
+            source: "fetched".into(),
+        }
+    }
+
+    #[test]
+    fn enforce_is_at_least_verify_and_keeps_pins_and_anchors() {
+        let (rule_ca, sts_ca) = (roots(), roots());
+        let s = sts(Some(sts_ca.clone()), None);
+        let pin = Pin::parse(&format!("sha256:cert:{}", "ab".repeat(32))).unwrap();
+        let rule = TlsRequirement {
+            level: TlsLevel::Encrypt,
+            match_names: vec!["other.example".into()],
+            pins: vec![pin],
+            extra_roots: Some(rule_ca.clone()),
+            mta_sts: false,
+        };
+        let r = applied(Mode::Enforce).requirement(&rule, &s);
+        assert_eq!(r.level, TlsLevel::Verify);
+        assert!(r.mta_sts);
+        assert!(r.match_names.is_empty(), "the MX host name must be checked");
+        assert_eq!(r.pins, vec![pin]);
+        let merged = r.extra_roots.clone().unwrap();
+        assert_eq!(merged.len(), 2);
+        // The merged store keeps one identity, so sessions can be reused.
+        let again = applied(Mode::Enforce).requirement(&rule, &s);
+        assert!(Arc::ptr_eq(&merged, &again.extra_roots.unwrap()));
+        // A rule without a CA gets the policy's anchors as they are.
+        let plain = applied(Mode::Enforce).requirement(&TlsRequirement::level(TlsLevel::May), &s);
+        assert!(Arc::ptr_eq(&plain.extra_roots.unwrap(), &sts_ca));
+    }
+
+    #[test]
+    fn testing_and_none_do_not_change_delivery() {
+        let s = sts(Some(roots()), None);
+        let verify = TlsRequirement::level(TlsLevel::Verify);
+        let t = applied(Mode::Testing).requirement(&verify, &s);
+        assert_eq!(t.level, TlsLevel::Verify);
+        assert!(!t.mta_sts);
+        assert!(
+            t.extra_roots.is_none(),
+            "an enforced rule keeps its own anchors"
+        );
+        let may = applied(Mode::Testing).requirement(&TlsRequirement::level(TlsLevel::May), &s);
+        assert_eq!(may.level, TlsLevel::May);
+        assert!(
+            may.extra_roots.is_some(),
+            "testing reports against the policy's anchors"
+        );
+        let none = applied(Mode::None).requirement(&verify, &s);
+        assert_eq!(none.level, TlsLevel::Verify);
+        assert!(!none.mta_sts);
+    }
+
+    #[test]
+    fn reasons_name_the_failure() {
+        assert_eq!(
+            cert_reason(&CertFailure::Expired { not_after: 0 }),
+            "expired"
+        );
+        assert_eq!(cert_reason(&CertFailure::UntrustedIssuer), "untrusted");
+        assert_eq!(
+            cert_reason(&CertFailure::NameMismatch {
+                expected: vec![],
+                presented: vec![]
+            }),
+            "name mismatch"
+        );
+        assert_eq!(tls_reason(&TlsFailure::Timeout), "handshake timed out");
+        assert!(tls_reason(&TlsFailure::Handshake("alert".into())).starts_with("handshake failed"));
+    }
+
+    #[test]
+    fn cache_keys_are_canonical_and_safe() {
+        assert_eq!(canonical("Example.COM.").as_deref(), Some("example.com"));
+        assert_eq!(
+            canonical("bücher.example").as_deref(),
+            Some("xn--bcher-kva.example")
+        );
+        assert_eq!(canonical("../etc"), None);
+        assert!(!safe_domain(".hidden"));
+        assert!(!safe_domain("a/b"));
+        assert!(safe_domain("mx-1.example.com"));
+    }
+
+    #[test]
+    fn cache_files_survive_a_restart_and_expired_ones_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = sts(None, Some(dir.path().to_path_buf()));
+        let text = "version: STSv1\r\nmode: enforce\r\nmx: mx.example.com\r\nmax_age: 86400\r\n";
+        s.store(
+            "example.com",
+            Arc::new(Entry {
+                id: "abc".into(),
+                policy: parse_policy(text.as_bytes()).unwrap(),
+                fetched: unix_now(),
+                text: text.into(),
+            }),
+        );
+        // An expired one, written as if by an earlier run.
+        let old = CacheFile {
+            domain: "old.example".into(),
+            id: "x".into(),
+            fetched: 1_000,
+            policy: text.into(),
+        };
+        write_cache_file(dir.path(), "old.example", &old).unwrap();
+        // A clock set back: the fetch time is clamped to now.
+        let future = CacheFile {
+            domain: "future.example".into(),
+            id: "f".into(),
+            fetched: unix_now() + 10_000_000,
+            policy: text.into(),
+        };
+        write_cache_file(dir.path(), "future.example", &future).unwrap();
+        std::fs::write(dir.path().join("junk.json"), b"{not json").unwrap();
+        let again = sts(None, Some(dir.path().to_path_buf()));
+        let e = again.entry("EXAMPLE.com").unwrap();
+        assert_eq!(e.id, "abc");
+        assert_eq!(e.policy.mode, Mode::Enforce);
+        assert!(again.entry("old.example").is_none());
+        assert!(!dir.path().join("old.example.json").exists());
+        let f = again.entry("future.example").unwrap();
+        assert!(f.fetched <= unix_now());
+        assert_eq!(again.entries().len(), 2);
+    }
+}
