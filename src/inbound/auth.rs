@@ -47,6 +47,17 @@ pub fn write_users(path: &Path, users: &[(String, String)]) -> Result<(), String
     }
     let tmp = path.with_extension("tmp");
     crate::tls::write_private(&tmp, text.as_bytes())?;
+    // `moat user add` run as root on a server's data dir (owned by the service user) must
+    // leave a file the server can read: give it the directory's owner.
+    if let Some(dir) = path.parent() {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(d), Ok(f)) = (std::fs::metadata(dir), std::fs::metadata(&tmp))
+            && (d.uid(), d.gid()) != (f.uid(), f.gid())
+        {
+            // Only root can give a file away; anyone else keeps their own file.
+            let _ = std::os::unix::fs::chown(&tmp, Some(d.uid()), Some(d.gid()));
+        }
+    }
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
@@ -127,6 +138,28 @@ pub struct Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn users_file_takes_the_data_dirs_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let path = data.join("users");
+        let me = std::fs::metadata(&data).unwrap().uid();
+        // As root the directory can belong to a service user, as it does under systemd.
+        let owner = if me == 0 { 65534 } else { me };
+        if me == 0 {
+            std::os::unix::fs::chown(&data, Some(owner), Some(owner)).unwrap();
+        }
+        write_users(&path, &[("alice".into(), "hash".into())]).unwrap();
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!(m.uid(), owner);
+        if me == 0 {
+            assert_eq!(m.gid(), owner);
+        }
+        assert_eq!(m.mode() & 0o777, 0o600);
+    }
 
     #[test]
     fn users_roundtrip_and_verify() {
