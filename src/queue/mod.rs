@@ -170,6 +170,7 @@ impl Queue {
         let mut newly_failed = Vec::new();
         let mut succeeded: Vec<(usize, dsn::Action)> = Vec::new();
         let mut delayed: Vec<(usize, dsn::Action)> = Vec::new();
+        let mut events: Vec<DeliveryEvent> = Vec::new();
         while let Some(done) = tasks.join_next().await {
             let Ok(results) = done else { continue };
             for (i, result) in results {
@@ -183,7 +184,7 @@ impl Queue {
                         tls,
                         auth,
                     } => {
-                        self.record(&msg, i, Outcome::Delivered, tls, auth, None);
+                        events.push(event(&msg, i, Outcome::Delivered, tls, auth, None));
                         if msg.envelope.dsn_of(i).wants_success() && !dsn_passed {
                             let action = if remote == "maildir" || remote == "discard" {
                                 dsn::Action::Delivered
@@ -234,14 +235,14 @@ impl Queue {
                             Outcome::Deferred
                         };
                         let cause = format!("{} {}", r.status, short_cause(&r.status, &f.reason));
-                        self.record(
+                        events.push(event(
                             &msg,
                             i,
                             outcome,
                             TlsClass::None,
                             AuthClass::None,
                             Some(cause),
-                        );
+                        ));
                         tracing::warn!(queue_id = id, to = %rcpt, state = r.state.as_str(), status = %r.status,
                             remote = r.remote.as_deref().unwrap_or("-"), cause = %r.reason, "not delivered");
                         if r.state == RcptState::Failed && !r.notified {
@@ -280,7 +281,13 @@ impl Queue {
         let id_owned = id.to_string();
         let done = st.all_final();
         let next = st.next_due();
+        let log = self.events.clone();
         tokio::task::spawn_blocking(move || {
+            // The event log writes (and now and then rewrites) its file: not on the runtime.
+            for ev in events {
+                crate::metrics::delivery(&ev);
+                log.record(ev);
+            }
             if done {
                 spool.remove(&id_owned)
             } else if !spool.exists(&id_owned) {
@@ -564,29 +571,26 @@ impl Queue {
     pub fn set_tls_policy(&self, p: TlsPolicy) {
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
     }
+}
 
-    /// Records one recipient's outcome in the event log and the metrics.
-    fn record(
-        &self,
-        msg: &Spooled,
-        i: usize,
-        outcome: Outcome,
-        tls: TlsClass,
-        auth: AuthClass,
-        cause: Option<String>,
-    ) {
-        let ev = DeliveryEvent {
-            time: unix_now(),
-            queue_id: msg.id.clone(),
-            sender_domain: domain_of(&msg.envelope.sender),
-            rcpt_domain: domain_of(&msg.envelope.recipients[i]),
-            outcome,
-            tls,
-            auth,
-            cause,
-        };
-        crate::metrics::delivery(&ev);
-        self.events.record(ev);
+/// One recipient's outcome, for the event log and the metrics.
+fn event(
+    msg: &Spooled,
+    i: usize,
+    outcome: Outcome,
+    tls: TlsClass,
+    auth: AuthClass,
+    cause: Option<String>,
+) -> DeliveryEvent {
+    DeliveryEvent {
+        time: unix_now(),
+        queue_id: msg.id.clone(),
+        sender_domain: domain_of(&msg.envelope.sender),
+        rcpt_domain: domain_of(&msg.envelope.recipients[i]),
+        outcome,
+        tls,
+        auth,
+        cause,
     }
 }
 
