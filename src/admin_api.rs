@@ -220,24 +220,38 @@ pub struct QueueCounts {
     pub oldest_secs: u64,
 }
 
-fn queue_counts(queue: &Queue) -> QueueCounts {
-    let mut c = QueueCounts::default();
-    let Ok(list) = admin::messages(queue, None, None) else {
-        return c;
-    };
-    c.messages = list.len();
+/// Per recipient state: (recipients, age of the oldest message with one), every state
+/// present; and the number of messages. `None` when the spool cannot be listed.
+type ByState = std::collections::BTreeMap<&'static str, (u64, u64)>;
+
+fn queue_by_state(queue: &Queue) -> Option<(usize, ByState)> {
+    let list = admin::messages(queue, None, None).ok()?;
+    let mut by: ByState = ["pending", "deferred", "delivered", "failed"]
+        .into_iter()
+        .map(|s| (s, (0, 0)))
+        .collect();
     for m in &list {
-        c.oldest_secs = c.oldest_secs.max(m.age_secs);
         for r in &m.recipients {
-            match r.state {
-                "pending" => c.pending += 1,
-                "deferred" => c.deferred += 1,
-                "failed" => c.failed += 1,
-                _ => {}
-            }
+            let e = by.entry(r.state).or_insert((0, 0));
+            e.0 += 1;
+            e.1 = e.1.max(m.age_secs);
         }
     }
-    c
+    Some((list.len(), by))
+}
+
+fn queue_counts(queue: &Queue) -> QueueCounts {
+    let Some((messages, by)) = queue_by_state(queue) else {
+        return QueueCounts::default();
+    };
+    let n = |s: &str| by.get(s).map_or(0, |e| e.0 as usize);
+    QueueCounts {
+        messages,
+        pending: n("pending"),
+        deferred: n("deferred"),
+        failed: n("failed"),
+        oldest_secs: by.values().map(|e| e.1).max().unwrap_or(0),
+    }
 }
 
 fn health(ctx: &AdminCtx) -> serde_json::Value {
@@ -411,21 +425,13 @@ fn metrics_text(ctx: &AdminCtx) -> String {
     // Queue gauges, fresh for this scrape.
     reg.clear("moat_queue_recipients");
     reg.clear("moat_queue_oldest_seconds");
-    if let Ok(list) = admin::messages(&ctx.queue, None, None) {
-        let mut by: std::collections::BTreeMap<&str, (i64, u64)> =
-            std::collections::BTreeMap::new();
-        for s in ["pending", "deferred", "delivered", "failed"] {
-            by.insert(s, (0, 0));
-        }
-        for m in &list {
-            for r in &m.recipients {
-                let e = by.entry(r.state).or_insert((0, 0));
-                e.0 += 1;
-                e.1 = e.1.max(m.age_secs);
-            }
-        }
+    if let Some((_, by)) = queue_by_state(&ctx.queue) {
         for (state, (n, oldest)) in by {
-            reg.set("moat_queue_recipients", &[("state", state)], n);
+            reg.set(
+                "moat_queue_recipients",
+                &[("state", state)],
+                i64::try_from(n).unwrap_or(i64::MAX),
+            );
             reg.set(
                 "moat_queue_oldest_seconds",
                 &[("state", state)],

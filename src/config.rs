@@ -736,7 +736,7 @@ impl Config {
             {
                 return Err(err(t, i, "domain", format!("{} is listed twice", p.domain)));
             }
-            if !["testing", "enforce", "none"].contains(&p.mode.as_str()) {
+            if p.mode.parse::<crate::sts::policy::Mode>().is_err() {
                 return Err(err(
                     t,
                     i,

@@ -355,13 +355,10 @@ fn probe(args: ProbeArgs) -> ExitCode {
         }
     }
     opts.step_timeout = std::time::Duration::from_secs(args.timeout);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match client_runtime() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("moat probe: starting the runtime: {e}");
+            eprintln!("moat probe: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -409,12 +406,9 @@ fn sts_check(cmd: StsCommand) -> ExitCode {
         },
         None => None,
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match client_runtime() {
         Ok(r) => r,
-        Err(e) => return usage(format!("starting the runtime: {e}")),
+        Err(e) => return usage(e),
     };
     let report = runtime.block_on(async {
         let resolver = match nameserver {
@@ -454,6 +448,14 @@ fn sts_check(cmd: StsCommand) -> ExitCode {
     }
 }
 
+/// The single-threaded runtime of the client commands (probe, sts check, status).
+fn client_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))
+}
+
 fn status(source: &Source, json: bool) -> Result<(), String> {
     let config = source.load()?;
     let addr = config
@@ -467,10 +469,7 @@ fn status(source: &Source, json: bool) -> Result<(), String> {
             token_file.display()
         )
     })?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the runtime: {e}"))?;
+    let runtime = client_runtime()?;
     let (code, body) = runtime.block_on(moat::admin_api::get(addr, "/api/health", token.trim()))?;
     if code != 200 {
         return Err(format!("the admin API answered {code}: {}", body.trim()));

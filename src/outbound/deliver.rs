@@ -116,8 +116,8 @@ struct Idle {
     conn: Conn,
     client: Client,
     tls: String,
-    /// What the certificate proved (`None`: plaintext).
-    verification: Option<Verification>,
+    /// The TLS session (`None`: plaintext).
+    seen: Option<TlsOutcome>,
     since: std::time::Instant,
 }
 
@@ -241,8 +241,8 @@ pub enum RcptResult {
 /// What one connection attempt to one address achieved.
 enum HostResult {
     /// Outcomes, TLS summary, and whether the server supports DSN.
-    /// Also what the certificate proved (`None`: plaintext).
-    Done(Vec<RcptOutcome>, String, bool, Option<Verification>),
+    /// Also the TLS session (`None`: plaintext).
+    Done(Vec<RcptOutcome>, String, bool, Option<TlsOutcome>),
     /// A failure of this host; try the next one.
     Failed(Failure),
     /// Handshake failed under `may`: try the same address again without TLS.
@@ -416,11 +416,12 @@ pub async fn deliver(
                 result = attempt(out, &who, req, msg.clone(), true).await;
             }
             match result {
-                HostResult::Done(outcomes, mut tls, dsn, verification) => {
-                    let classes = classify(&tls, verification.as_ref(), req);
+                HostResult::Done(outcomes, mut tls, dsn, seen) => {
+                    let classes = classify(seen.as_ref(), req);
                     if let Some(p) = sts {
                         // What enforce would have said about this session.
-                        let why = match (&verification, &handshake_failed) {
+                        let why = match (seen.as_ref().map(|o| &o.verification), &handshake_failed)
+                        {
                             (Some(Verification::Verified), _) if req.match_names.is_empty() => None,
                             (Some(Verification::Verified), _) => Some(
                                 "not checked against the MX host name (a rule names other hosts)"
@@ -505,20 +506,19 @@ fn count_handshake<T>(
 /// (`MtaSts` under an enforce policy, `Verified` under a `verify` rule, `Opportunistic` for TLS
 /// that was not required to verify).
 fn classify(
-    summary: &str,
-    verification: Option<&Verification>,
+    seen: Option<&TlsOutcome>,
     req: &TlsRequirement,
 ) -> (crate::report::TlsClass, crate::report::AuthClass) {
     use crate::report::{AuthClass, TlsClass};
-    let Some(v) = verification else {
+    let Some(o) = seen else {
         return (TlsClass::Plaintext, AuthClass::Plaintext);
     };
-    let tls = if summary.starts_with("TLSv1.3") {
+    let tls = if o.version == "TLSv1.3" {
         TlsClass::Tls13
     } else {
         TlsClass::Tls12
     };
-    let auth = match v {
+    let auth = match o.verification {
         Verification::Verified if req.mta_sts => AuthClass::MtaSts,
         Verification::Verified if req.level >= TlsLevel::Verify => AuthClass::Verified,
         _ => AuthClass::Opportunistic,
@@ -639,9 +639,9 @@ async fn attempt_inner(
         if let Step::Done(r) = step {
             *tls_desc = format!("{} (session reused)", idle.tls);
             let (summary, dsn) = (idle.tls.clone(), idle.client.capabilities().dsn);
-            let verification = idle.verification.clone();
+            let seen = idle.seen.clone();
             keep_or_close(out, key, idle, &buf);
-            return HostResult::Done(r, summary, dsn, verification);
+            return HostResult::Done(r, summary, dsn, seen);
         }
         // The server closed the idle session meanwhile: open a new one.
     }
@@ -692,18 +692,7 @@ async fn attempt_inner(
             implicit_tls: true,
             auth: who.auth.cloned(),
         });
-        return over_tls(
-            out,
-            key,
-            host,
-            tls,
-            client,
-            buf,
-            pending,
-            summary,
-            outcome.verification,
-        )
-        .await;
+        return over_tls(out, key, host, tls, client, buf, pending, summary, outcome).await;
     }
     let starttls = match (req.level, plain) {
         (TlsLevel::None, _) | (TlsLevel::May, true) => StartTls::Never,
@@ -725,7 +714,7 @@ async fn attempt_inner(
                 conn: Conn::Plain(tcp),
                 client,
                 tls: "plaintext".into(),
-                verification: None,
+                seen: None,
                 since: std::time::Instant::now(),
             };
             keep_or_close(out, key, idle, &buf);
@@ -749,18 +738,7 @@ async fn attempt_inner(
     let summary = tls_summary(&outcome);
     *tls_desc = summary.clone();
     client.tls_established();
-    over_tls(
-        out,
-        key,
-        host,
-        tls,
-        client,
-        buf,
-        pending,
-        summary,
-        outcome.verification,
-    )
-    .await
+    over_tls(out, key, host, tls, client, buf, pending, summary, outcome).await
 }
 
 /// Runs the rest of a session over an established TLS stream; keeps it for reuse if clean.
@@ -774,7 +752,7 @@ async fn over_tls(
     mut buf: Vec<u8>,
     mut pending: Option<Outgoing>,
     summary: String,
-    verification: Verification,
+    outcome: TlsOutcome,
 ) -> HostResult {
     match drive(&mut tls, &mut client, &mut buf, &mut pending, true, false).await {
         Step::Done(r) => {
@@ -783,11 +761,11 @@ async fn over_tls(
                 conn: Conn::Tls(Box::new(tls)),
                 client,
                 tls: summary.clone(),
-                verification: Some(verification.clone()),
+                seen: Some(outcome.clone()),
                 since: std::time::Instant::now(),
             };
             keep_or_close(out, key, idle, &buf);
-            HostResult::Done(r, summary, dsn, Some(verification))
+            HostResult::Done(r, summary, dsn, Some(outcome))
         }
         Step::Failed(f) => HostResult::Failed(session_failure(f, host)),
         Step::StartTls => HostResult::Failed(failure(

@@ -34,11 +34,10 @@ impl Policies {
     pub fn from_config(config: &Config, served_names: &[String]) -> Result<Policies, String> {
         let mut by_host = HashMap::new();
         for p in &config.mta_sts.policies {
-            let mode = match p.mode.as_str() {
-                "enforce" => Mode::Enforce,
-                "none" => Mode::None,
-                _ => Mode::Testing,
-            };
+            let mode: Mode = p
+                .mode
+                .parse()
+                .map_err(|e| format!("mta_sts policy for {}: {e}", p.domain))?;
             let names: Vec<String> = if p.mx.is_empty() {
                 served_names.to_vec()
             } else {
