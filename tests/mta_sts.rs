@@ -75,33 +75,6 @@ fn policy(mode: &str, mx: &[&str]) -> String {
     p
 }
 
-/// Submits one message; returns its queue id.
-fn submit(m: &Moat, from: &str, to: &[&str], subject: &str) -> String {
-    let mut c = Client::connect(m.addr(SMTP));
-    c.ehlo();
-    let r = c.send_mail(
-        from,
-        to,
-        &format!("Subject: {subject}\r\n\r\nbody of {subject}\r\n"),
-    );
-    assert!(r.is("250 2.0.0"), "submit: {r}");
-    r.text().rsplit(' ').next().unwrap().trim().to_string()
-}
-
-fn moat_cli(m: &Moat, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
-        .args(args)
-        .arg("--config")
-        .arg(&m.config)
-        .output()
-        .unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 #[test]
 fn enforce_policy_from_moats_own_policy_host_delivers_verified() {
     let dir = tempfile::tempdir().unwrap();
@@ -346,7 +319,7 @@ fn enforce_failures_defer_with_4_4_8_and_4_7_5_and_bounce_with_5_x() {
     for (id, (code, text)) in ids.iter().zip(expect) {
         let deadline = Instant::now() + Duration::from_secs(20);
         let shown = loop {
-            let last = moat_cli(&sender, &["queue", "show", id]);
+            let last = moat_cli(&sender, &["queue", "show", id]).1;
             if last.contains(code) && last.contains(text) {
                 break last;
             }
@@ -390,7 +363,7 @@ fn enforce_failures_defer_with_4_4_8_and_4_7_5_and_bounce_with_5_x() {
         assert!(servers[i].hits() >= 1, "{} policy never fetched", c.domain);
     }
     // After the retry window the sender gets DSNs with the permanent codes.
-    let out = moat_cli(&sender, &["queue", "bounce", "--all"]);
+    let out = moat_cli(&sender, &["queue", "bounce", "--all"]).1;
     assert!(out.contains("bounced"), "{out}");
     let dsns = wait_for("six DSNs", Duration::from_secs(20), || {
         let m = sender.mailbox("alice");

@@ -20,18 +20,6 @@ fn sender_extra(dns: SocketAddr, more: &str) -> String {
     )
 }
 
-/// Submits one message to `m` on its SMTP port.
-fn submit(m: &Moat, from: &str, to: &[&str], subject: &str) {
-    let mut c = Client::connect(m.addr(SMTP));
-    c.ehlo();
-    let r = c.send_mail(
-        from,
-        to,
-        &format!("Subject: {subject}\r\n\r\nbody of {subject}\r\n"),
-    );
-    assert!(r.is("250 2.0.0"), "submit: {r}");
-}
-
 #[test]
 fn mx_delivery_with_opportunistic_tls() {
     let dns = serve_zone(
@@ -281,21 +269,6 @@ fn refused_connection_defers_then_bounces_and_null_mx_fails_at_once() {
     );
     assert!(dsn.contains("Status: 5.4.316"), "{dsn}");
     assert!(dsn.contains("refused"), "{dsn}");
-}
-
-fn moat_cli(m: &Moat, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
-        .args(args)
-        .arg("--config")
-        .arg(&m.config)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 #[test]

@@ -677,3 +677,32 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Submits one message; returns its queue id.
+pub fn submit(m: &Moat, from: &str, to: &[&str], subject: &str) -> String {
+    let mut c = Client::connect(m.addr(SMTP));
+    c.ehlo();
+    let r = c.send_mail(
+        from,
+        to,
+        &format!("Subject: {subject}\r\n\r\nbody of {subject}\r\n"),
+    );
+    assert!(r.is("250 2.0.0"), "submit: {r}");
+    r.text().rsplit(' ').next().unwrap().trim().to_string()
+}
+
+/// Runs `moat ARGS --config <m.config>`; returns success and stdout+stderr.
+pub fn moat_cli(m: &Moat, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args(args)
+        .arg("--config")
+        .arg(&m.config)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
