@@ -523,6 +523,8 @@ pub async fn serve(config: Config) -> Result<(), String> {
     while counter.total() > 0 && tokio::time::Instant::now() < grace {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Deliveries since the last second: their dead marks on disk, so none comes back.
+    shared.spool.flush();
     tracing::info!(sessions_left = counter.total(), "stopped");
     Ok(())
 }

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod dsn;
+pub mod journal;
 pub mod local;
 pub mod spool;
 pub mod state;
@@ -294,6 +295,8 @@ impl Queue {
                 // Deleted by the administrator during this pass.
                 Ok(())
             } else {
+                // It waits for a retry: out of the journal, into a file of its own.
+                spool.park(&id_owned)?;
                 st.save(&spool.state_dir(), &id_owned)
             }
         })

@@ -194,10 +194,16 @@ impl Moat {
         }
     }
 
+    /// Messages in the running server's queue, as `moat queue list` counts them
+    /// (`usize::MAX` when it cannot be asked).
     pub fn queue_len(&self) -> usize {
-        std::fs::read_dir(self.data().join("spool/queue"))
-            .map(|d| d.count())
-            .unwrap_or(0)
+        let (ok, text) = moat_cli(self, &["queue", "list"]);
+        text.lines()
+            .rev()
+            .find_map(|l| l.strip_suffix(" message(s)"))
+            .and_then(|n| n.trim().parse().ok())
+            .filter(|_| ok)
+            .unwrap_or(usize::MAX)
     }
 }
 

@@ -1,0 +1,308 @@
+//! Journal segments: the on-disk format the spool keeps small messages in while they make
+//! their first delivery pass.
+//!
+//! One file per message costs the file system an inode allocation, a directory update and a
+//! sync of each, for every message, and deleting the file costs as much again. A segment is
+//! one preallocated file that messages are appended to as records; the committer syncs it once
+//! for every message written since its last sync (group commit), and a message leaves by having
+//! its record marked dead in place. A segment whose records are all dead gets its header
+//! cleared and is written again from the start, so in steady state the spool overwrites blocks
+//! the file system has already allocated: one data sync per batch, no metadata at all.
+//!
+//! Layout. A segment starts with a 64-byte header: `MOATSEG1`, the generation (u64, little
+//! endian), and the CRC-32 of those 16 bytes; an all-zero header marks a free segment. Records
+//! follow, each starting on an 8-byte boundary:
+//!
+//! ```text
+//! 0  "MREC"
+//! 4  state: 'L' live, 'D' dead
+//! 5  three zero bytes
+//! 8  generation of the segment when the record was written (u64 LE)
+//! 16 payload length (u32 LE)
+//! 20 CRC-32 of id, payload, generation and length (u32 LE)
+//! 24 queue id (16 bytes)
+//! 40 payload (the spool's text envelope, a blank line, the message)
+//! ```
+//!
+//! Reading a segment stops at the first record that is not whole, belongs to an older
+//! generation, or fails its CRC: everything from there on was never acknowledged, or is left
+//! over from the segment's previous use. The state byte is outside the CRC so that marking a
+//! record dead is a one-byte write.
+
+/// Size of the segment header.
+pub const SEG_HEADER: u64 = 64;
+/// Size of a record's fixed header.
+pub const REC_HEADER: usize = 40;
+/// Offset of the state byte in a record.
+pub const STATE_AT: u64 = 4;
+pub const LIVE: u8 = b'L';
+pub const DEAD: u8 = b'D';
+
+const SEG_MAGIC: &[u8; 8] = b"MOATSEG1";
+const REC_MAGIC: &[u8; 4] = b"MREC";
+const ID_LEN: usize = 16;
+
+const fn crc_table() -> [u32; 256] {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        table[i] = c;
+        i += 1;
+    }
+    table
+}
+
+static CRC_TABLE: [u32; 256] = crc_table();
+
+/// CRC-32 (IEEE), continuing from `crc` (0 to start).
+pub fn crc32(crc: u32, data: &[u8]) -> u32 {
+    let mut c = !crc;
+    for &b in data {
+        c = CRC_TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
+    }
+    !c
+}
+
+/// Rounds a record length up to the next record boundary.
+pub fn aligned(n: u64) -> u64 {
+    (n + 7) & !7
+}
+
+/// The header of a segment in use with generation `generation`.
+pub fn segment_header(generation: u64) -> [u8; SEG_HEADER as usize] {
+    let mut h = [0u8; SEG_HEADER as usize];
+    h[..8].copy_from_slice(SEG_MAGIC);
+    h[8..16].copy_from_slice(&generation.to_le_bytes());
+    let crc = crc32(0, &h[..16]);
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// The generation of a segment header, or `None` for a free or damaged one.
+pub fn read_segment_header(data: &[u8]) -> Option<u64> {
+    let h = data.get(..20)?;
+    if &h[..8] != SEG_MAGIC {
+        return None;
+    }
+    let crc = u32::from_le_bytes(h[16..20].try_into().ok()?);
+    if crc != crc32(0, &h[..16]) {
+        return None;
+    }
+    Some(u64::from_le_bytes(h[8..16].try_into().ok()?))
+}
+
+/// A record not yet placed: its bytes with the generation left open, and the CRC of the id
+/// and payload, so that only 12 bytes are checksummed once the generation is known.
+pub struct Draft {
+    pub bytes: Vec<u8>,
+    partial: u32,
+}
+
+/// Builds the record of message `id` whose payload is the concatenation of `parts`.
+/// `id` must be a queue id (16 ASCII bytes).
+pub fn draft(id: &str, parts: &[&[u8]]) -> Draft {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut bytes = Vec::with_capacity(REC_HEADER + len);
+    bytes.extend_from_slice(REC_MAGIC);
+    bytes.extend_from_slice(&[LIVE, 0, 0, 0]);
+    bytes.extend_from_slice(&[0u8; 8]);
+    bytes.extend_from_slice(&(len as u32).to_le_bytes());
+    bytes.extend_from_slice(&[0u8; 4]);
+    bytes.extend_from_slice(id.as_bytes());
+    let mut partial = crc32(0, id.as_bytes());
+    for p in parts {
+        bytes.extend_from_slice(p);
+        partial = crc32(partial, p);
+    }
+    Draft { bytes, partial }
+}
+
+impl Draft {
+    /// Fills in the generation and the CRC; the bytes are then ready to write.
+    pub fn seal(&mut self, generation: u64) {
+        let g = generation.to_le_bytes();
+        self.bytes[8..16].copy_from_slice(&g);
+        let crc = crc32(crc32(self.partial, &g), &self.bytes[16..20]);
+        self.bytes[20..24].copy_from_slice(&crc.to_le_bytes());
+    }
+}
+
+/// A whole record found in a segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub offset: u64,
+    /// Length of the record, header included.
+    pub len: u32,
+    pub id: String,
+    pub live: bool,
+}
+
+/// Checks the record at the start of `data` (the bytes from its offset on). Returns its
+/// total length, id and state when it is whole, of `generation`, and its CRC matches.
+pub fn check_record(data: &[u8], generation: u64) -> Option<(u32, String, bool)> {
+    let h = data.get(..REC_HEADER)?;
+    if &h[..4] != REC_MAGIC || h[5..8] != [0, 0, 0] {
+        return None;
+    }
+    let live = match h[4] {
+        LIVE => true,
+        DEAD => false,
+        _ => return None,
+    };
+    if u64::from_le_bytes(h[8..16].try_into().ok()?) != generation {
+        return None;
+    }
+    let len = u32::from_le_bytes(h[16..20].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(h[20..24].try_into().ok()?);
+    let id = &h[24..24 + ID_LEN];
+    let payload = data.get(REC_HEADER..REC_HEADER.checked_add(len)?)?;
+    let mut c = crc32(0, id);
+    c = crc32(c, payload);
+    c = crc32(c, &h[8..20]);
+    if c != crc {
+        return None;
+    }
+    let id = std::str::from_utf8(id).ok()?;
+    if !crate::util::is_queue_id(id) {
+        return None;
+    }
+    let total = u32::try_from(REC_HEADER + len).ok()?;
+    Some((total, id.to_string(), live))
+}
+
+/// The payload of a checked record.
+pub fn payload(record: &[u8]) -> &[u8] {
+    record.get(REC_HEADER..).unwrap_or_default()
+}
+
+/// What a segment holds: its generation (`None` when free or damaged), its whole records in
+/// order, and where the next record would go.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub generation: Option<u64>,
+    pub records: Vec<Found>,
+    pub end: u64,
+}
+
+/// Reads a whole segment's bytes.
+pub fn scan(data: &[u8]) -> Scan {
+    let Some(generation) = read_segment_header(data) else {
+        return Scan::default();
+    };
+    let mut records = Vec::new();
+    let mut at = SEG_HEADER;
+    while let Some(rest) = usize::try_from(at).ok().and_then(|a| data.get(a..)) {
+        let Some((len, id, live)) = check_record(rest, generation) else {
+            break;
+        };
+        records.push(Found {
+            offset: at,
+            len,
+            id,
+            live,
+        });
+        at = aligned(at + u64::from(len));
+    }
+    Scan {
+        generation: Some(generation),
+        records,
+        end: at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "0123456789ABCDEF";
+    const B: &str = "00000000000000FF";
+
+    fn segment(generation: u64, records: &[(&str, &[u8], u64)]) -> Vec<u8> {
+        let mut data = segment_header(generation).to_vec();
+        for (id, payload, g) in records {
+            data.resize(aligned(data.len() as u64) as usize, 0);
+            let mut d = draft(id, &[payload]);
+            d.seal(*g);
+            data.extend_from_slice(&d.bytes);
+        }
+        data
+    }
+
+    #[test]
+    fn crc_check_value() {
+        assert_eq!(crc32(0, b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(crc32(0, b"1234"), b"56789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn records_round_trip_and_split_payloads_match() {
+        let data = segment(7, &[(A, b"hello", 7), (B, b"world!!", 7)]);
+        let s = scan(&data);
+        assert_eq!(s.generation, Some(7));
+        assert_eq!(s.records.len(), 2);
+        assert_eq!(s.records[0].id, A);
+        assert_eq!(s.records[1].offset, aligned(SEG_HEADER + 45));
+        assert_eq!(s.end, aligned(s.records[1].offset + 47));
+        let r = &data[s.records[1].offset as usize..];
+        assert_eq!(&payload(r)[..7], b"world!!");
+        let mut split = draft(A, &[b"hel", b"lo"]);
+        split.seal(7);
+        let mut whole = draft(A, &[b"hello"]);
+        whole.seal(7);
+        assert_eq!(split.bytes, whole.bytes);
+    }
+
+    #[test]
+    fn scan_stops_at_old_generation_torn_or_corrupt_records() {
+        // A record left over from the segment's previous use ends the scan.
+        let data = segment(9, &[(A, b"new", 9), (B, b"stale", 8)]);
+        assert_eq!(scan(&data).records.len(), 1);
+        // A torn record: every prefix of the second record ends the scan before it.
+        let data = segment(9, &[(A, b"one", 9), (B, b"two", 9)]);
+        let second = scan(&data).records[1].offset as usize;
+        for cut in second..data.len() {
+            assert_eq!(scan(&data[..cut]).records.len(), 1, "cut at {cut}");
+        }
+        // A flipped bit anywhere but the state byte ends it too.
+        for i in second..data.len() {
+            if i == second + STATE_AT as usize {
+                continue;
+            }
+            let mut bad = data.clone();
+            bad[i] ^= 0x10;
+            assert_eq!(scan(&bad).records.len(), 1, "flip at {i}");
+        }
+    }
+
+    #[test]
+    fn dead_marks_and_free_headers() {
+        let mut data = segment(3, &[(A, b"x", 3), (B, b"y", 3)]);
+        data[(SEG_HEADER + STATE_AT) as usize] = DEAD;
+        let s = scan(&data);
+        assert!(!s.records[0].live && s.records[1].live);
+        data[..SEG_HEADER as usize].fill(0);
+        let s = scan(&data);
+        assert_eq!(s.generation, None);
+        assert!(s.records.is_empty());
+        assert_eq!(
+            read_segment_header(&segment_header(u64::MAX)),
+            Some(u64::MAX)
+        );
+    }
+
+    #[test]
+    fn ids_must_be_queue_ids() {
+        let data = segment(1, &[("../../etc/passwd", b"x", 1)]);
+        assert!(scan(&data).records.is_empty());
+    }
+}
