@@ -360,6 +360,16 @@ impl EventLog {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// True when the next [`EventLog::record`] may rewrite the whole file (long; callers on
+    /// the async runtime then record from a blocking thread).
+    pub fn rewrite_due(&self) -> bool {
+        let inner = self.lock();
+        inner.file.as_ref().is_some_and(|f| {
+            f.lines + 1 > 2 * (inner.events.len() + 1) + COMPACT_SLACK
+                || f.oldest.saturating_add(KEEP_SECS + AGE_SLACK_SECS) < unix_now()
+        })
+    }
+
     /// Records one event: kept in memory and appended to the file as one line (one `write`
     /// per event, no fsync: losing the last events in a crash only thins the report). Events
     /// older than [`KEEP_SECS`] and those beyond [`MAX_EVENTS`] are dropped, oldest first. Now

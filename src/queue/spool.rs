@@ -573,6 +573,11 @@ impl Spool {
         flush_dead(&self.inner);
     }
 
+    /// The message is a record in a journal segment (not in a file of its own).
+    pub fn in_journal(&self, id: &str) -> bool {
+        matches!(self.inner().index.get(id), Some(Loc::Seg { .. }))
+    }
+
     /// The message is (still) queued.
     pub fn exists(&self, id: &str) -> bool {
         self.inner().index.contains_key(id)
