@@ -927,6 +927,7 @@ struct Sender {
     child: Child,
     pid: String,
     dir: PathBuf,
+    bin: PathBuf,
 }
 
 impl Drop for Sender {
@@ -958,10 +959,16 @@ impl Sender {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
+    /// Messages queued, as `moat queue count` tells (`usize::MAX` if it cannot be asked).
     fn queue_len(&self) -> usize {
-        std::fs::read_dir(self.dir.join("data/spool/queue"))
-            .map(|d| d.count())
-            .unwrap_or(0)
+        Command::new(&self.bin)
+            .args(["queue", "count", "-c"])
+            .arg(self.dir.join("moat.toml"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(usize::MAX)
     }
 }
 
@@ -1021,6 +1028,7 @@ ca_file = "{ca}"
         pid: child.id().to_string(),
         child,
         dir: dir.to_path_buf(),
+        bin: s.moat_bin.clone(),
     };
     let addr: SocketAddr = format!("{MOAT_IP}:{SMTP_PORT}")
         .parse()

@@ -374,7 +374,8 @@ sink_ticks() { ticks_of "$SINK_PID"; }
 tls_ticks() { pf_tree_ticks "$RCV_MASTER"; }
 machine_ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8+$9}' /proc/stat; } # all CPUs, busy
 
-moat_queue() { find "$WORK/moat/spool/queue" "$WORK/moat/spool/tmp" "$WORK/moat/spool/state" -type f 2>/dev/null | wc -l; }
+# Messages in Moat's queue, from the server itself (the journal holds many per file).
+moat_queue() { "$MOAT_BIN" queue count -c "$WORK/moat.toml" 2>/dev/null || echo -1; }
 pf_queue() {
     find "$PF/queue/maildrop" "$PF/queue/incoming" "$PF/queue/active" "$PF/queue/deferred" \
         "$PF/queue/hold" -type f 2>/dev/null | wc -l

@@ -14,7 +14,8 @@
 #
 # What runs (all on loopback, nothing else is touched):
 #   Moat     release build, 127.0.0.20:2525, `bench.test` routed to `discard`: every message is
-#            spooled with fdatasync + directory sync before the 250, then deleted by delivery.
+#            in the spool journal, synced (fdatasync, shared by the messages of a batch),
+#            before the 250, then marked delivered.
 #   Postfix  its own config dir, 127.0.0.21:25, TLS with a self-signed ECDSA P-256 certificate
 #            (Moat makes the same kind), `bench.test` in relay_domains with transport
 #            `discard:`: every message is queued by cleanup (fsync before the 250), then the
@@ -242,7 +243,8 @@ pf_ticks() {
     for c in $(pgrep -P "$PF_MASTER"); do t=$((t + $(ticks_of "$c"))); done
     echo "$t"
 }
-moat_queue() { find "$WORK/moat/spool/queue" "$WORK/moat/spool/tmp" -type f 2>/dev/null | wc -l; }
+# Messages in Moat's queue, from the server itself (the journal holds many per file).
+moat_queue() { "$MOAT_BIN" queue count -c "$WORK/moat.toml" 2>/dev/null || echo -1; }
 pf_queue() {
     find "$PF/queue/maildrop" "$PF/queue/incoming" "$PF/queue/active" "$PF/queue/deferred" \
         "$PF/queue/hold" -type f 2>/dev/null | wc -l

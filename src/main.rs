@@ -248,6 +248,11 @@ enum QueueCommand {
         #[command(flatten)]
         source: Source,
     },
+    /// Print the number of queued messages, and nothing else (for scripts and monitoring).
+    Count {
+        #[command(flatten)]
+        source: Source,
+    },
     /// Show one message: recipients, causes, route and TLS policy per domain, header.
     Show {
         id: String,
@@ -558,6 +563,7 @@ fn queue(cmd: QueueCommand) -> Result<(), String> {
             }
             (source, line)
         }
+        QueueCommand::Count { source } => (source, "count".to_string()),
         QueueCommand::Show { id, source } => (source, format!("show {id}")),
         QueueCommand::Retry { which, source } => (source, format!("retry {}", which.words())),
         QueueCommand::Delete { which, source } => (source, format!("delete {}", which.words())),

@@ -314,6 +314,10 @@ pub(crate) async fn run(
         return Err("empty request".into());
     };
     match *verb {
+        "count" => {
+            let n = queue.spool.list().map_err(|e| e.to_string())?.len();
+            Ok(format!("{n}\n"))
+        }
         "list" => {
             let mut domain = None;
             let mut state = None;

@@ -209,38 +209,64 @@ pub fn payload(record: &[u8]) -> &[u8] {
     record.get(REC_HEADER..).unwrap_or_default()
 }
 
+/// The generation of the first record after the header, whether or not the header is still
+/// valid: a cleared segment keeps its old records, and new generations must not repeat theirs.
+pub fn first_record_generation(data: &[u8]) -> Option<u64> {
+    let at = SEG_HEADER as usize;
+    let h = data.get(at..at + 16)?;
+    if &h[..4] != REC_MAGIC {
+        return None;
+    }
+    Some(u64::from_le_bytes(h[8..16].try_into().ok()?))
+}
+
 /// What a segment holds: its generation (`None` when free or damaged), its whole records in
-/// order, and where the next record would go.
+/// order, where the next record would go, and how many bytes between records were skipped.
 #[derive(Debug, Default)]
 pub struct Scan {
     pub generation: Option<u64>,
     pub records: Vec<Found>,
     pub end: u64,
+    pub skipped: u64,
 }
 
-/// Reads a whole segment's bytes.
+/// Reads a whole segment's bytes. Where a record is damaged (a torn write, a bad block), the
+/// scan looks for the next whole record of this generation at each record boundary further
+/// on, so a damaged record never hides acknowledged ones behind it. (Nothing after the last
+/// record is counted as skipped: that is where the next records would have gone.) A record of
+/// this generation can only have been written by the spool: the generation is random.
 pub fn scan(data: &[u8]) -> Scan {
     let Some(generation) = read_segment_header(data) else {
         return Scan::default();
     };
     let mut records = Vec::new();
     let mut at = SEG_HEADER;
+    let mut end = at;
+    let mut skipped = 0;
     while let Some(rest) = usize::try_from(at).ok().and_then(|a| data.get(a..)) {
-        let Some((len, id, live)) = check_record(rest, generation) else {
+        if rest.len() < REC_HEADER {
             break;
-        };
-        records.push(Found {
-            offset: at,
-            len,
-            id,
-            live,
-        });
-        at = aligned(at + u64::from(len));
+        }
+        match check_record(rest, generation) {
+            Some((len, id, live)) => {
+                skipped += at - end;
+                records.push(Found {
+                    offset: at,
+                    len,
+                    id,
+                    live,
+                });
+                at = aligned(at + u64::from(len));
+                end = at;
+            }
+            None => at += 8,
+        }
     }
     Scan {
         generation: Some(generation),
         records,
-        end: at,
+        end,
+        skipped,
     }
 }
 
@@ -316,25 +342,57 @@ mod tests {
     }
 
     #[test]
-    fn scan_stops_at_old_generation_torn_or_corrupt_records() {
-        // A record left over from the segment's previous use ends the scan.
+    fn scan_skips_old_generation_torn_or_corrupt_records() {
+        // Records left over from the segment's previous use are never read.
         let data = segment(9, &[(A, b"new", 9), (B, b"stale", 8)]);
-        assert_eq!(scan(&data).records.len(), 1);
-        // A torn record: every prefix of the second record ends the scan before it.
+        let s = scan(&data);
+        assert_eq!(s.records.len(), 1);
+        assert_eq!(s.end, aligned(SEG_HEADER + 43));
+        // A torn last record: every prefix of it leaves the first record alone.
         let data = segment(9, &[(A, b"one", 9), (B, b"two", 9)]);
         let second = scan(&data).records[1].offset as usize;
         for cut in second..data.len() {
-            assert_eq!(scan(&data[..cut]).records.len(), 1, "cut at {cut}");
+            let s = scan(&data[..cut]);
+            assert_eq!(s.records.len(), 1, "cut at {cut}");
+            assert_eq!(s.end, second as u64);
         }
-        // A flipped bit anywhere but the state byte ends it too.
-        for i in second..data.len() {
+        // A flipped bit anywhere but the state byte loses that record only: the ones before
+        // and after it are still found.
+        let c = "0000000000000ABC";
+        let data = segment(9, &[(A, b"one", 9), (B, &[b'x'; 100], 9), (c, b"three", 9)]);
+        let s = scan(&data);
+        let (second, third) = (s.records[1].offset as usize, s.records[2].offset as usize);
+        for i in second..second + s.records[1].len as usize {
             if i == second + STATE_AT as usize {
                 continue;
             }
             let mut bad = data.clone();
             bad[i] ^= 0x10;
-            assert_eq!(scan(&bad).records.len(), 1, "flip at {i}");
+            let s = scan(&bad);
+            let ids: Vec<&str> = s.records.iter().map(|r| r.id.as_str()).collect();
+            assert_eq!(ids, vec![A, c], "flip at {i}");
+            assert_eq!(s.skipped, (third - second) as u64);
         }
+    }
+
+    #[test]
+    fn a_record_forged_inside_a_payload_is_not_found_unless_its_holder_is_damaged() {
+        let mut forged = draft(B, &[b"evil"]);
+        forged.seal(9);
+        // Aligned inside the payload of a genuine record.
+        let mut payload = vec![0u8; 8];
+        payload.extend_from_slice(&forged.bytes);
+        let data = segment(9, &[(A, &payload, 9)]);
+        let s = scan(&data);
+        assert_eq!(s.records.len(), 1, "the scan jumps over payloads");
+        // With the generation unknown to the sender, a forged record never matches.
+        let mut wrong = draft(B, &[b"evil"]);
+        wrong.seal(8);
+        let mut payload = vec![0u8; 8];
+        payload.extend_from_slice(&wrong.bytes);
+        let mut data = segment(9, &[(A, &payload, 9)]);
+        data[SEG_HEADER as usize + 30] ^= 1;
+        assert!(scan(&data).records.is_empty());
     }
 
     #[test]
@@ -347,6 +405,7 @@ mod tests {
         let s = scan(&data);
         assert_eq!(s.generation, None);
         assert!(s.records.is_empty());
+        assert_eq!(first_record_generation(&data), Some(3));
         assert_eq!(
             read_segment_header(&segment_header(u64::MAX)),
             Some(u64::MAX)

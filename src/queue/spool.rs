@@ -179,14 +179,27 @@ impl Inner {
         self.release(seg, committer);
     }
 
-    /// A generation newer than any before, also across restarts: the clock in microseconds,
-    /// or one more than the last one if the clock is behind.
+    /// A generation for a segment being (re)used: 64 random bits, so that it never repeats
+    /// one whose records are still in a file (which makes records of an earlier use of the
+    /// segment unreadable) and cannot be guessed by whoever sends a message (so a record forged
+    /// inside a message body is never taken for a real one). Without random numbers: the clock
+    /// in microseconds, never below the last generation plus one.
     fn next_generation(&mut self) -> u64 {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
-        self.last_generation = now.max(self.last_generation + 1);
+        let mut bytes = [0u8; 8];
+        let random = rustls::crypto::aws_lc_rs::default_provider()
+            .secure_random
+            .fill(&mut bytes)
+            .is_ok();
+        let g = u64::from_le_bytes(bytes);
+        self.last_generation = if random && g != 0 {
+            g
+        } else {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0);
+            now.max(self.last_generation.wrapping_add(1)).max(1)
+        };
         self.last_generation
     }
 
@@ -319,6 +332,14 @@ impl Spool {
                 .open(entry.path())?;
             let data = fs::read(entry.path())?;
             let scan = journal::scan(&data);
+            if scan.skipped > 0 {
+                tracing::warn!(
+                    segment = n,
+                    bytes = scan.skipped,
+                    records = scan.records.len(),
+                    "spool: damaged bytes in a journal segment skipped; the records around them were kept"
+                );
+            }
             let mut live = 0;
             for r in scan.records.iter().filter(|r| r.live) {
                 if index.contains_key(&r.id) {
@@ -345,7 +366,9 @@ impl Spool {
                 }
                 SegState::Free
             };
-            last_generation = last_generation.max(scan.generation.unwrap_or(0));
+            last_generation = last_generation
+                .max(scan.generation.unwrap_or(0))
+                .max(journal::first_record_generation(&data).unwrap_or(0));
             segs.insert(
                 n,
                 Segment {
@@ -749,7 +772,6 @@ fn prepare(inner: Arc<Mutex<Inner>>, (seg, file): (u32, Arc<File>), journal_dir:
             Err(e) => {
                 tracing::warn!(segment = seg, error = %e, "spool: preparing a segment failed");
                 guard.segs.remove(&seg);
-                drop(guard);
                 let _ = fs::remove_file(segment_path(&journal_dir, seg));
             }
         }
@@ -809,9 +831,10 @@ fn free_segment(inner: &Mutex<Inner>, seg: u32, journal_dir: &Path) {
         .filter(|s| s.state == SegState::Free)
         .count();
     if free >= KEEP_FREE {
+        // Unlinked under the lock, so that a new segment never takes its number while the
+        // old file is still there.
         guard.segs.remove(&seg);
         guard.dirty.remove(&seg);
-        drop(guard);
         if let Err(e) = fs::remove_file(segment_path(journal_dir, seg)) {
             tracing::warn!(segment = seg, error = %e, "spool: deleting a spare segment failed");
         }

@@ -194,14 +194,13 @@ impl Moat {
         }
     }
 
-    /// Messages in the running server's queue, as `moat queue list` counts them
+    /// Messages in the running server's queue, as `moat queue count` tells
     /// (`usize::MAX` when it cannot be asked).
     pub fn queue_len(&self) -> usize {
-        let (ok, text) = moat_cli(self, &["queue", "list"]);
-        text.lines()
-            .rev()
-            .find_map(|l| l.strip_suffix(" message(s)"))
-            .and_then(|n| n.trim().parse().ok())
+        let (ok, text) = moat_cli(self, &["queue", "count"]);
+        text.trim()
+            .parse()
+            .ok()
             .filter(|_| ok)
             .unwrap_or(usize::MAX)
     }
