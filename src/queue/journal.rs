@@ -24,10 +24,11 @@
 //! 40 payload (the spool's text envelope, a blank line, the message)
 //! ```
 //!
-//! Reading a segment stops at the first record that is not whole, belongs to an older
-//! generation, or fails its CRC: everything from there on was never acknowledged, or is left
-//! over from the segment's previous use. The state byte is outside the CRC so that marking a
-//! record dead is a one-byte write.
+//! Reading a segment takes every whole record of the segment's generation whose CRC matches,
+//! looking past damaged ones at each record boundary; records of older generations are left
+//! over from the segment's previous use and never read. Generations are random, so no message
+//! body can carry a record that passes for a real one. The state byte is outside the CRC so
+//! that marking a record dead is a one-byte write.
 
 /// Size of the segment header.
 pub const SEG_HEADER: u64 = 64;
@@ -236,9 +237,21 @@ pub struct Scan {
 /// record is counted as skipped: that is where the next records would have gone.) A record of
 /// this generation can only have been written by the spool: the generation is random.
 pub fn scan(data: &[u8]) -> Scan {
-    let Some(generation) = read_segment_header(data) else {
-        return Scan::default();
-    };
+    match read_segment_header(data) {
+        Some(generation) => scan_records(data, generation),
+        None => Scan::default(),
+    }
+}
+
+/// True when the segment header is all zeros: a cleared (free) segment. Any other header that
+/// does not check out is damage, not freedom.
+pub fn header_is_clear(data: &[u8]) -> bool {
+    data.iter().take(SEG_HEADER as usize).all(|b| *b == 0)
+}
+
+/// Reads the records of `generation` (see [`scan`]), whatever the header says: for a segment
+/// whose header is damaged, with the generation its first record carries.
+pub fn scan_records(data: &[u8], generation: u64) -> Scan {
     let mut records = Vec::new();
     let mut at = SEG_HEADER;
     let mut end = at;

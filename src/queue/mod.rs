@@ -305,9 +305,13 @@ impl Queue {
                 // Deleted by the administrator during this pass.
                 Ok(())
             } else {
-                // It waits for a retry: out of the journal, into a file of its own.
-                spool.park(&id_owned)?;
-                st.save(&spool.state_dir(), &id_owned)
+                st.save(&spool.state_dir(), &id_owned)?;
+                // It waits for a retry: out of the journal, into a file of its own. If that
+                // fails (a full disk), it simply stays in the journal a while longer.
+                if let Err(e) = spool.park(&id_owned) {
+                    tracing::warn!(queue_id = %id_owned, error = %e, "could not move a deferred message out of the journal");
+                }
+                Ok(())
             }
         };
         if quick {

@@ -53,6 +53,8 @@ const SEGMENT_BYTES: u64 = 8 << 20;
 const KEEP_FREE: usize = 2;
 /// How often dead marks are synced.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Segment files are named `seg-000000` to `seg-999999`.
+const MAX_SEGMENT: u32 = 999_999;
 
 /// A message read back from the spool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +97,11 @@ struct Segment {
     state: SegState,
     /// Created since the journal directory was last synced.
     fresh: bool,
+    /// A sync of it failed: what was written since may not be on disk, and the kernel may
+    /// not report it again, so no later sync of it is trusted and it takes no new records.
+    poisoned: bool,
+    /// Read at start-up (its records are not in the page cache).
+    recovered: bool,
 }
 
 #[derive(Debug)]
@@ -102,7 +109,6 @@ struct Inner {
     segs: BTreeMap<u32, Segment>,
     active: Option<u32>,
     index: HashMap<String, Loc>,
-    last_generation: u64,
     /// Segments with dead marks not yet synced.
     dirty: BTreeSet<u32>,
 }
@@ -128,6 +134,8 @@ pub struct Spool {
     root: PathBuf,
     inner: Arc<Mutex<Inner>>,
     committer: std_mpsc::Sender<Job>,
+    /// Holds the spool's lock for as long as any handle lives.
+    _lock: Arc<File>,
 }
 
 impl std::fmt::Debug for Job {
@@ -146,6 +154,15 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 
 fn segment_path(journal: &Path, n: u32) -> PathBuf {
     journal.join(format!("seg-{n:06}"))
+}
+
+/// The number of a segment file name: exactly `seg-` and six digits.
+fn segment_number(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix("seg-")?;
+    if digits.len() != 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 fn copy_err(e: &io::Error) -> io::Error {
@@ -182,37 +199,44 @@ impl Inner {
     /// A generation for a segment being (re)used: 64 random bits, so that it never repeats
     /// one whose records are still in a file (which makes records of an earlier use of the
     /// segment unreadable) and cannot be guessed by whoever sends a message (so a record forged
-    /// inside a message body is never taken for a real one). Without random numbers: the clock
-    /// in microseconds, never below the last generation plus one.
-    fn next_generation(&mut self) -> u64 {
+    /// inside a message body is never taken for a real one). No random numbers, no segment.
+    fn next_generation(&mut self) -> io::Result<u64> {
         let mut bytes = [0u8; 8];
-        let random = rustls::crypto::aws_lc_rs::default_provider()
+        rustls::crypto::aws_lc_rs::default_provider()
             .secure_random
             .fill(&mut bytes)
-            .is_ok();
-        let g = u64::from_le_bytes(bytes);
-        self.last_generation = if random && g != 0 {
-            g
-        } else {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_micros() as u64)
-                .unwrap_or(0);
-            now.max(self.last_generation.wrapping_add(1)).max(1)
-        };
-        self.last_generation
+            .map_err(|_| io::Error::other("no random numbers for a spool segment"))?;
+        Ok(u64::from_le_bytes(bytes).max(1))
     }
 
     /// Creates the next segment file, empty.
     fn new_segment(&mut self, journal: &Path, state: SegState) -> io::Result<(u32, Arc<File>)> {
-        let n = self.segs.keys().next_back().map_or(0, |n| n + 1);
-        let file = Arc::new(
-            OpenOptions::new()
+        let mut n = self
+            .segs
+            .keys()
+            .next_back()
+            .map_or(Some(0), |n| n.checked_add(1));
+        let mut tries = 0;
+        let file = loop {
+            let Some(number) = n.filter(|n| *n <= MAX_SEGMENT) else {
+                return Err(io::Error::other("no spool segment number left"));
+            };
+            // A file left aside (unreadable at start-up) keeps its number.
+            match OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
-                .open(segment_path(journal, n))?,
-        );
+                .open(segment_path(journal, number))
+            {
+                Ok(f) => break Arc::new(f),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 100 => {
+                    tries += 1;
+                    n = number.checked_add(1);
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let n = n.unwrap_or_default();
         self.segs.insert(
             n,
             Segment {
@@ -222,6 +246,8 @@ impl Inner {
                 end: SEG_HEADER,
                 state,
                 fresh: true,
+                poisoned: false,
+                recovered: false,
             },
         );
         Ok((n, file))
@@ -256,7 +282,7 @@ impl Inner {
         if let Some(a) = self.active
             && let Some(s) = self.segs.get_mut(&a)
         {
-            if s.end + need <= SEGMENT_BYTES {
+            if s.end + need <= SEGMENT_BYTES && !s.poisoned {
                 let off = s.end;
                 s.end += need;
                 s.live += 1;
@@ -269,12 +295,12 @@ impl Inner {
                 let _ = committer.send(Job::Free { seg: a });
             }
         }
-        let generation = self.next_generation();
+        let generation = self.next_generation()?;
         let header = journal::segment_header(generation);
         let reuse = self
             .segs
             .iter()
-            .find(|(_, s)| s.state == SegState::Free)
+            .find(|(_, s)| s.state == SegState::Free && !s.poisoned)
             .map(|(n, _)| *n);
         let n = match reuse {
             Some(n) => n,
@@ -287,6 +313,7 @@ impl Inner {
         };
         s.file.write_all_at(&header, 0)?;
         s.generation = generation;
+        s.recovered = false;
         s.state = SegState::Active;
         s.end = SEG_HEADER + need;
         s.live = 1;
@@ -305,6 +332,9 @@ impl Spool {
         for d in [&tmp, &queue, &journal_dir, &root.join("state")] {
             fs::create_dir_all(d)?;
         }
+        // One server per spool: a second one would clear the first one's segments and remove
+        // its files in tmp/ while it acknowledges messages into them.
+        let lock_file = lock_spool(&root.join("lock"))?;
         for entry in fs::read_dir(&tmp)? {
             let entry = entry?;
             tracing::info!(file = %entry.path().display(), "removing unacknowledged spool file");
@@ -315,82 +345,61 @@ impl Spool {
             .map(|id| (id, Loc::File))
             .collect();
         let mut segs = BTreeMap::new();
-        let mut last_generation = 0;
+        let mut dirty = BTreeSet::new();
+        let mut names: Vec<(u32, PathBuf)> = Vec::new();
         for entry in fs::read_dir(&journal_dir)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let Some(n) = name
-                .to_str()
-                .and_then(|s| s.strip_prefix("seg-"))
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(entry.path())?;
-            let data = fs::read(entry.path())?;
-            let scan = journal::scan(&data);
-            if scan.skipped > 0 {
-                tracing::warn!(
-                    segment = n,
-                    bytes = scan.skipped,
-                    records = scan.records.len(),
-                    "spool: damaged bytes in a journal segment skipped; the records around them were kept"
-                );
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if name.ends_with(".del") {
+                // A spare segment deleted just before a stop.
+                let _ = fs::remove_file(&path);
+            } else if let Some(n) = segment_number(name) {
+                names.push((n, path));
             }
-            let mut live = 0;
-            for r in scan.records.iter().filter(|r| r.live) {
-                if index.contains_key(&r.id) {
-                    // Parked into a file before the crash: the file is the copy that counts.
-                    file.write_all_at(&[DEAD], r.offset + STATE_AT)?;
-                    continue;
-                }
-                index.insert(
-                    r.id.clone(),
-                    Loc::Seg {
-                        seg: n,
-                        off: r.offset,
-                        len: r.len,
-                    },
-                );
-                live += 1;
-            }
-            let state = if live > 0 {
-                SegState::Sealed
-            } else {
-                if scan.generation.is_some() {
-                    file.write_all_at(&[0u8; SEG_HEADER as usize], 0)?;
-                    file.sync_data()?;
-                }
-                SegState::Free
-            };
-            last_generation = last_generation
-                .max(scan.generation.unwrap_or(0))
-                .max(journal::first_record_generation(&data).unwrap_or(0));
-            segs.insert(
-                n,
-                Segment {
-                    file: Arc::new(file),
-                    generation: scan.generation.unwrap_or(0),
-                    live,
-                    end: scan.end,
-                    state,
-                    fresh: false,
-                },
-            );
         }
-        let mut ids: Vec<String> = index.keys().cloned().collect();
-        ids.sort();
-        let inner = Arc::new(Mutex::new(Inner {
+        names.sort();
+        for (n, path) in names {
+            match recover_segment(n, &path, &mut index) {
+                Ok((segment, marked)) => {
+                    if marked {
+                        dirty.insert(n);
+                    }
+                    segs.insert(n, segment);
+                }
+                Err(e) => {
+                    // Left as it is, out of use, for someone to look at; the rest of the spool
+                    // still starts.
+                    tracing::error!(file = %path.display(), error = %e,
+                        "spool: cannot read a journal segment; its messages are not queued until it can be read");
+                }
+            }
+        }
+        let mut inner = Inner {
             segs,
             active: None,
             index,
-            last_generation,
-            dirty: BTreeSet::new(),
-        }));
-        if let Some(spare) = lock(&inner).want_spare(&journal_dir) {
+            dirty,
+        };
+        // Spares beyond what is kept, left by a burst before the restart.
+        let free: Vec<u32> = inner
+            .segs
+            .iter()
+            .filter(|(_, s)| s.state == SegState::Free)
+            .map(|(n, _)| *n)
+            .skip(KEEP_FREE)
+            .collect();
+        for n in free {
+            inner.segs.remove(&n);
+            let _ = fs::remove_file(segment_path(&journal_dir, n));
+        }
+        let mut ids: Vec<String> = inner.index.keys().cloned().collect();
+        ids.sort();
+        let spare = inner.want_spare(&journal_dir);
+        let inner = Arc::new(Mutex::new(inner));
+        if let Some(spare) = spare {
             prepare(inner.clone(), spare, journal_dir.clone());
         }
         let (tx, rx) = std_mpsc::channel::<Job>();
@@ -404,6 +413,7 @@ impl Spool {
                 root: root.to_path_buf(),
                 inner,
                 committer: tx,
+                _lock: Arc::new(lock_file),
             },
             ids,
         ))
@@ -437,14 +447,14 @@ impl Spool {
         let mut draft = journal::draft(id, &[&header, message]);
         let len = draft.bytes.len() as u64;
         let journal_dir = self.journal_dir();
-        let (seg, off, generation, file) = {
+        let ((seg, off, generation, file), spare) = {
             let mut inner = self.inner();
             let reserved = inner.reserve(len, &journal_dir, &self.committer)?;
-            if let Some(spare) = inner.want_spare(&journal_dir) {
-                prepare(self.inner.clone(), spare, journal_dir.clone());
-            }
-            reserved
+            (reserved, inner.want_spare(&journal_dir))
         };
+        if let Some(spare) = spare {
+            prepare(self.inner.clone(), spare, journal_dir);
+        }
         draft.seal(generation);
         // A write of a few KiB into the page cache: done here rather than on another thread,
         // which would cost two context switches per message for microseconds of work.
@@ -573,9 +583,14 @@ impl Spool {
         };
         let data = self.payload(id)?;
         let tmp = self.root.join("tmp").join(id);
-        write_synced(&tmp, &data)?;
-        fs::rename(&tmp, self.queue_path(id))?;
-        sync_dir(&self.root.join("queue"))?;
+        let copied = write_synced(&tmp, &data)
+            .and_then(|()| fs::rename(&tmp, self.queue_path(id)))
+            .and_then(|()| sync_dir(&self.root.join("queue")));
+        if let Err(e) = copied {
+            // Nothing lost: the journal record is still the message. Try again next time.
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         let mut inner = self.inner();
         if inner.index.get(id) == Some(&before) {
             inner.index.insert(id.to_string(), Loc::File);
@@ -596,9 +611,14 @@ impl Spool {
         flush_dead(&self.inner);
     }
 
-    /// The message is a record in a journal segment (not in a file of its own).
+    /// The message is a record in a journal segment written since start-up (so most likely
+    /// still in the page cache), not in a file of its own.
     pub fn in_journal(&self, id: &str) -> bool {
-        matches!(self.inner().index.get(id), Some(Loc::Seg { .. }))
+        let inner = self.inner();
+        match inner.index.get(id) {
+            Some(Loc::Seg { seg, .. }) => inner.segs.get(seg).is_some_and(|s| !s.recovered),
+            _ => false,
+        }
     }
 
     /// The message is (still) queued.
@@ -619,6 +639,116 @@ impl Spool {
     }
 }
 
+/// Takes the spool's exclusive lock (`flock`), or says which process holds it.
+fn lock_spool(path: &Path) -> io::Result<File> {
+    use std::os::fd::AsRawFd;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    // SAFETY: flock(2) on a descriptor we own; no memory is passed.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        let holder = fs::read_to_string(path).unwrap_or_default();
+        return Err(io::Error::new(
+            e.kind(),
+            format!(
+                "{} is in use by another moat (pid {}): {e}",
+                path.parent().unwrap_or(path).display(),
+                holder.trim()
+            ),
+        ));
+    }
+    f.set_len(0)?;
+    f.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0)?;
+    Ok(f)
+}
+
+/// Reads one segment at start-up: indexes its live records (a record whose message is also in
+/// a file of its own is marked dead: the file is the copy that counts) and clears it if none
+/// is left. Returns the segment and whether dead marks were written.
+fn recover_segment(
+    n: u32,
+    path: &Path,
+    index: &mut HashMap<String, Loc>,
+) -> io::Result<(Segment, bool)> {
+    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    let data = fs::read(path)?;
+    let scan = match journal::read_segment_header(&data) {
+        Some(g) => journal::scan_records(&data, g),
+        None if journal::header_is_clear(&data) => journal::Scan::default(),
+        None => {
+            // Not cleared, yet not a valid header: damage. Its records still carry their
+            // generation; read them with it, and never reuse the file.
+            let g = journal::first_record_generation(&data).unwrap_or(0);
+            let scan = journal::scan_records(&data, g);
+            tracing::error!(file = %path.display(), records = scan.records.len(),
+                "spool: damaged journal segment header; its records were read with their own generation");
+            return Ok((segment_from(file, scan, index, n, path, true)?, true));
+        }
+    };
+    let marked = scan
+        .records
+        .iter()
+        .any(|r| r.live && index.contains_key(&r.id));
+    Ok((segment_from(file, scan, index, n, path, false)?, marked))
+}
+
+fn segment_from(
+    file: File,
+    scan: journal::Scan,
+    index: &mut HashMap<String, Loc>,
+    n: u32,
+    path: &Path,
+    damaged: bool,
+) -> io::Result<Segment> {
+    if scan.skipped > 0 {
+        tracing::warn!(file = %path.display(), bytes = scan.skipped, records = scan.records.len(),
+            "spool: damaged bytes in a journal segment skipped; the records around them were kept");
+    }
+    let mut live = 0;
+    for r in scan.records.iter().filter(|r| r.live) {
+        if index.contains_key(&r.id) {
+            if let Err(e) = file.write_all_at(&[DEAD], r.offset + STATE_AT) {
+                tracing::warn!(file = %path.display(), error = %e, "spool: marking a record dead failed");
+            }
+            continue;
+        }
+        index.insert(
+            r.id.clone(),
+            Loc::Seg {
+                seg: n,
+                off: r.offset,
+                len: r.len,
+            },
+        );
+        live += 1;
+    }
+    let state = if live > 0 || damaged {
+        // A damaged segment is never reused; once its live records are gone it is cleared.
+        SegState::Sealed
+    } else {
+        if scan.generation.is_some() {
+            file.write_all_at(&[0u8; SEG_HEADER as usize], 0)
+                .and_then(|()| file.sync_data())?;
+        }
+        SegState::Free
+    };
+    Ok(Segment {
+        file: Arc::new(file),
+        generation: scan.generation.unwrap_or(0),
+        live,
+        end: scan.end,
+        state,
+        fresh: false,
+        poisoned: false,
+        recovered: true,
+    })
+}
+
 fn gone(id: &str) -> io::Error {
     io::Error::new(io::ErrorKind::NotFound, format!("{id} is not queued"))
 }
@@ -630,11 +760,14 @@ fn corrupt(id: &str) -> io::Error {
     )
 }
 
-/// Writes a new file and syncs its data.
+/// Writes a new file and syncs its data; on failure, the file is removed.
 fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
     let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
-    f.write_all(data)?;
-    f.sync_data()
+    let written = f.write_all(data).and_then(|()| f.sync_data());
+    if written.is_err() {
+        let _ = fs::remove_file(path);
+    }
+    written
 }
 
 /// Queue ids of the files in `dir`, oldest first (ids sort by arrival).
@@ -669,7 +802,9 @@ fn flush_dead(inner: &Mutex<Inner>) {
     };
     for (n, f) in files {
         if let Err(e) = f.sync_data() {
-            tracing::warn!(segment = n, error = %e, "spool: syncing dead marks failed");
+            // The error may belong to records waiting for their sync: they must not be
+            // acknowledged on the strength of a later one.
+            poison(inner, n, &e);
         }
     }
 }
@@ -791,23 +926,45 @@ fn prepare(inner: Arc<Mutex<Inner>>, (seg, file): (u32, Arc<File>), journal_dir:
 /// Syncs one segment's data, and the journal directory if the segment's file is new.
 fn sync_segment(inner: &Mutex<Inner>, seg: u32, journal_dir: &Path) -> io::Result<()> {
     let (file, fresh) = {
-        let mut inner = lock(inner);
-        let s = inner
+        let mut guard = lock(inner);
+        // Dead marks written before this sync are covered by it.
+        guard.dirty.remove(&seg);
+        let s = guard
             .segs
             .get_mut(&seg)
             .ok_or_else(|| io::Error::other("spool segment vanished"))?;
+        if s.poisoned {
+            return Err(io::Error::other("spool segment failed an earlier sync"));
+        }
         (s.file.clone(), std::mem::take(&mut s.fresh))
     };
     let result = file
         .sync_data()
         .and_then(|()| if fresh { sync_dir(journal_dir) } else { Ok(()) });
-    if result.is_err()
-        && fresh
-        && let Some(s) = lock(inner).segs.get_mut(&seg)
-    {
-        s.fresh = true;
+    if let Err(e) = &result {
+        poison(inner, seg, e);
     }
     result
+}
+
+/// A sync of `seg` failed. Linux reports a writeback error once per open file and then forgets
+/// the pages that failed, so a later sync of the same file could succeed without them: the
+/// segment takes no more records, every record still waiting for a sync in it fails, and its
+/// dead marks are retried at the next flush.
+fn poison(inner: &Mutex<Inner>, seg: u32, e: &io::Error) {
+    tracing::error!(segment = seg, error = %e,
+        "spool: syncing a journal segment failed; it takes no more messages");
+    let mut guard = lock(inner);
+    if guard.active == Some(seg) {
+        guard.active = None;
+    }
+    guard.dirty.insert(seg);
+    if let Some(s) = guard.segs.get_mut(&seg) {
+        s.poisoned = true;
+        if s.state == SegState::Active {
+            s.state = SegState::Sealed;
+        }
+    }
 }
 
 /// Clears the header of a segment with no live record (synced, so that none of its old
@@ -830,12 +987,16 @@ fn free_segment(inner: &Mutex<Inner>, seg: u32, journal_dir: &Path) {
         .values()
         .filter(|s| s.state == SegState::Free)
         .count();
-    if free >= KEEP_FREE {
-        // Unlinked under the lock, so that a new segment never takes its number while the
-        // old file is still there.
+    let poisoned = guard.segs.get(&seg).is_some_and(|s| s.poisoned);
+    if free >= KEEP_FREE || poisoned {
+        // Renamed under the lock (so a new segment never meets its name), unlinked after.
         guard.segs.remove(&seg);
         guard.dirty.remove(&seg);
-        if let Err(e) = fs::remove_file(segment_path(journal_dir, seg)) {
+        let path = segment_path(journal_dir, seg);
+        let doomed = path.with_extension("del");
+        let renamed = fs::rename(&path, &doomed);
+        drop(guard);
+        if let Err(e) = renamed.and_then(|()| fs::remove_file(&doomed)) {
             tracing::warn!(segment = seg, error = %e, "spool: deleting a spare segment failed");
         }
     } else if let Some(s) = guard.segs.get_mut(&seg) {
@@ -1190,6 +1351,64 @@ mod tests {
         drop(spool);
         let (_, listed) = Spool::open(dir.path()).unwrap();
         assert!(listed.is_empty());
+    }
+
+    #[test]
+    fn one_server_per_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Spool::open(dir.path()).unwrap();
+        let e = Spool::open(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("in use by another moat"), "{e}");
+        drop(first);
+        Spool::open(dir.path()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_damaged_segment_header_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<String> = (0..2).map(|_| crate::util::new_queue_id()).collect();
+        {
+            let (spool, _) = Spool::open(dir.path()).unwrap();
+            for id in &ids {
+                spool.store(id, 1, &env(), b"kept\r\n").await.unwrap();
+            }
+        }
+        let seg = holding(dir.path(), &ids[0]);
+        let mut data = fs::read(&seg).unwrap();
+        data[3] ^= 0x40; // the header no longer checks out, and is not clear either
+        fs::write(&seg, &data).unwrap();
+        let (spool, listed) = Spool::open(dir.path()).unwrap();
+        assert_eq!(listed, ids);
+        assert_eq!(spool.load(&ids[1]).unwrap().message, b"kept\r\n");
+        // Never reused while its messages are queued.
+        let id = crate::util::new_queue_id();
+        spool.store(&id, 2, &env(), b"new\r\n").await.unwrap();
+        assert_eq!(fs::read(&seg).unwrap(), data);
+    }
+
+    #[test]
+    fn segment_names_and_spares_at_start() {
+        assert_eq!(segment_number("seg-000042"), Some(42));
+        for bad in [
+            "seg-1",
+            "seg-+00001",
+            "seg-0000001",
+            "seg-00000a",
+            "seg-000001.del",
+            "x",
+        ] {
+            assert_eq!(segment_number(bad), None, "{bad}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("journal")).unwrap();
+        for n in 10..16 {
+            fs::write(segment_path(&dir.path().join("journal"), n), [0u8; 4096]).unwrap();
+        }
+        fs::write(dir.path().join("journal/seg-000003.del"), b"x").unwrap();
+        let (_spool, _) = Spool::open(dir.path()).unwrap();
+        let left = segments(dir.path());
+        assert!(left.len() <= KEEP_FREE, "{left:?}");
+        assert!(!left.iter().any(|n| n.ends_with(".del")));
     }
 
     #[test]
