@@ -364,9 +364,9 @@ impl EventLog {
     /// the async runtime then record from a blocking thread).
     pub fn rewrite_due(&self) -> bool {
         let inner = self.lock();
+        // As the next record will see it: one line and one event more.
         inner.file.as_ref().is_some_and(|f| {
-            f.lines + 1 > 2 * (inner.events.len() + 1) + COMPACT_SLACK
-                || f.oldest.saturating_add(KEEP_SECS + AGE_SLACK_SECS) < unix_now()
+            rewrite_needed(f.lines + 1, f.oldest, inner.events.len() + 1, unix_now())
         })
     }
 
@@ -392,14 +392,11 @@ impl EventLog {
         {
             inner.events.pop_front();
         }
-        if let Some(file) = inner.file.as_mut() {
-            let too_long = file.lines > 2 * inner.events.len() + COMPACT_SLACK;
-            let too_old = file.oldest.saturating_add(KEEP_SECS + AGE_SLACK_SECS) < now;
-            if (too_long || too_old)
-                && let Err(e) = rewrite(file, &inner.events)
-            {
-                tracing::warn!(file = %file.path().display(), error = %e, "report: rewriting the events file failed");
-            }
+        if let Some(file) = inner.file.as_mut()
+            && rewrite_needed(file.lines, file.oldest, inner.events.len(), now)
+            && let Err(e) = rewrite(file, &inner.events)
+        {
+            tracing::warn!(file = %file.path().display(), error = %e, "report: rewriting the events file failed");
         }
     }
 
@@ -433,6 +430,12 @@ impl EventLog {
 
 fn open_append(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// The file is rewritten when it holds more than twice the lines memory keeps (plus slack), or
+/// its oldest line is well past [`KEEP_SECS`].
+fn rewrite_needed(lines: usize, oldest: u64, kept: usize, now: u64) -> bool {
+    lines > 2 * kept + COMPACT_SLACK || oldest.saturating_add(KEEP_SECS + AGE_SLACK_SECS) < now
 }
 
 /// Appends one event line; logs the first failure of a run of failures.

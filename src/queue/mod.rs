@@ -149,7 +149,8 @@ impl Queue {
         };
         // A message on its first pass was just written to the journal and is read back from
         // the page cache: done here, as two thread hand-offs would cost more than the read.
-        let (msg, mut st) = if self.spool.in_journal(id) {
+        let hot = self.spool.in_journal(id);
+        let (msg, mut st) = if hot {
             load()?
         } else {
             tokio::task::spawn_blocking(load)
@@ -293,7 +294,7 @@ impl Queue {
         // The common end, a message delivered on its first pass: one appended log line and a
         // one-byte dead mark, done here. Rewriting the event log, parking a message into a
         // file and saving its state take longer: on a blocking thread.
-        let quick = done && self.spool.in_journal(id) && !log.rewrite_due();
+        let quick = done && hot && !log.rewrite_due();
         let finish = move || {
             for ev in events {
                 crate::metrics::delivery(&ev);

@@ -515,36 +515,30 @@ impl Spool {
     /// The payload bytes of a queued message.
     fn payload(&self, id: &str) -> io::Result<Vec<u8>> {
         check_id(id)?;
-        let (loc, file, generation) = {
+        let record = {
             let inner = self.inner();
             match inner.index.get(id) {
                 None => return Err(gone(id)),
-                Some(Loc::File) => (Loc::File, None, 0),
+                Some(Loc::File) => None,
                 Some(&Loc::Seg { seg, off, len }) => {
                     let s = inner.segs.get(&seg).ok_or_else(|| gone(id))?;
-                    (
-                        Loc::Seg { seg, off, len },
-                        Some(s.file.clone()),
-                        s.generation,
-                    )
+                    Some((s.file.clone(), s.generation, off, len))
                 }
             }
         };
-        match (loc, file) {
-            (Loc::Seg { off, len, .. }, Some(file)) => {
-                let mut buf = vec![0u8; len as usize];
-                file.read_exact_at(&mut buf, off)?;
-                match journal::check_record(&buf, generation) {
-                    Some((_, found, true)) if found == id => {}
-                    // Removed while we read it.
-                    Some((_, _, false)) => return Err(gone(id)),
-                    _ => return Err(corrupt(id)),
-                }
-                buf.drain(..journal::REC_HEADER);
-                Ok(buf)
-            }
-            _ => fs::read(self.queue_path(id)),
+        let Some((file, generation, off, len)) = record else {
+            return fs::read(self.queue_path(id));
+        };
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, off)?;
+        match journal::check_record(&buf, generation) {
+            Some((_, found, true)) if found == id => {}
+            // Removed while we read it.
+            Some((_, _, false)) => return Err(gone(id)),
+            _ => return Err(corrupt(id)),
         }
+        buf.drain(..journal::REC_HEADER);
+        Ok(buf)
     }
 
     /// Reads a queued message.
@@ -677,9 +671,9 @@ fn recover_segment(
 ) -> io::Result<(Segment, bool)> {
     let file = OpenOptions::new().read(true).write(true).open(path)?;
     let data = fs::read(path)?;
-    let scan = match journal::read_segment_header(&data) {
-        Some(g) => journal::scan_records(&data, g),
-        None if journal::header_is_clear(&data) => journal::Scan::default(),
+    let (scan, damaged) = match journal::read_segment_header(&data) {
+        Some(g) => (journal::scan_records(&data, g), false),
+        None if journal::header_is_clear(&data) => (journal::Scan::default(), false),
         None => {
             // Not cleared, yet not a valid header: damage. Its records still carry their
             // generation; read them with it, and never reuse the file.
@@ -687,34 +681,21 @@ fn recover_segment(
             let scan = journal::scan_records(&data, g);
             tracing::error!(file = %path.display(), records = scan.records.len(),
                 "spool: damaged journal segment header; its records were read with their own generation");
-            return Ok((segment_from(file, scan, index, n, path, true)?, true));
+            (scan, true)
         }
     };
-    let marked = scan
-        .records
-        .iter()
-        .any(|r| r.live && index.contains_key(&r.id));
-    Ok((segment_from(file, scan, index, n, path, false)?, marked))
-}
-
-fn segment_from(
-    file: File,
-    scan: journal::Scan,
-    index: &mut HashMap<String, Loc>,
-    n: u32,
-    path: &Path,
-    damaged: bool,
-) -> io::Result<Segment> {
     if scan.skipped > 0 {
         tracing::warn!(file = %path.display(), bytes = scan.skipped, records = scan.records.len(),
             "spool: damaged bytes in a journal segment skipped; the records around them were kept");
     }
     let mut live = 0;
+    let mut marked = false;
     for r in scan.records.iter().filter(|r| r.live) {
         if index.contains_key(&r.id) {
             if let Err(e) = file.write_all_at(&[DEAD], r.offset + STATE_AT) {
                 tracing::warn!(file = %path.display(), error = %e, "spool: marking a record dead failed");
             }
+            marked = true;
             continue;
         }
         index.insert(
@@ -737,7 +718,7 @@ fn segment_from(
         }
         SegState::Free
     };
-    Ok(Segment {
+    let segment = Segment {
         file: Arc::new(file),
         generation: scan.generation.unwrap_or(0),
         live,
@@ -746,7 +727,8 @@ fn segment_from(
         fresh: false,
         poisoned: false,
         recovered: true,
-    })
+    };
+    Ok((segment, marked))
 }
 
 fn gone(id: &str) -> io::Error {
