@@ -202,7 +202,7 @@ pub fn message(queue: &Queue, id: &str) -> Option<MessageInfo> {
 
 fn load(queue: &Queue, id: &str) -> io::Result<(Spooled, MessageState)> {
     let m = queue.spool.load(id)?;
-    let st = MessageState::load(&queue.spool.state_dir(), id, m.envelope.recipients.len())?;
+    let st = queue.spool.load_state(id, m.envelope.recipients.len())?;
     Ok((m, st))
 }
 
@@ -372,7 +372,9 @@ pub(crate) async fn run(
                 for r in st.rcpts.iter_mut().filter(|r| !r.state.is_final()) {
                     r.next_attempt = 0;
                 }
-                st.save(&queue.spool.state_dir(), &id)
+                queue
+                    .spool
+                    .save_state(&id, &st)
                     .map_err(|e| e.to_string())?;
                 let _ = requeue.send(id.clone());
                 out.push_str(&format!("retrying {id}\n"));

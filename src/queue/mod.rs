@@ -143,8 +143,7 @@ impl Queue {
         let id_owned = id.to_string();
         let load = move || -> std::io::Result<_> {
             let msg = spool.load(&id_owned)?;
-            let st =
-                MessageState::load(&spool.state_dir(), &id_owned, msg.envelope.recipients.len())?;
+            let st = spool.load_state(&id_owned, msg.envelope.recipients.len())?;
             Ok((msg, st))
         };
         // A message on its first pass was just written to the journal and is read back from
@@ -306,7 +305,7 @@ impl Queue {
                 // Deleted by the administrator during this pass.
                 Ok(())
             } else {
-                st.save(&spool.state_dir(), &id_owned)?;
+                spool.save_state(&id_owned, &st)?;
                 // It waits for a retry: out of the journal, into a file of its own. If that
                 // fails (a full disk), it simply stays in the journal a while longer.
                 if let Err(e) = spool.park(&id_owned) {
@@ -712,9 +711,10 @@ async fn scheduler(
 ) {
     let mut due: BTreeSet<(u64, String)> = BTreeSet::new();
     for id in existing {
-        let st_dir = queue.spool.state_dir();
         let next = match queue.spool.load(&id) {
-            Ok(m) => MessageState::load(&st_dir, &id, m.envelope.recipients.len())
+            Ok(m) => queue
+                .spool
+                .load_state(&id, m.envelope.recipients.len())
                 .ok()
                 .and_then(|s| s.next_due()),
             Err(e) => {

@@ -28,7 +28,7 @@
 //! Received: ...
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::journal::{self, DEAD, SEG_HEADER, STATE_AT};
+use super::state::MessageState;
 use crate::smtp::session::{Envelope, RcptDsn};
 use crate::util::{xtext_decode, xtext_encode};
 
@@ -109,6 +110,9 @@ struct Inner {
     segs: BTreeMap<u32, Segment>,
     active: Option<u32>,
     index: HashMap<String, Loc>,
+    /// Messages stored since start whose state was never saved: they have no file in
+    /// `state/`, so loading their state and removing them skip the file system.
+    stateless: HashSet<String>,
     /// Segments with dead marks not yet synced.
     dirty: BTreeSet<u32>,
 }
@@ -381,6 +385,7 @@ impl Spool {
             segs,
             active: None,
             index,
+            stateless: HashSet::new(),
             dirty,
         };
         // Spares beyond what is kept, left by a burst before the restart.
@@ -481,6 +486,7 @@ impl Spool {
                         len: len as u32,
                     },
                 );
+                inner.stateless.insert(id.to_string());
                 Ok(())
             }
             Err(e) => {
@@ -508,7 +514,9 @@ impl Spool {
             .map_err(|_| io::Error::other("spool committer stopped"))?;
         wait.await
             .map_err(|_| io::Error::other("spool committer stopped"))??;
-        self.inner().index.insert(id.to_string(), Loc::File);
+        let mut inner = self.inner();
+        inner.index.insert(id.to_string(), Loc::File);
+        inner.stateless.insert(id.to_string());
         Ok(())
     }
 
@@ -550,21 +558,41 @@ impl Spool {
     /// Removes a message whose recipients are all final, and its state.
     pub fn remove(&self, id: &str) -> io::Result<()> {
         check_id(id)?;
-        let loc = {
+        let (loc, stateless) = {
             let mut inner = self.inner();
             let loc = inner.index.remove(id).ok_or_else(|| gone(id))?;
             if let Loc::Seg { seg, off, .. } = loc {
                 inner.kill(seg, off, &self.committer);
             }
-            loc
+            (loc, inner.stateless.remove(id))
         };
         if loc == Loc::File {
             fs::remove_file(self.queue_path(id))?;
+        }
+        if stateless {
+            return Ok(());
         }
         match fs::remove_file(self.state_dir().join(id)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
+    }
+
+    /// The per-recipient state of a queued message (all recipients pending when it has none).
+    pub fn load_state(&self, id: &str, recipients: usize) -> io::Result<MessageState> {
+        check_id(id)?;
+        if self.inner().stateless.contains(id) {
+            return Ok(MessageState::new(recipients));
+        }
+        MessageState::load(&self.state_dir(), id, recipients)
+    }
+
+    /// Saves the per-recipient state of a queued message (its file in `state/`).
+    pub fn save_state(&self, id: &str, st: &MessageState) -> io::Result<()> {
+        check_id(id)?;
+        // Before the write: a failed write may still leave a file behind.
+        self.inner().stateless.remove(id);
+        st.save(&self.state_dir(), id)
     }
 
     /// Moves a message that has to wait for a retry out of the journal into a file of its
@@ -964,10 +992,11 @@ fn free_segment(inner: &Mutex<Inner>, seg: u32, journal_dir: &Path) {
         return;
     }
     let mut guard = lock(inner);
+    // A spare still being filled counts: it becomes free later, without passing through here.
     let free = guard
         .segs
         .values()
-        .filter(|s| s.state == SegState::Free)
+        .filter(|s| matches!(s.state, SegState::Free | SegState::Preparing))
         .count();
     let poisoned = guard.segs.get(&seg).is_some_and(|s| s.poisoned);
     if free >= KEEP_FREE || poisoned {
@@ -1096,6 +1125,36 @@ mod tests {
                 RcptDsn::default(),
             ],
         }
+    }
+
+    #[tokio::test]
+    async fn state_files_only_once_saved_and_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_file = |id: &str| dir.path().join("state").join(id);
+        let (a, b) = (crate::util::new_queue_id(), crate::util::new_queue_id());
+        {
+            let (spool, _) = Spool::open(dir.path()).unwrap();
+            for id in [&a, &b] {
+                spool.store(id, 1, &env(), b"x\r\n").await.unwrap();
+                let st = spool.load_state(id, 2).unwrap();
+                assert!(st.rcpts.iter().all(|r| r.attempts == 0));
+            }
+            assert!(!state_file(&a).exists());
+            let mut st = spool.load_state(&a, 2).unwrap();
+            st.rcpts[0].attempts = 3;
+            spool.save_state(&a, &st).unwrap();
+            assert!(state_file(&a).exists());
+            assert_eq!(spool.load_state(&a, 2).unwrap().rcpts[0].attempts, 3);
+            spool.remove(&b).unwrap();
+            spool.flush();
+        }
+        // After a restart nothing is assumed: the saved state is read back, and removing the
+        // message removes its state file.
+        let (spool, ids) = Spool::open(dir.path()).unwrap();
+        assert_eq!(ids, vec![a.clone()]);
+        assert_eq!(spool.load_state(&a, 2).unwrap().rcpts[0].attempts, 3);
+        spool.remove(&a).unwrap();
+        assert!(!state_file(&a).exists());
     }
 
     #[tokio::test]
