@@ -20,6 +20,9 @@ pub struct Config {
     /// Where the spool, generated certificate, mailboxes and users file live.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// Threads running sessions and deliveries; 0 (the default) means one per CPU core.
+    #[serde(default)]
+    pub worker_threads: usize,
     #[serde(default, rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
     #[serde(default)]
@@ -570,6 +573,14 @@ impl Config {
                 format!("`{}` is not a host name", self.hostname),
             ));
         }
+        if self.worker_threads > 1024 {
+            return Err(err(
+                "",
+                0,
+                "worker_threads",
+                format!("{} is more than 1024", self.worker_threads),
+            ));
+        }
         if self.listeners.is_empty() {
             return Err(err(
                 "",
@@ -962,6 +973,11 @@ mod tests {
             "[[listener]]\naddress = \"127.0.0.1:1\"\nmode = \"smtp\"\n[limits]\nmax_errors = 0\n";
         let e = Config::parse(src, "t.toml").unwrap_err();
         assert_eq!(e.line, Some(5), "{e}");
+        let src = "hostname = \"mx.test\"\nworker_threads = 5000\n[[listener]]\naddress = \"127.0.0.1:1\"\nmode = \"smtp\"\n";
+        let e = Config::parse(src, "t.toml").unwrap_err();
+        assert_eq!((e.key.as_str(), e.line), ("worker_threads", Some(2)), "{e}");
+        let ok = "worker_threads = 3\n[[listener]]\naddress = \"127.0.0.1:1\"\nmode = \"smtp\"\n";
+        assert_eq!(Config::parse(ok, "t.toml").unwrap().worker_threads, 3);
     }
 
     #[test]

@@ -497,7 +497,11 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Serve(source) => {
             init_logging(cli.log_format);
             let config = source.load()?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if config.worker_threads > 0 {
+                builder.worker_threads(config.worker_threads);
+            }
+            let runtime = builder
                 .enable_all()
                 .build()
                 .map_err(|e| format!("starting the runtime: {e}"))?;
