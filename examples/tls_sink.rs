@@ -5,6 +5,13 @@
 //!
 //!   cargo run --release --example tls_sink -- 127.0.0.42:2601 /tmp/sink.state
 //!
+//!   cargo run --release --example tls_sink -- 127.0.0.42:2601 /tmp/sink.state --sync /tmp/sink.ring
+//!
+//! With `--sync FILE` it is the smallest durable server instead: each message is written into
+//! a preallocated 64 MiB ring in FILE and synced (`fdatasync`, one per batch of messages that
+//! end together, on a thread of its own) before its 250, as a queue would, but nothing is parsed,
+//! indexed or delivered. `scripts/bench.sh` runs both as the ceilings of each row.
+//!
 //! The state file always holds one line, `messages connections tls`, each field padded to 12
 //! characters and rewritten in place every 20 ms (the format the benchmark's counters use).
 //! STARTTLS uses a fresh self-signed ECDSA P-256 certificate (TLS 1.2 and 1.3, the rustls
@@ -13,6 +20,7 @@
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
@@ -28,6 +36,37 @@ struct Counts {
 const EHLO_PLAIN: &[u8] = b"250-sink.bench.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 104857600\r\n250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n";
 const EHLO_TLS: &[u8] = b"250-sink.bench.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 104857600\r\n250 ENHANCEDSTATUSCODES\r\n";
 
+/// Size of the `--sync` ring.
+const RING: u64 = 64 << 20;
+
+type Commit = (Vec<u8>, tokio::sync::oneshot::Sender<std::io::Result<()>>);
+
+/// The `--sync` committer: writes every message waiting, syncs once, answers them all.
+fn committer(file: std::fs::File, rx: mpsc::Receiver<Commit>) {
+    let mut at = 0u64;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        let mut written = Ok(());
+        for (data, _) in &batch {
+            if at + data.len() as u64 > RING {
+                at = 0;
+            }
+            written = written.and_then(|()| file.write_all_at(data, at));
+            at += data.len() as u64;
+        }
+        let synced = written.and_then(|()| file.sync_data());
+        for (_, done) in batch {
+            let _ = done.send(match &synced {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            });
+        }
+    }
+}
+
 /// What a session phase ended with.
 enum End {
     Closed,
@@ -39,6 +78,7 @@ async fn smtp<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     tls_offered: bool,
     counts: &Counts,
+    durable: Option<&mpsc::Sender<Commit>>,
 ) -> std::io::Result<End> {
     let mut r = BufReader::new(stream);
     let mut line = Vec::new();
@@ -66,6 +106,7 @@ async fn smtp<S: AsyncRead + AsyncWrite + Unpin>(
                 out.extend_from_slice(b"354 End data with <CR><LF>.<CR><LF>\r\n");
                 r.get_mut().write_all(&out).await?;
                 out.clear();
+                let mut message = Vec::new();
                 loop {
                     line.clear();
                     if r.read_until(b'\n', &mut line).await? == 0 {
@@ -74,9 +115,28 @@ async fn smtp<S: AsyncRead + AsyncWrite + Unpin>(
                     if line == b".\r\n" {
                         break;
                     }
+                    if durable.is_some() {
+                        message.extend_from_slice(&line);
+                    }
                 }
-                counts.messages.fetch_add(1, Ordering::Relaxed);
-                out.extend_from_slice(b"250 2.0.0 Ok: discarded\r\n");
+                let stored = match durable {
+                    None => Ok(()),
+                    Some(tx) => {
+                        let (done, wait) = tokio::sync::oneshot::channel();
+                        match tx.send((message, done)) {
+                            Ok(()) => wait
+                                .await
+                                .unwrap_or_else(|_| Err(std::io::Error::other("committer gone"))),
+                            Err(_) => Err(std::io::Error::other("committer gone")),
+                        }
+                    }
+                };
+                if stored.is_ok() {
+                    counts.messages.fetch_add(1, Ordering::Relaxed);
+                    out.extend_from_slice(b"250 2.0.0 Ok\r\n");
+                } else {
+                    out.extend_from_slice(b"451 4.3.0 Not stored\r\n");
+                }
             }
             b"QUIT" => {
                 out.extend_from_slice(b"221 2.0.0 Bye\r\n");
@@ -98,15 +158,16 @@ async fn session(
     mut tcp: TcpStream,
     acceptor: tokio_rustls::TlsAcceptor,
     counts: Arc<Counts>,
+    durable: Option<mpsc::Sender<Commit>>,
 ) -> std::io::Result<()> {
     counts.connections.fetch_add(1, Ordering::Relaxed);
     tcp.set_nodelay(true)?;
     tcp.write_all(b"220 sink.bench.test ESMTP\r\n").await?;
-    if let End::StartTls = smtp(&mut tcp, true, &counts).await? {
+    if let End::StartTls = smtp(&mut tcp, true, &counts, durable.as_ref()).await? {
         // Whatever the client pipelined after STARTTLS was in the dropped reader's buffer.
         let mut tls = acceptor.accept(tcp).await?;
         counts.tls.fetch_add(1, Ordering::Relaxed);
-        smtp(&mut tls, false, &counts).await?;
+        smtp(&mut tls, false, &counts, durable.as_ref()).await?;
         let _ = tls.shutdown().await;
     }
     Ok(())
@@ -114,8 +175,32 @@ async fn session(
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, addr, state] = args.as_slice() else {
-        return Err("usage: tls_sink ADDR STATE-FILE".into());
+    let (addr, state, ring) = match args.as_slice() {
+        [_, addr, state] => (addr, state, None),
+        [_, addr, state, flag, ring] if flag == "--sync" => (addr, state, Some(ring)),
+        _ => return Err("usage: tls_sink ADDR STATE-FILE [--sync RING-FILE]".into()),
+    };
+    let durable = match ring {
+        None => None,
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .read(true)
+                .write(true)
+                .truncate(true)
+                .open(path)?;
+            // Allocated and written once, so that a sync writes data blocks and no metadata.
+            let zeros = vec![0u8; 1 << 20];
+            for i in 0..RING / (1 << 20) {
+                file.write_all_at(&zeros, i << 20)?;
+            }
+            file.sync_all()?;
+            let (tx, rx) = mpsc::channel();
+            std::thread::Builder::new()
+                .name("sink-commit".into())
+                .spawn(move || committer(file, rx))?;
+            Some(tx)
+        }
     };
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let cert =
@@ -156,7 +241,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
         loop {
             let (tcp, _) = listener.accept().await?;
-            tokio::spawn(session(tcp, acceptor.clone(), counts.clone()));
+            tokio::spawn(session(
+                tcp,
+                acceptor.clone(),
+                counts.clone(),
+                durable.clone(),
+            ));
         }
     });
     Ok(served?)

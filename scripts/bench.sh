@@ -10,6 +10,8 @@
 #   BENCH_REPEAT    runs per cell, median kept (1)   BENCH_IDLE      idle TLS connections (1000)
 #   BENCH_MOAT_LOG  Moat's MOAT_LOG filter (info)    BENCH_KEEP=1    keep the work dir
 #   BENCH_TLS_ARGS  extra loadgen options, e.g. "--x25519-only"
+#   BENCH_WORKERS   worker threads of Moat (`worker_threads`) and of both sinks; default: one
+#                   per core. With the load client on the same 2 cores, 1 leaves it the other.
 #   BENCH_NO_BUILD=1  skip cargo build and run the release binaries already there
 #
 # What runs (all on loopback, nothing else is touched):
@@ -27,6 +29,13 @@
 #            re-armed before each reply (without it every Postfix TLS session stalls 40 ms:
 #            Postfix's reply waits behind Nagle for our delayed ACK of its session ticket;
 #            add BENCH_TLS_ARGS=--no-quickack to see it).
+#   Ceilings (same loads, same run): `examples/tls_sink.rs`, an SMTP sink with STARTTLS that
+#            parses nothing beyond the verb and queues nothing, twice:
+#            sink   127.0.0.42:2601, keeps nothing: the most this client and machine allow;
+#            dsink  127.0.0.43:2602, `--sync`: writes each message into a preallocated ring and
+#                   syncs it (one fdatasync per batch, like Moat) before the 250: the most a
+#                   durable server can do here. A row whose "4x Postfix" is above a ceiling
+#                   cannot reach 4x on this machine, whatever the server.
 #   Both clients send one command at a time (no PIPELINING) and run on the same 2 cores as
 #   the servers, so absolute numbers include the client's CPU; compare the ratios.
 #   For each cell the two servers run back to back (order alternates), each queue is
@@ -41,13 +50,18 @@ REPEAT=${BENCH_REPEAT:-1}
 IDLE=${BENCH_IDLE:-1000}
 MOAT_LOG_FILTER=${BENCH_MOAT_LOG:-info}
 TLS_ARGS=${BENCH_TLS_ARGS:-}
+WORKERS=${BENCH_WORKERS:-0}
+[[ $WORKERS =~ ^[0-9]+$ ]] || { echo "BENCH_WORKERS must be a number" >&2; exit 1; }
 MOAT_IP=127.0.0.20 MOAT_PORT=2525
 PF_IP=127.0.0.21 PF_PORT=25
+SINK_IP=127.0.0.42 SINK_PORT=2601
+DSINK_IP=127.0.0.43 DSINK_PORT=2602
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 MOAT_BIN=$CARGO_TARGET_DIR/release/moat
 LOADGEN=$CARGO_TARGET_DIR/release/examples/loadgen
+SINK_BIN=$CARGO_TARGET_DIR/release/examples/tls_sink
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -72,20 +86,23 @@ command -v cargo >/dev/null || die "cargo not found"
 if [[ ${BENCH_NO_BUILD:-0} == 1 ]]; then
     log "BENCH_NO_BUILD=1: using the binaries already in $CARGO_TARGET_DIR/release"
 else
-    log "building moat (release) and the loadgen example"
-    (cd "$ROOT" && cargo build --release --quiet && cargo build --release --quiet --example loadgen) \
+    log "building moat (release) and the loadgen and tls_sink examples"
+    (cd "$ROOT" && cargo build --release --quiet \
+        && cargo build --release --quiet --example loadgen --example tls_sink) \
         || die "build failed (BENCH_NO_BUILD=1 runs the binaries already built)"
 fi
-[[ -x $MOAT_BIN && -x $LOADGEN ]] || die "missing $MOAT_BIN or $LOADGEN"
+[[ -x $MOAT_BIN && -x $LOADGEN && -x $SINK_BIN ]] || die "missing $MOAT_BIN, $LOADGEN or $SINK_BIN"
 
 # ---------------------------------------------------------------- work dir and cleanup
 WORK=$(mktemp -d /tmp/moat-bench.XXXXXX)
 chmod 755 "$WORK"
 PF=$WORK/postfix
-MOAT_PID= IDLE_PID= PF_STARTED=
+MOAT_PID= IDLE_PID= PF_STARTED= SINK_PID= DSINK_PID=
 cleanup() {
     local rc=$?
     set +e
+    [[ -n $SINK_PID ]] && kill "$SINK_PID" 2>/dev/null && wait "$SINK_PID" 2>/dev/null
+    [[ -n $DSINK_PID ]] && kill "$DSINK_PID" 2>/dev/null && wait "$DSINK_PID" 2>/dev/null
     [[ -n $IDLE_PID ]] && kill "$IDLE_PID" 2>/dev/null && wait "$IDLE_PID" 2>/dev/null
     if [[ -n $MOAT_PID ]]; then
         kill -TERM "$MOAT_PID" 2>/dev/null
@@ -123,6 +140,7 @@ mkdir -p "$WORK/moat"
 cat >"$WORK/moat.toml" <<EOF
 hostname = "moat.bench.test"
 data_dir = "$WORK/moat"
+worker_threads = $WORKERS
 
 [[listener]]
 name = "smtp"
@@ -225,6 +243,20 @@ wait_port $PF_IP $PF_PORT || { cat "$WORK/pf-start.out" "$PF/log/maillog" >&2; d
 PF_MASTER=$(tr -d ' ' <"$PF/queue/pid/master.pid")
 log "Postfix $(postconf -c "$PF/etc" -h mail_version) master pid $PF_MASTER on $PF_IP:$PF_PORT"
 
+# ---------------------------------------------------------------- the ceilings
+SINK_STATE=$WORK/sink.state DSINK_STATE=$WORK/dsink.state
+# The sinks' tokio runtime reads its thread count from TOKIO_WORKER_THREADS.
+sink_env=()
+((WORKERS > 0)) && sink_env=(env "TOKIO_WORKER_THREADS=$WORKERS")
+"${sink_env[@]}" "$SINK_BIN" "$SINK_IP:$SINK_PORT" "$SINK_STATE" 2>"$WORK/sink.err" &
+SINK_PID=$!
+"${sink_env[@]}" "$SINK_BIN" "$DSINK_IP:$DSINK_PORT" "$DSINK_STATE" --sync "$WORK/dsink.ring" \
+    2>"$WORK/dsink.err" &
+DSINK_PID=$!
+wait_port $SINK_IP $SINK_PORT || { cat "$WORK/sink.err" >&2; die "tls_sink did not start"; }
+wait_port $DSINK_IP $DSINK_PORT || { cat "$WORK/dsink.err" >&2; die "tls_sink --sync did not start"; }
+log "ceilings: tls_sink pid $SINK_PID on $SINK_IP:$SINK_PORT, tls_sink --sync pid $DSINK_PID on $DSINK_IP:$DSINK_PORT"
+
 # ---------------------------------------------------------------- measuring helpers
 CLK_TCK=$(getconf CLK_TCK)
 # CPU ticks used so far by a process (utime+stime, + reaped children's when $2 = 1).
@@ -236,6 +268,8 @@ ticks_of() {
     if [[ ${2:-0} == 1 ]]; then echo $((f[11] + f[12] + f[13] + f[14])); else echo $((f[11] + f[12])); fi
 }
 moat_ticks() { ticks_of "$MOAT_PID"; }
+sink_ticks() { ticks_of "$SINK_PID"; }
+dsink_ticks() { ticks_of "$DSINK_PID"; }
 # Postfix: master with its reaped children, plus every live child.
 pf_ticks() {
     local t c
@@ -245,6 +279,8 @@ pf_ticks() {
 }
 # Messages in Moat's queue, from the server itself (the journal holds many per file).
 moat_queue() { "$MOAT_BIN" queue count -c "$WORK/moat.toml" 2>/dev/null || echo -1; }
+sink_queue() { echo 0; }
+dsink_queue() { echo 0; }
 pf_queue() {
     find "$PF/queue/maildrop" "$PF/queue/incoming" "$PF/queue/active" "$PF/queue/deferred" \
         "$PF/queue/hold" -type f 2>/dev/null | wc -l
@@ -254,6 +290,11 @@ moat_accepted() { grep -c ': accepted ' "$MOAT_LOGFILE" || true; }
 moat_delivered() { grep -c 'discarded by route' "$MOAT_LOGFILE" || true; }
 pf_accepted() { grep -c 'postfix/cleanup.*message-id=' "$PF/log/maillog" 2>/dev/null || true; }
 pf_delivered() { grep -c 'postfix/discard.*status=sent' "$PF/log/maillog" 2>/dev/null || true; }
+# The sinks count the messages they answered 250 (their state file, rewritten every 20 ms).
+sink_accepted() { awk '{print $1}' "$SINK_STATE"; }
+sink_delivered() { sink_accepted; }
+dsink_accepted() { awk '{print $1}' "$DSINK_STATE"; }
+dsink_delivered() { dsink_accepted; }
 
 wait_drained() { # server
     local i
@@ -266,9 +307,18 @@ wait_drained() { # server
 
 # Runs one load against one server; prints "rate cpu_ms_per_msg client_cpu_s accepted delivered
 # client_failures drained other_cpu_pct".
+addr_of() { # server -> "ip port"
+    case $1 in
+        moat) echo "$MOAT_IP $MOAT_PORT" ;;
+        pf) echo "$PF_IP $PF_PORT" ;;
+        sink) echo "$SINK_IP $SINK_PORT" ;;
+        dsink) echo "$DSINK_IP $DSINK_PORT" ;;
+    esac
+}
+
 run_one() { # server path sessions
     local server=$1 path=$2 sess=$3 ip port out t0 t1 a0 d0 rate cfail csec secs
-    if [[ $server == moat ]]; then ip=$MOAT_IP port=$MOAT_PORT; else ip=$PF_IP port=$PF_PORT; fi
+    read -r ip port < <(addr_of "$server")
     out=$WORK/run.$server.$path.$sess.$RANDOM
     a0=$(${server}_accepted) d0=$(${server}_delivered)
     t0=$(${server}_ticks) m0=$(machine_ticks)
@@ -332,8 +382,8 @@ wait_quiet() { # wait (up to 20 s) until the machine is mostly idle; print the l
 
 # ---------------------------------------------------------------- warm-up
 log "warm-up: 200 plain + 50 TLS messages to each server"
-for s in pf moat; do
-    if [[ $s == moat ]]; then ip=$MOAT_IP port=$MOAT_PORT; else ip=$PF_IP port=$PF_PORT; fi
+for s in pf moat sink dsink; do
+    read -r ip port < <(addr_of "$s")
     smtp-source -l "$SIZE" -m 200 -s 10 -f a@x.test -t b@bench.test "$ip:$port" \
         || die "warm-up against $s failed"
     "$LOADGEN" "$ip:$port" --starttls --per-message -n 50 -c 5 -s "$SIZE" >/dev/null \
@@ -388,14 +438,14 @@ order=(pf moat)
 for path in $PATHS; do
     for sess in $SESSIONS; do
         for ((r = 1; r <= REPEAT; r++)); do
-            for server in "${order[@]}"; do
+            for server in "${order[@]}" sink dsink; do
                 busy=$(wait_quiet)
                 load="busy ${busy}%, loadavg $(cut -d' ' -f1 /proc/loadavg)"
                 read -r rate cpu csec acc del cfail drained other < <(run_one "$server" "$path" "$sess")
                 log "$path sessions=$sess $server: $rate msg/s, server CPU $cpu ms/msg, client CPU ${csec}s, accepted $acc delivered $del, client failures $cfail, drained $drained (before: $load; other CPU during the run: ${other}%)"
                 RATE[$server.$path.$sess]+="$rate "
                 CPU[$server.$path.$sess]+="$cpu "
-                name=Postfix; [[ $server == moat ]] && name=Moat
+                case $server in moat) name=Moat ;; pf) name=Postfix ;; *) name=$server ;; esac
                 NOTE[$path.$sess]+="$name ${other}%, "
                 if [[ $acc != "$MESSAGES" || $del != "$MESSAGES" || $cfail != 0 || $drained != yes ]]; then
                     problems+=("$path sessions=$sess $server run $r: accepted $acc, delivered $del of $MESSAGES, client failures $cfail, drained $drained")
@@ -411,19 +461,31 @@ med() { tr ' ' '\n' <<<"$1" | grep . | median; }
 echo
 echo "Moat vs Postfix: $MESSAGES messages of $SIZE bytes per cell, median of $REPEAT run(s); $(nproc) cores; $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "plain = smtp-source, one connection per message (no -d); tls = loadgen STARTTLS, one connection + full handshake per message"
+echo "worker threads of Moat and the sinks: $( ((WORKERS > 0)) && echo "$WORKERS" || echo "one per core (default)")"
 echo
-echo "| path | sessions | Postfix msg/s | Moat msg/s | ratio Moat/Postfix | Postfix CPU ms/msg | Moat CPU ms/msg | other CPU during run |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| path | sessions | Postfix msg/s | Moat msg/s | ratio Moat/Postfix | 4x Postfix | ceiling: dsink (durable) / sink (keeps nothing) | 4x possible here? | Moat % of dsink | CPU ms/msg Postfix / Moat | other CPU during run |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for path in $PATHS; do
     for sess in $SESSIONS; do
         p=$(med "${RATE[pf.$path.$sess]}") m=$(med "${RATE[moat.$path.$sess]}")
+        d=$(med "${RATE[dsink.$path.$sess]}") k=$(med "${RATE[sink.$path.$sess]}")
         pc=$(med "${CPU[pf.$path.$sess]}") mc=$(med "${CPU[moat.$path.$sess]}")
         ratio=$(echo "scale=2; $m / $p" | bc)
-        echo "| $path | $sess | $p | $m | $ratio | $pc | $mc | ${NOTE[$path.$sess]%, } |"
+        four=$(echo "scale=1; 4 * $p" | bc)
+        share=$(echo "scale=0; 100 * $m / $d" | bc)
+        if (($(echo "$four <= $d" | bc))); then
+            possible="yes"
+        elif (($(echo "$four <= $k" | bc))); then
+            possible="no durable server (above dsink)"
+        else
+            possible="no server at all (above sink)"
+        fi
+        echo "| $path | $sess | $p | $m | $ratio | $four | $d / $k | $possible | $share% | $pc / $mc | ${NOTE[$path.$sess]%, } |"
     done
 done
 echo
 echo "Idle: $IDLE_RESULT"
+echo "ceilings = examples/tls_sink.rs under the same load: dsink writes and syncs each message (group commit) and nothing else, sink keeps nothing"
 echo "other CPU during run = machine CPU used by neither that server nor its load client, in % of $NCPU cores (a few % is the kernel: writeback, journal)"
 echo "uptime now: $(uptime)"
 errs=$(grep -cE ' (WARN|ERROR) ' "$MOAT_LOGFILE" || true)
