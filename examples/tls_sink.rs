@@ -133,7 +133,11 @@ async fn smtp<S: AsyncRead + AsyncWrite + Unpin>(
                 };
                 if stored.is_ok() {
                     counts.messages.fetch_add(1, Ordering::Relaxed);
-                    out.extend_from_slice(b"250 2.0.0 Ok\r\n");
+                    out.extend_from_slice(if durable.is_some() {
+                        b"250 2.0.0 Ok: synced\r\n"
+                    } else {
+                        b"250 2.0.0 Ok: discarded\r\n"
+                    });
                 } else {
                     out.extend_from_slice(b"451 4.3.0 Not stored\r\n");
                 }

@@ -305,8 +305,6 @@ wait_drained() { # server
     return 1
 }
 
-# Runs one load against one server; prints "rate cpu_ms_per_msg client_cpu_s accepted delivered
-# client_failures drained other_cpu_pct".
 addr_of() { # server -> "ip port"
     case $1 in
         moat) echo "$MOAT_IP $MOAT_PORT" ;;
@@ -316,6 +314,8 @@ addr_of() { # server -> "ip port"
     esac
 }
 
+# Runs one load against one server; prints "rate cpu_ms_per_msg client_cpu_s accepted delivered
+# client_failures drained other_cpu_pct".
 run_one() { # server path sessions
     local server=$1 path=$2 sess=$3 ip port out t0 t1 a0 d0 rate cfail csec secs
     read -r ip port < <(addr_of "$server")
