@@ -4,6 +4,7 @@
 //! With no file at all, [`Config::embedded_default`] gives the "just run it" setup: loopback
 //! listeners on high ports, a self-signed certificate and local Maildir delivery for `localhost`.
 
+use crate::domain::{Domain, DomainPattern};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -612,17 +613,11 @@ impl Config {
                 .map_err(|m| err("relay", 0, "trusted_networks", format!("entry {i}: {m}")))?;
         }
         for (i, d) in self.domains.iter().enumerate() {
-            if !crate::smtp::address::valid_domain(&d.name, true) {
-                return Err(err(
-                    "domain",
-                    i,
-                    "name",
-                    format!("`{}` is not a domain name", d.name),
-                ));
-            }
+            let name =
+                Domain::parse(&d.name).map_err(|e| err("domain", i, "name", e.to_string()))?;
             if self.domains[..i]
                 .iter()
-                .any(|o| o.name.eq_ignore_ascii_case(&d.name))
+                .any(|o| Domain::parse(&o.name).is_ok_and(|o| o == name))
             {
                 return Err(err(
                     "domain",
@@ -688,6 +683,15 @@ impl Config {
                     "needs domains or sender_domains".into(),
                 ));
             }
+            for (key, list) in [
+                ("domains", &p.domains),
+                ("sender_domains", &p.sender_domains),
+            ] {
+                for d in list {
+                    DomainPattern::parse(d)
+                        .map_err(|e| err("tls_policy", i, key, e.to_string()))?;
+                }
+            }
             for pin in &p.pins {
                 crate::outbound::tls::Pin::parse(pin)
                     .map_err(|m| err("tls_policy", i, "pins", m))?;
@@ -733,17 +737,11 @@ impl Config {
         }
         for (i, p) in sts.policies.iter().enumerate() {
             let t = "mta_sts.policy";
-            if !crate::smtp::address::valid_domain(&p.domain, false) || p.domain.starts_with('[') {
-                return Err(err(
-                    t,
-                    i,
-                    "domain",
-                    format!("`{}` is not a domain", p.domain),
-                ));
-            }
+            let domain =
+                Domain::parse(&p.domain).map_err(|e| err(t, i, "domain", e.to_string()))?;
             if sts.policies[..i]
                 .iter()
-                .any(|o| o.domain.eq_ignore_ascii_case(&p.domain))
+                .any(|o| Domain::parse(&o.domain).is_ok_and(|o| o == domain))
             {
                 return Err(err(t, i, "domain", format!("{} is listed twice", p.domain)));
             }
@@ -800,6 +798,10 @@ impl Config {
             for n in &r.networks {
                 n.parse::<IpNet>()
                     .map_err(|m| err("inbound_rule", i, "networks", m))?;
+            }
+            for d in &r.sender_domains {
+                DomainPattern::parse(d)
+                    .map_err(|e| err("inbound_rule", i, "sender_domains", e.to_string()))?;
             }
         }
         let l = &self.limits;

@@ -437,10 +437,15 @@ fn absolute_name(domain: &str) -> Result<Name, DnsError> {
     Ok(name)
 }
 
-/// The canonical form of a domain name for comparisons: lowercase ASCII (A-labels), no trailing
-/// dot. `Bücher.Example.` becomes `xn--bcher-kva.example`.
+/// The canonical form of a domain name for comparisons, the same as [`crate::domain::Domain`]'s:
+/// lowercase ASCII (A-labels), no trailing dot. `Bücher.Example.` becomes
+/// `xn--bcher-kva.example`. Names `Domain` refuses but DNS allows (underscores, as in
+/// `_mta-sts.example`) are normalised by the resolver's own rules.
 pub fn canonical_name(domain: &str) -> Result<String, DnsError> {
-    absolute_name(domain).map(|name| normalize(&name))
+    match crate::domain::Domain::parse(domain) {
+        Ok(d) => Ok(d.into_string()),
+        Err(_) => absolute_name(domain).map(|name| normalize(&name)),
+    }
 }
 
 /// `domain` as shown in messages: without the trailing dot.

@@ -5,6 +5,7 @@
 pub mod admin_api;
 pub mod config;
 pub mod dns;
+pub mod domain;
 pub mod http;
 pub mod inbound;
 pub mod metrics;

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, ListenerMode, RouteKind};
 use crate::dns::Resolver;
+use crate::domain::{DomainPattern, canonical_or_lower};
 use crate::inbound::ConnCounter;
 use crate::inbound::auth::{AuthLimiter, Authenticator};
 use crate::inbound::connection::{ListenerCtx, Shared, handle};
@@ -33,14 +34,14 @@ fn rules_from(config: &Config) -> Rules {
     for d in &config.domains {
         let kind = match d.route {
             RouteKind::Maildir => {
-                postmaster_domain.get_or_insert_with(|| d.name.to_ascii_lowercase());
+                postmaster_domain.get_or_insert_with(|| canonical_or_lower(&d.name));
                 DomainKind::Local {
                     mailboxes: d.mailboxes.iter().cloned().collect::<HashSet<_>>(),
                 }
             }
             RouteKind::Discard | RouteKind::Relay => DomainKind::Routed,
         };
-        domains.insert(d.name.to_ascii_lowercase(), kind);
+        domains.insert(canonical_or_lower(&d.name), kind);
     }
     let l = &config.limits;
     Rules {
@@ -55,12 +56,16 @@ fn rules_from(config: &Config) -> Rules {
             .inbound_rules
             .iter()
             .filter(|r| r.require_tls || r.client_cert.is_some())
-            .flat_map(|r| r.sender_domains.iter().map(|d| d.to_ascii_lowercase()))
+            .flat_map(|r| {
+                r.sender_domains
+                    .iter()
+                    .filter_map(|d| DomainPattern::parse(d).ok())
+            })
             .collect(),
         sender_client_certs: client_cert_rules(config, |r| {
             r.sender_domains
                 .iter()
-                .map(|d| d.to_ascii_lowercase())
+                .filter_map(|d| DomainPattern::parse(d).ok())
                 .collect()
         }),
     }
@@ -121,7 +126,7 @@ fn routes_from(config: &Config) -> Result<HashMap<String, Route>, String> {
                 }
             }
         };
-        routes.insert(d.name.to_ascii_lowercase(), route);
+        routes.insert(canonical_or_lower(&d.name), route);
     }
     Ok(routes)
 }
@@ -258,11 +263,13 @@ pub fn policy_from(config: &Config) -> Result<TlsPolicy, String> {
             extra_roots,
             mta_sts: false,
         };
+        // `Config::load` checked every pattern; a hand-built config with a bad one fails here.
+        let pattern = |d: &String| DomainPattern::parse(d).map_err(|e| e.to_string());
         for d in &p.domains {
-            rules.push((d.to_ascii_lowercase(), req.clone()));
+            rules.push((pattern(d)?, req.clone()));
         }
         for d in &p.sender_domains {
-            sender_rules.push((d.to_ascii_lowercase(), req.clone()));
+            sender_rules.push((pattern(d)?, req.clone()));
         }
     }
     Ok(TlsPolicy {

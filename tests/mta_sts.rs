@@ -217,7 +217,9 @@ fn enforce_failures_defer_with_4_4_8_and_4_7_5_and_bounce_with_5_x() {
             mx_host: "mx.name.bad.test",
             mx_ip: [127, 0, 12, 43],
             policy_ip: [127, 0, 12, 33],
-            policy: policy("enforce", &["mx.name.bad.test"]),
+            // `mode` and `max_age` given twice: RFC 8461 §3.2 says the first counts. Dropping
+            // the policy for it would deliver to this wrong-name MX (a downgrade).
+            policy: "version: STSv1\r\nmode: enforce\r\nmode: testing\r\nmx: mx.name.bad.test\r\nmax_age: 86400\r\nmax_age: 1\r\n".to_string(),
         },
         Case {
             domain: "expired.bad.test",
@@ -343,6 +345,15 @@ fn enforce_failures_defer_with_4_4_8_and_4_7_5_and_bounce_with_5_x() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("FAIL  tls    mx.name.bad.test"), "{out}");
     assert!(out.contains("somewhere-else.test"), "{out}");
+    assert!(
+        out.contains("WARN  policy line 3: mode given again (line 2 is used, this one is ignored)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("fix: give each of version, mode and max_age once"),
+        "{out}"
+    );
+    assert!(out.contains("mode enforce, max_age 86400"), "{out}");
     let (code, out) = sts_check("plain.bad.test", dns, &both, true);
     assert_eq!(code, 1, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -471,6 +482,7 @@ fn unusable_policies_mean_no_policy() {
         "mta-sts.syntax.odd.test",
         "mta-sts.status.odd.test",
         "www.odd.test",
+        "mta-sts.none.odd.test",
     ];
     let (ca, leaves) = make_certs(dir.path(), &names);
     let exp_dir = tempfile::tempdir().unwrap();
@@ -494,6 +506,7 @@ fn unusable_policies_mean_no_policy() {
         "status",
         "expired",
         "wrongname",
+        "none",
     ];
     let mut owned: Vec<(String, String, String, String)> = Vec::new();
     for d in domains {
@@ -523,7 +536,7 @@ fn unusable_policies_mean_no_policy() {
         )
         .into_bytes(),
         ok_response(&format!("{good}{}", "x-padding: yes\r\n".repeat(5000))),
-        ok_response("version: STSv1\r\nmode: enforce\r\nmx: mx.nowhere.test\r\nmax_age: 99999999999\r\n"),
+        ok_response("version: STSv1\r\nmode: enforced\r\nmx: mx.nowhere.test\r\nmax_age: 86400\r\n"),
         b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
     ];
     let mut servers = Vec::new();
@@ -539,13 +552,17 @@ fn unusable_policies_mean_no_policy() {
     let s = PolicyServer::start(&format!("127.0.12.87:{POLICY_PORT}"), &leaves[5]);
     s.set_policy(&good);
     servers.push(s);
+    // Mode none, without mx lines: valid (the ABNF requires mx "except when mode is none").
+    let s = PolicyServer::start(&format!("127.0.12.88:{POLICY_PORT}"), &leaves[6]);
+    s.set_policy("version: STSv1\nmode: none\nmax_age: 86400\n");
+    servers.push(s);
 
     let sender = Moat::start_with("127.0.12.5", &sender_extra(dns, &both, ""), "");
     for (d, ..) in &owned {
         submit(&sender, "alice@moat.test", &[&format!("r@{d}")], d);
     }
     // Every message goes out (in plaintext, to a host no policy names).
-    wait_for("all seven delivered", Duration::from_secs(30), || {
+    wait_for("all eight delivered", Duration::from_secs(30), || {
         (sender.queue_len() == 0).then_some(())
     });
     let log = sender.log();
@@ -585,6 +602,18 @@ fn unusable_policies_mean_no_policy() {
         assert_eq!(code, 1, "{out}");
         assert!(out.contains(needle) && out.contains(fix), "{domain}: {out}");
     }
+    // Mode none parses and is not faulted for covering no MX host (its MX, a plaintext
+    // peer, still fails the TLS check).
+    let (_, out) = sts_check("none.odd.test", dns, &both, false);
+    assert!(
+        out.contains("PASS  policy mode none, max_age 86400"),
+        "{out}"
+    );
+    assert!(out.contains("WARN  policy mode none"), "{out}");
+    assert!(
+        !out.contains("FAIL  policy") && !out.contains("FAIL  mx"),
+        "{out}"
+    );
 }
 
 #[test]

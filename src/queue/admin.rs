@@ -105,7 +105,7 @@ fn select(queue: &Queue, words: &[&str]) -> Result<Vec<String>, String> {
             }
         }
         ["domain", d] => {
-            let d = d.to_ascii_lowercase();
+            let d = crate::domain::canonical_or_lower(d);
             Ok(ids
                 .into_iter()
                 .filter(|id| queue.spool.load(id).is_ok_and(|m| has_domain(&m, &d)))
@@ -116,11 +116,13 @@ fn select(queue: &Queue, words: &[&str]) -> Result<Vec<String>, String> {
     }
 }
 
+/// True when a recipient's domain is `d` (either label form).
 fn has_domain(m: &Spooled, d: &str) -> bool {
+    let d = crate::domain::canonical_or_lower(d);
     m.envelope
         .recipients
         .iter()
-        .any(|r| super::domain_of(r).eq_ignore_ascii_case(d))
+        .any(|r| super::domain_of(r) == d)
 }
 
 /// One recipient of a queued message, for the admin API.
@@ -183,7 +185,7 @@ pub fn messages(
         let Ok((m, st)) = load(queue, &id) else {
             continue;
         };
-        if domain.is_some_and(|d| !has_domain(&m, &d.to_ascii_lowercase())) {
+        if domain.is_some_and(|d| !has_domain(&m, d)) {
             continue;
         }
         if state.is_some_and(|s| !st.rcpts.iter().any(|r| r.state.as_str() == s)) {
@@ -249,7 +251,7 @@ fn describe(queue: &Queue, m: &Spooled, st: &MessageState, now: u64, detail: boo
         domains.sort();
         domains.dedup();
         for d in domains {
-            let lower = d.to_ascii_lowercase();
+            let lower = crate::domain::canonical_or_lower(d);
             let route = match queue.routes.get(&lower) {
                 Some(super::Route::Maildir(p)) => format!("maildir {}", p.display()),
                 Some(super::Route::Discard) => "discard".into(),
@@ -323,7 +325,7 @@ pub(crate) async fn run(
             let mut state = None;
             for a in args {
                 match a.split_once('=') {
-                    Some(("domain", d)) => domain = Some(d.to_ascii_lowercase()),
+                    Some(("domain", d)) => domain = Some(crate::domain::canonical_or_lower(d)),
                     Some(("state", s)) => state = Some(s.to_ascii_lowercase()),
                     _ => return Err(format!("unknown filter `{a}`")),
                 }

@@ -22,6 +22,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::config::QueueConfig;
+use crate::domain::{Domain, DomainPattern};
 use crate::outbound::deliver::{self, NextHop, Outbound, RcptResult};
 use crate::outbound::tls::TlsRequirement;
 use crate::report::{AuthClass, DeliveryEvent, Outcome, TlsClass};
@@ -48,24 +49,30 @@ pub enum Route {
 /// per sender domain pattern.
 #[derive(Debug, Default)]
 pub struct TlsPolicy {
-    pub rules: Vec<(String, TlsRequirement)>,
-    pub sender_rules: Vec<(String, TlsRequirement)>,
+    pub rules: Vec<(DomainPattern, TlsRequirement)>,
+    pub sender_rules: Vec<(DomainPattern, TlsRequirement)>,
     pub default: TlsRequirement,
     /// See `OutboundConfig::opportunistic_for_unmatched`.
     pub opportunistic_for_unmatched: bool,
 }
 
-fn find<'a>(rules: &'a [(String, TlsRequirement)], domain: &str) -> Option<&'a TlsRequirement> {
+/// The first rule whose pattern matches `domain` (canonicalised first, so a rule written with
+/// U-labels covers mail addressed with A-labels and the reverse).
+fn find<'a>(
+    rules: &'a [(DomainPattern, TlsRequirement)],
+    domain: &str,
+) -> Option<&'a TlsRequirement> {
+    let domain = Domain::parse(domain).ok()?;
     rules
         .iter()
-        .find(|(p, _)| crate::smtp::session::domain_matches(domain, p))
+        .find(|(p, _)| p.matches(&domain))
         .map(|(_, r)| r)
 }
 
-/// The lowercased domain of an address (empty when it has none).
+/// The canonical domain of an address ([`crate::domain`]; empty when it has none).
 pub(crate) fn domain_of(addr: &str) -> String {
     addr.rsplit_once('@')
-        .map(|(_, d)| d.to_ascii_lowercase())
+        .map(|(_, d)| crate::domain::canonical_or_lower(d))
         .unwrap_or_default()
 }
 
@@ -778,23 +785,24 @@ mod tests {
     use super::*;
     use crate::outbound::tls::TlsLevel;
 
+    fn pat(s: &str) -> DomainPattern {
+        DomainPattern::parse(s).unwrap()
+    }
+
     fn policy(split: bool) -> TlsPolicy {
         TlsPolicy {
             rules: vec![
                 (
-                    "strict.test".into(),
+                    pat("strict.test"),
                     TlsRequirement {
                         level: TlsLevel::Verify,
                         match_names: vec!["mx.strict.test".into()],
                         ..Default::default()
                     },
                 ),
-                (
-                    "*.enc.test".into(),
-                    TlsRequirement::level(TlsLevel::Encrypt),
-                ),
+                (pat("*.enc.test"), TlsRequirement::level(TlsLevel::Encrypt)),
             ],
-            sender_rules: vec![("bank.test".into(), TlsRequirement::level(TlsLevel::Encrypt))],
+            sender_rules: vec![(pat("bank.test"), TlsRequirement::level(TlsLevel::Encrypt))],
             default: TlsRequirement::level(TlsLevel::May),
             opportunistic_for_unmatched: split,
         }
@@ -830,6 +838,28 @@ mod tests {
             p.for_message("strict.test", "x@bank.test", &rcpts).level,
             TlsLevel::Verify
         );
+        // One form everywhere: a rule written with U-labels covers A-label recipients and
+        // the reverse, and the ideographic full stop separates labels.
+        let p = TlsPolicy {
+            rules: vec![
+                (pat("bücher.test"), TlsRequirement::level(TlsLevel::Verify)),
+                (
+                    pat("*.xn--caf-dma.test"),
+                    TlsRequirement::level(TlsLevel::Encrypt),
+                ),
+            ],
+            ..policy(true)
+        };
+        assert_eq!(p.for_domain("xn--bcher-kva.test").level, TlsLevel::Verify);
+        assert_eq!(p.for_domain("BÜCHER.test").level, TlsLevel::Verify);
+        assert_eq!(p.for_domain("bücher。test").level, TlsLevel::Verify);
+        assert_eq!(p.for_domain("mx.café.test").level, TlsLevel::Encrypt);
+        let idn = vec!["a@xn--bcher-kva.test".to_string()];
+        assert_eq!(
+            p.for_message(&domain_of(&idn[0]), "x@me.test", &idn).level,
+            TlsLevel::Verify
+        );
+        let p = policy(true);
         let one = vec!["c@mx.enc.test".to_string()];
         assert_eq!(
             p.for_message("mx.enc.test", "x@me.test", &one).level,

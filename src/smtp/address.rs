@@ -74,21 +74,28 @@ pub fn valid_domain(domain: &str, utf8: bool) -> bool {
     })
 }
 
-/// The mailbox name used for local (Maildir) delivery: lowercased local part without a
-/// `+detail` suffix, restricted to characters that are safe as one path component.
+/// The mailbox name used for local (Maildir) delivery: the local part without a `+detail`
+/// suffix, lowercased, restricted to characters that are safe as one path component: letters
+/// and digits (any script: SMTPUTF8 local parts, NFC-normalised first so that one name has
+/// one directory), `.`, `_` and `-`; at most 64 characters.
 pub fn mailbox_name(local: &str) -> Option<String> {
-    let base = local
-        .split('+')
-        .next()
-        .unwrap_or(local)
-        .to_ascii_lowercase();
+    let base = local.split('+').next().unwrap_or(local);
+    let base = if base.is_ascii() {
+        base.to_ascii_lowercase()
+    } else {
+        let nfc = icu_normalizer::ComposingNormalizerBorrowed::new_nfc().normalize(base);
+        // Lowercasing can decompose (`İ`), so normalise once more.
+        icu_normalizer::ComposingNormalizerBorrowed::new_nfc()
+            .normalize(&nfc.to_lowercase())
+            .into_owned()
+    };
     let ok = !base.is_empty()
-        && base.len() <= 64
+        && base.chars().count() <= 64
         && !base.starts_with('.')
         && !base.contains("..")
         && base
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '.' | '_' | '-'));
     ok.then_some(base)
 }
 
@@ -138,8 +145,23 @@ mod tests {
     #[test]
     fn mailbox_names_are_safe_path_components() {
         assert_eq!(mailbox_name("Alice+tag").as_deref(), Some("alice"));
-        for bad in ["..", "../etc", "a/b", ".hidden", "a..b", "", "a b", "x\0"] {
+        for bad in [
+            "..",
+            "../etc",
+            "a/b",
+            ".hidden",
+            "a..b",
+            "",
+            "a b",
+            "x\0",
+            "ö/x",
+            "a\u{200b}b",
+        ] {
             assert!(mailbox_name(bad).is_none(), "{bad:?}");
         }
+        // SMTPUTF8 local parts: one directory per name, whatever its case or composition.
+        assert_eq!(mailbox_name("Jörg").as_deref(), Some("jörg"));
+        assert_eq!(mailbox_name("jo\u{308}rg+x").as_deref(), Some("jörg"));
+        assert_eq!(mailbox_name("用户").as_deref(), Some("用户"));
     }
 }

@@ -17,6 +17,7 @@ use smtp_proto::{Error as ParseError, Request};
 
 use super::address::{Address, mailbox_name};
 use super::data::{BareNewline, ChunkChecker, DataReceiver};
+use crate::domain::{Domain, DomainPattern, canonical_or_lower};
 
 /// Negotiated TLS parameters, as stamped into the Received header and logged.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,9 +57,9 @@ pub struct Rules {
     /// Domain whose `postmaster` receives mail sent to the bare `<postmaster>`.
     pub postmaster_domain: Option<String>,
     /// Sender domains that must use TLS (partner connectors).
-    pub tls_required_sender_domains: Vec<String>,
+    pub tls_required_sender_domains: Vec<DomainPattern>,
     /// Sender domain patterns whose clients must present a certificate issued to a name.
-    pub sender_client_certs: Vec<(String, String)>,
+    pub sender_client_certs: Vec<(DomainPattern, String)>,
 }
 
 /// Per-listener settings.
@@ -493,15 +494,17 @@ impl Session {
     /// The first certificate name an inbound rule requires of this client that its verified
     /// client certificate does not carry.
     fn missing_client_cert(&self, sender: &str) -> Option<String> {
-        let domain = sender.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
+        let domain = sender
+            .rsplit_once('@')
+            .and_then(|(_, d)| Domain::parse(d).ok());
         let from_sender = self
             .rules
             .sender_client_certs
             .iter()
             .filter_map(|(pattern, name)| {
                 domain
-                    .as_deref()
-                    .is_some_and(|d| domain_matches(d, pattern))
+                    .as_ref()
+                    .is_some_and(|d| pattern.matches(d))
                     .then_some(name)
             });
         let have = self
@@ -775,7 +778,7 @@ impl Session {
                     .rules
                     .tls_required_sender_domains
                     .iter()
-                    .any(|d| domain_matches(&addr.domain, d))
+                    .any(|p| p.matches_name(&addr.domain))
             {
                 return self.error("530 5.7.0 Must issue a STARTTLS command first");
             }
@@ -840,15 +843,21 @@ impl Session {
         let kind = if addr.is_literal() {
             None
         } else {
-            self.rules.domains.get(&addr.domain)
+            self.rules.domains.get(&canonical_or_lower(&addr.domain))
         };
         match kind {
             _ if addr.has_routing_chars() && !may_relay => {
                 return self.error("554 5.7.1 Relay access denied");
             }
             Some(DomainKind::Local { mailboxes }) => {
-                let known = mailbox_name(&addr.local)
-                    .is_some_and(|m| mailboxes.is_empty() || mailboxes.contains(&m));
+                let name = mailbox_name(&addr.local);
+                if name.is_none() && !addr.local.is_ascii() && mailboxes.is_empty() {
+                    // RFC 6531 §3.7.4.1: a UTF-8 address this server cannot take.
+                    return self.error(&format!(
+                        "553 5.6.7 <{addr}>: This UTF-8 mailbox name has characters that cannot be delivered here"
+                    ));
+                }
+                let known = name.is_some_and(|m| mailboxes.is_empty() || mailboxes.contains(&m));
                 if !known {
                     return self.error(&format!(
                         "550 5.1.1 <{addr}>: Recipient address rejected: User unknown"
@@ -1092,16 +1101,6 @@ fn size_param(raw: &[u8]) -> usize {
         })
         .max()
         .unwrap_or(0)
-}
-
-/// `domain` equals `pattern`, or `pattern` is `*.suffix` and `domain` ends in `.suffix`.
-pub fn domain_matches(domain: &str, pattern: &str) -> bool {
-    match pattern.strip_prefix("*.") {
-        Some(suffix) => domain
-            .strip_suffix(suffix)
-            .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
-        None => domain.eq_ignore_ascii_case(pattern),
-    }
 }
 
 #[cfg(test)]

@@ -58,6 +58,8 @@ fn rules() -> Rules {
         },
     );
     domains.insert("routed.test".to_string(), DomainKind::Routed);
+    // Configured as `café.test`: keys are canonical (A-label) names.
+    domains.insert("xn--caf-dma.test".to_string(), DomainKind::Routed);
     Rules {
         hostname: HOST.to_string(),
         max_message_size: MAX_SIZE,
@@ -66,9 +68,12 @@ fn rules() -> Rules {
         max_errors: MAX_ERRORS,
         domains,
         postmaster_domain: Some("example.test".to_string()),
-        tls_required_sender_domains: vec!["partner.test".to_string(), "*.corp.test".to_string()],
+        tls_required_sender_domains: vec![
+            DomainPattern::parse("partner.test").unwrap(),
+            DomainPattern::parse("*.corp.test").unwrap(),
+        ],
         sender_client_certs: vec![(
-            "certified.test".to_string(),
+            DomainPattern::parse("certified.test").unwrap(),
             "relay.certified.test".to_string(),
         )],
     }
@@ -602,13 +607,15 @@ fn tls_required_for_sender_domain() {
 }
 
 #[test]
-fn domain_matches_patterns() {
-    assert!(domain_matches("a.corp.test", "*.corp.test"));
-    assert!(domain_matches("b.a.corp.test", "*.corp.test"));
-    assert!(!domain_matches("corp.test", "*.corp.test"));
-    assert!(!domain_matches("xcorp.test", "*.corp.test"));
-    assert!(domain_matches("Partner.Test", "partner.test"));
-    assert!(!domain_matches("sub.partner.test", "partner.test"));
+fn domain_patterns() {
+    let corp = DomainPattern::parse("*.corp.test").unwrap();
+    assert!(corp.matches_name("a.corp.test"));
+    assert!(corp.matches_name("b.a.corp.test"));
+    assert!(!corp.matches_name("corp.test"));
+    assert!(!corp.matches_name("xcorp.test"));
+    let partner = DomainPattern::parse("partner.test").unwrap();
+    assert!(partner.matches_name("Partner.Test"));
+    assert!(!partner.matches_name("sub.partner.test"));
 }
 
 #[test]
@@ -1400,6 +1407,45 @@ fn utf8_address_needs_smtputf8() {
     assert!(q[0].0.smtputf8);
     assert_eq!(q[0].0.sender, "jörg@example.test");
     assert_eq!(q[0].0.recipients, ["jörg@routed.test"]);
+}
+
+#[test]
+fn domains_match_in_either_label_form() {
+    let mut h = H::mx();
+    h.ehlo();
+    h.send("MAIL FROM:<a@example.test> SMTPUTF8\r\n");
+    for rcpt in [
+        "x@café.test",
+        "x@CAFÉ.test",
+        "x@xn--caf-dma.test",
+        "x@XN--CAF-DMA.TEST",
+        "x@café。test",
+    ] {
+        h.send("RSET\r\nMAIL FROM:<a@example.test> SMTPUTF8\r\n");
+        let reply = h.send(&format!("RCPT TO:<{rcpt}>\r\n"));
+        assert!(reply.starts_with("250 2.1.5"), "{rcpt}: {reply}");
+    }
+}
+
+#[test]
+fn utf8_local_parts_at_local_domains() {
+    let mut h = H::mx();
+    h.ehlo();
+    h.send("MAIL FROM:<a@example.test> SMTPUTF8\r\n");
+    // Any safe name (mailboxes empty): delivered, not "User unknown".
+    assert_eq!(
+        h.send("RCPT TO:<Jörg@example.test>\r\n"),
+        rcpt_ok("Jörg@example.test")
+    );
+    assert_eq!(
+        h.send("RCPT TO:<jö/rg@example.test>\r\n"),
+        "553 5.6.7 <jö/rg@example.test>: This UTF-8 mailbox name has characters that cannot be delivered here\r\n"
+    );
+    // Listed mailboxes: a name that is not listed does not exist.
+    assert_eq!(
+        h.send("RCPT TO:<jörg@mbox.test>\r\n"),
+        "550 5.1.1 <jörg@mbox.test>: Recipient address rejected: User unknown\r\n"
+    );
 }
 
 #[test]

@@ -14,7 +14,7 @@ use rustls::RootCertStore;
 use serde::Serialize;
 
 use super::fetch::{FetchError, Fetcher, policy_host, policy_url};
-use super::policy::{Mode, Policy, parse_policy, parse_txt};
+use super::policy::{Mode, Parsed, Policy, parse_policy_lenient, parse_txt};
 use crate::dns::{MxAnswer, Resolver};
 use crate::outbound::tls::Connector;
 use crate::probe::{Kind, ProbeOptions, Verdict, probe};
@@ -214,20 +214,32 @@ pub async fn check(domain: &str, opts: &CheckOptions) -> Report {
                 ));
             }
             // 3. Policy syntax.
-            match parse_policy(&f.body) {
-                Ok(p) => {
+            match parse_policy_lenient(&f.body) {
+                Ok(Parsed { policy: p, warnings }) => {
                     let mx: Vec<&str> = p.mx.iter().map(|m| m.as_str()).collect();
                     out.push(finding(
                         Status::Pass,
                         "policy",
-                        format!(
-                            "mode {}, max_age {}, mx {}",
-                            p.mode.as_str(),
-                            p.max_age,
-                            mx.join(" ")
-                        ),
+                        if mx.is_empty() {
+                            format!("mode {}, max_age {}, no mx", p.mode.as_str(), p.max_age)
+                        } else {
+                            format!(
+                                "mode {}, max_age {}, mx {}",
+                                p.mode.as_str(),
+                                p.max_age,
+                                mx.join(" ")
+                            )
+                        },
                         None,
                     ));
+                    for w in warnings {
+                        out.push(finding(
+                            Status::Warn,
+                            "policy",
+                            format!("{w}; senders that follow RFC 8461 tolerate this, stricter ones may ignore the policy"),
+                            Some(w.fix),
+                        ));
+                    }
                     match p.mode {
                         Mode::Testing => out.push(finding(
                             Status::Warn,
@@ -310,7 +322,9 @@ pub async fn check(domain: &str, opts: &CheckOptions) -> Report {
     };
     for host in &hosts {
         if let Some(p) = &policy {
-            if p.matches_mx(host) {
+            if p.mode == Mode::None {
+                // Mode none withdraws the policy: there is nothing for MX hosts to match.
+            } else if p.matches_mx(host) {
                 out.push(finding(
                     Status::Pass,
                     "mx",

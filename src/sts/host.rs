@@ -45,7 +45,7 @@ impl Policies {
             };
             let mut mx = Vec::new();
             for n in &names {
-                let pattern = MxPattern::parse(&n.to_ascii_lowercase())
+                let pattern = MxPattern::parse(&crate::domain::canonical_or_lower(n))
                     .map_err(|e| format!("mta_sts policy for {}: mx `{n}`: {e}", p.domain))?;
                 if !mx.contains(&pattern) {
                     mx.push(pattern);
@@ -63,7 +63,7 @@ impl Policies {
                 max_age: p.max_age,
             };
             by_host.insert(
-                format!("mta-sts.{}", p.domain.to_ascii_lowercase()),
+                format!("mta-sts.{}", crate::domain::canonical_or_lower(&p.domain)),
                 policy.to_text(),
             );
         }
@@ -73,7 +73,7 @@ impl Policies {
     /// The policy text served for `host`.
     pub fn get(&self, host: &str) -> Option<&str> {
         self.by_host
-            .get(&host.trim_end_matches('.').to_ascii_lowercase())
+            .get(&crate::domain::canonical_or_lower(host))
             .map(String::as_str)
     }
 

@@ -34,7 +34,9 @@ use rustls::RootCertStore;
 use serde::{Deserialize, Serialize};
 
 use self::fetch::{FetchError, Fetcher};
-use self::policy::{Mode, Policy, PolicyError, parse_policy, parse_txt_records};
+use self::policy::{
+    Mode, Policy, PolicyError, parse_policy, parse_policy_lenient, parse_txt_records,
+};
 use crate::outbound::tls::{CertFailure, TlsFailure, TlsLevel, TlsRequirement};
 use crate::util::unix_now;
 
@@ -456,8 +458,14 @@ impl Sts {
 
     async fn fetch_policy(&self, domain: &str) -> Result<(Policy, String), StsError> {
         let fetched = self.fetcher.fetch(domain).await.map_err(StsError::Fetch)?;
-        let policy = parse_policy(&fetched.body).map_err(StsError::Policy)?;
-        Ok((policy, String::from_utf8_lossy(&fetched.body).into_owned()))
+        let parsed = parse_policy_lenient(&fetched.body).map_err(StsError::Policy)?;
+        for w in &parsed.warnings {
+            tracing::warn!(domain, problem = %w, fix = %w.fix, "MTA-STS policy has a flaw (tolerated)");
+        }
+        Ok((
+            parsed.policy,
+            String::from_utf8_lossy(&fetched.body).into_owned(),
+        ))
     }
 
     fn store(&self, domain: &str, entry: Arc<Entry>) {

@@ -1,12 +1,16 @@
 //! MTA-STS policy and TXT record parsing (RFC 8461 §3).
 //!
-//! Pure code, no I/O. Parsing is strict: anything malformed is an error, which callers treat
-//! as "no policy". Choices where the RFC is silent:
+//! Pure code, no I/O. An error means "no policy" to callers, so the policy parser is strict
+//! only where the RFC is, and lenient in the RFC's own way wherever strictness would take a
+//! domain's protection away (a repeated `mode` must not turn `enforce` into nothing): see
+//! [`parse_policy_lenient`] for each rule; what was forgiven comes back as warnings for
+//! `moat sts check` and the log. Choices where the RFC is silent:
 //! - Policy bodies: blank lines (empty or only spaces and tabs) are skipped wherever they are;
 //!   extension names may contain `.` as in the ABNF; extension values may contain HTAB.
 //! - Repeated `mx` patterns are kept once, in first-seen order; patterns are stored lowercase.
 //! - `max_age: 0` is valid (the ABNF allows it).
-//! - TXT records: spaces or tabs after the last field, without a closing `;`, are accepted.
+//! - TXT records (RFC 8461 §3.1 is strict: not exactly one valid record means no policy):
+//!   spaces or tabs after the last field, without a closing `;`, are accepted.
 
 use std::fmt;
 use std::str::FromStr;
@@ -242,121 +246,311 @@ fn is_field_name(name: &str) -> bool {
             .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
 }
 
-/// `max_age`: 1-10 digits, at most [`MAX_AGE_LIMIT`].
-fn parse_max_age(value: &str) -> Result<u32, String> {
-    if value.is_empty() || value.len() > 10 || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("max_age {} is not 1-10 digits", shown(value)));
-    }
-    match value.parse::<u64>() {
-        Ok(n) if n <= u64::from(MAX_AGE_LIMIT) => Ok(n as u32),
-        _ => Err(format!("max_age {value} exceeds {MAX_AGE_LIMIT}")),
+/// Something a policy got wrong that senders (and Moat) tolerate, for `moat sts check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyWarning {
+    /// 1-based line of the policy body; 0 for the body as a whole.
+    pub line: usize,
+    /// What is wrong and what was done about it.
+    pub what: String,
+    /// What the domain owner should change.
+    pub fix: String,
+}
+
+impl fmt::Display for PolicyWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(f, "line {}: {}", self.line, self.what)
+        } else {
+            f.write_str(&self.what)
+        }
     }
 }
 
-/// Parses a policy body (RFC 8461 §3.2). Lines end in LF or CRLF; keys are case-sensitive;
-/// `version: STSv1`, `mode` and `max_age` are required once each, and at least one `mx` unless
-/// the mode is `none`; unknown keys are ignored.
-pub fn parse_policy(body: &[u8]) -> Result<Policy, PolicyError> {
+/// A policy and what it got wrong without being rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    pub policy: Policy,
+    pub warnings: Vec<PolicyWarning>,
+}
+
+/// `max_age`: digits only (the ABNF allows 1-10); values above [`MAX_AGE_LIMIT`], however
+/// many digits, are clamped to it. `Ok((value, clamped))`.
+fn parse_max_age(value: &str) -> Result<(u32, bool), String> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "max_age {} is not a number of seconds (digits only)",
+            shown(value)
+        ));
+    }
+    let digits = value.trim_start_matches('0');
+    match digits.parse::<u64>() {
+        _ if digits.is_empty() => Ok((0, false)),
+        Ok(n) if n <= u64::from(MAX_AGE_LIMIT) => Ok((n as u32, false)),
+        _ => Ok((MAX_AGE_LIMIT, true)),
+    }
+}
+
+/// Splits a body into numbered lines: LF, CRLF and (leniently) a lone CR end a line.
+/// `true` in the third place when the line ended in a lone CR.
+fn policy_lines(text: &str) -> impl Iterator<Item = (usize, &str, bool)> {
+    let mut rest = text;
+    let mut n = 0;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        n += 1;
+        let (line, lone_cr, next) = match rest.find(['\r', '\n']) {
+            None => (rest, false, ""),
+            Some(i) if rest.as_bytes()[i] == b'\n' => (&rest[..i], false, &rest[i + 1..]),
+            Some(i) => match rest[i + 1..].strip_prefix('\n') {
+                Some(after) => (&rest[..i], false, after),
+                None => (&rest[..i], true, &rest[i + 1..]),
+            },
+        };
+        rest = next;
+        Some((n, line, lone_cr))
+    })
+}
+
+/// Parses a policy body (RFC 8461 §3.2), strictly where the RFC is strict and leniently
+/// where strictness would only take a domain's protection away:
+/// - `version: STSv1`, `mode` and `max_age` are required; when one is given more than once the
+///   first is used and the others are ignored (§3.2: "all entries except for the first SHALL
+///   be ignored"), with a warning.
+/// - `mx` is required at least once unless the mode is `none`; an `mx` value that is not a
+///   valid pattern is skipped with a warning (the other patterns still protect the domain);
+///   a trailing dot is dropped and a U-label is turned into its A-label, with a warning.
+/// - `max_age` above [`MAX_AGE_LIMIT`] is clamped to it, with a warning.
+/// - Unknown fields are ignored (§3.2), and so is a line that is not a valid field at all
+///   (bad key characters, no `:`, control characters or invalid UTF-8 in an unknown field's
+///   value), with a warning. Keys and the `version`/`mode` values stay case-sensitive, as
+///   the ABNF has them (`%s`).
+/// - Lines end in LF or CRLF; a lone CR also ends a line (warning); a UTF-8 byte order mark
+///   is skipped (warning); spaces or tabs around a key are tolerated (warning).
+pub fn parse_policy_lenient(body: &[u8]) -> Result<Parsed, PolicyError> {
     if body.len() > MAX_POLICY_BYTES {
         return Err(PolicyError(format!(
             "policy is {} bytes, more than {MAX_POLICY_BYTES}",
             body.len()
         )));
     }
-    let text = std::str::from_utf8(body).map_err(|e| {
-        PolicyError(format!(
-            "policy is not UTF-8 (invalid byte at offset {})",
-            e.valid_up_to()
-        ))
-    })?;
+    let mut warnings = Vec::new();
+    let mut warn = |line: usize, what: String, fix: &str| {
+        warnings.push(PolicyWarning {
+            line,
+            what,
+            fix: fix.to_string(),
+        })
+    };
+    let body = match body.strip_prefix(b"\xef\xbb\xbf") {
+        Some(rest) => {
+            warn(
+                0,
+                "the policy starts with a UTF-8 byte order mark (skipped)".into(),
+                "save the policy without a byte order mark",
+            );
+            rest
+        }
+        None => body,
+    };
+    let text = String::from_utf8_lossy(body);
 
-    let mut version = false;
-    let mut mode = None;
-    let mut max_age = None;
+    let mut version: Option<usize> = None;
+    let mut mode: Option<(usize, Mode)> = None;
+    let mut max_age: Option<(usize, u32)> = None;
     let mut mx: Vec<MxPattern> = Vec::new();
-    for (i, raw) in text.split_inclusive('\n').enumerate() {
-        let n = i + 1;
-        let line = match raw.strip_suffix('\n') {
-            Some(l) => l.strip_suffix('\r').unwrap_or(l),
-            None => raw,
-        };
-        if line.contains('\r') {
-            return Err(PolicyError::at_line(n, "CR not followed by LF"));
+    let mut mx_lines = 0usize;
+    let mut lone_cr_seen = false;
+    for (n, line, lone_cr) in policy_lines(&text) {
+        if lone_cr && !lone_cr_seen {
+            lone_cr_seen = true;
+            warn(
+                n,
+                "line ends in a CR without LF (taken as a line end)".into(),
+                "end lines with LF or CRLF",
+            );
         }
         if line.chars().all(is_wsp) {
             continue;
         }
-        let Some((key, rest)) = line.split_once(':') else {
-            return Err(PolicyError::at_line(
+        let Some((raw_key, rest)) = line.split_once(':') else {
+            warn(
                 n,
-                format!("{} is not a key: value line", shown(line)),
-            ));
+                format!("{} is not a key: value line (ignored)", shown(line)),
+                "remove the line or write it as key: value",
+            );
+            continue;
         };
+        let key = raw_key.trim_matches(is_wsp);
         if !is_field_name(key) {
-            return Err(PolicyError::at_line(
+            warn(
                 n,
-                format!("{} is not a valid key", shown(key)),
-            ));
+                format!("{} is not a valid key (line ignored)", shown(raw_key)),
+                "keys are letters, digits, '_', '-' and '.', starting with a letter or digit",
+            );
+            continue;
+        }
+        let known = matches!(key, "version" | "mode" | "max_age" | "mx");
+        if key != raw_key {
+            warn(
+                n,
+                format!("spaces around the key {key}"),
+                "write the key at the start of the line, directly followed by ':'",
+            );
         }
         let value = rest.trim_matches(is_wsp);
-        if value.is_empty() {
-            return Err(PolicyError::at_line(n, format!("{key} has no value")));
-        }
-        if value.chars().any(|c| c.is_ascii_control() && c != '\t') {
-            return Err(PolicyError::at_line(
-                n,
-                format!("{key} value has control characters"),
-            ));
-        }
-        match key {
-            "version" => {
-                if version {
-                    return Err(PolicyError::at_line(n, "version given twice"));
-                }
-                if value != "STSv1" {
-                    return Err(PolicyError::at_line(
-                        n,
-                        format!("version {} is not STSv1", shown(value)),
-                    ));
-                }
-                version = true;
-            }
-            "mode" => {
-                if mode.is_some() {
-                    return Err(PolicyError::at_line(n, "mode given twice"));
-                }
-                mode = Some(
-                    value
-                        .parse::<Mode>()
-                        .map_err(|e| PolicyError::at_line(n, e))?,
+        let bad_chars = value
+            .chars()
+            .any(|c| (c.is_ascii_control() && c != '\t') || c == char::REPLACEMENT_CHARACTER);
+        if !known {
+            if value.is_empty() || bad_chars {
+                warn(
+                    n,
+                    format!("unknown field {key} has an empty or invalid value (ignored)"),
+                    "remove the line",
                 );
             }
-            "max_age" => {
-                if max_age.is_some() {
-                    return Err(PolicyError::at_line(n, "max_age given twice"));
+            continue;
+        }
+        if bad_chars {
+            return Err(PolicyError::at_line(
+                n,
+                format!("{key} value has control characters or invalid UTF-8"),
+            ));
+        }
+        let again = |first: usize| {
+            (
+                n,
+                format!("{key} given again (line {first} is used, this one is ignored)"),
+                "give each of version, mode and max_age once",
+            )
+        };
+        match key {
+            "version" => match version {
+                Some(first) => {
+                    let (l, w, f) = again(first);
+                    warn(l, w, f);
                 }
-                max_age = Some(parse_max_age(value).map_err(|e| PolicyError::at_line(n, e))?);
-            }
-            "mx" => {
-                let pattern = MxPattern::parse(value).map_err(|e| PolicyError::at_line(n, e))?;
-                if !mx.contains(&pattern) {
-                    mx.push(pattern);
+                None => {
+                    if value != "STSv1" {
+                        return Err(PolicyError::at_line(
+                            n,
+                            format!("version {} is not STSv1", shown(value)),
+                        ));
+                    }
+                    version = Some(n);
+                }
+            },
+            "mode" => match mode {
+                Some((first, _)) => {
+                    let (l, w, f) = again(first);
+                    warn(l, w, f);
+                }
+                None => {
+                    if value.is_empty() {
+                        return Err(PolicyError::at_line(n, "mode has no value"));
+                    }
+                    let m = value
+                        .parse::<Mode>()
+                        .map_err(|e| PolicyError::at_line(n, e))?;
+                    mode = Some((n, m));
+                }
+            },
+            "max_age" => match max_age {
+                Some((first, _)) => {
+                    let (l, w, f) = again(first);
+                    warn(l, w, f);
+                }
+                None => {
+                    let (secs, clamped) =
+                        parse_max_age(value).map_err(|e| PolicyError::at_line(n, e))?;
+                    if clamped {
+                        warn(
+                            n,
+                            format!(
+                                "max_age {value} exceeds {MAX_AGE_LIMIT}; {MAX_AGE_LIMIT} is used"
+                            ),
+                            "use at most 31557600 (about a year)",
+                        );
+                    }
+                    max_age = Some((n, secs));
+                }
+            },
+            _ => {
+                mx_lines += 1;
+                match lenient_pattern(value) {
+                    Ok((pattern, note)) => {
+                        if let Some(note) = note {
+                            warn(
+                                n,
+                                note,
+                                "write mx patterns as A-labels without a trailing dot",
+                            );
+                        }
+                        if !mx.contains(&pattern) {
+                            mx.push(pattern);
+                        }
+                    }
+                    Err(e) => warn(
+                        n,
+                        format!("{e} (pattern ignored; MX hosts only it would cover are refused)"),
+                        "write mx patterns as host names or *.domain",
+                    ),
                 }
             }
-            _ => {}
         }
     }
-    if !version {
+    if version.is_none() {
         return Err(PolicyError::new("missing version: STSv1"));
     }
-    let mode = mode.ok_or_else(|| PolicyError::new("missing mode"))?;
-    let max_age = max_age.ok_or_else(|| PolicyError::new("missing max_age"))?;
+    let (_, mode) = mode.ok_or_else(|| PolicyError::new("missing mode"))?;
+    let (_, max_age) = max_age.ok_or_else(|| PolicyError::new("missing max_age"))?;
     if mx.is_empty() && mode != Mode::None {
-        return Err(PolicyError(format!(
-            "mode {mode} needs at least one mx pattern"
-        )));
+        return Err(PolicyError(if mx_lines == 0 {
+            format!("mode {mode} needs at least one mx pattern")
+        } else {
+            format!(
+                "mode {mode} needs at least one mx pattern, and none of its {mx_lines} is valid"
+            )
+        }));
     }
-    Ok(Policy { mode, mx, max_age })
+    Ok(Parsed {
+        policy: Policy { mode, mx, max_age },
+        warnings,
+    })
+}
+
+/// An `mx` value as a pattern, forgiving a trailing dot and U-labels (turned into A-labels);
+/// the second value says what was forgiven.
+fn lenient_pattern(value: &str) -> Result<(MxPattern, Option<String>), PolicyError> {
+    let original = match MxPattern::parse(value) {
+        Ok(p) => return Ok((p, None)),
+        Err(e) => e,
+    };
+    let (wild, name) = match value.strip_prefix("*.") {
+        Some(rest) => ("*.", rest),
+        None => ("", value),
+    };
+    let trimmed = name.strip_suffix('.').unwrap_or(name);
+    if trimmed.is_empty() || trimmed.ends_with('.') {
+        return Err(original);
+    }
+    let ascii = match crate::domain::Domain::parse(trimmed) {
+        Ok(d) => d.into_string(),
+        Err(_) => return Err(original),
+    };
+    let fixed = format!("{wild}{ascii}");
+    match MxPattern::parse(&fixed) {
+        Ok(p) => Ok((p, Some(format!("mx {} is taken as {fixed}", shown(value))))),
+        Err(_) => Err(original),
+    }
+}
+
+/// Parses a policy body; see [`parse_policy_lenient`], whose warnings this drops.
+pub fn parse_policy(body: &[u8]) -> Result<Policy, PolicyError> {
+    parse_policy_lenient(body).map(|p| p.policy)
 }
 
 /// The version tag every MTA-STS TXT record starts with.
@@ -474,6 +668,14 @@ mod tests {
         }
     }
 
+    /// The policy and its warnings, as "line N: what".
+    fn warned(body: &str) -> (Policy, Vec<String>) {
+        match parse_policy_lenient(body.as_bytes()) {
+            Ok(p) => (p.policy, p.warnings.iter().map(|w| w.to_string()).collect()),
+            Err(e) => panic!("{body:?}: {e}"),
+        }
+    }
+
     fn pat(s: &str) -> MxPattern {
         MxPattern::parse(s).unwrap()
     }
@@ -512,16 +714,39 @@ mod tests {
         );
         assert_eq!(p.mode, Mode::Testing);
         assert_eq!(p.max_age, 0);
-        assert!(err(" version: STSv1\nmode: none\nmax_age: 1\n").contains("line 1"));
-        assert!(err("version : STSv1\nmode: none\nmax_age: 1\n").contains("not a valid key"));
+        // Spaces around a key: the field is still read, with a warning.
+        for body in [
+            " version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 1\n",
+            "version : STSv1\nmode: enforce\nmx: a.example\nmax_age: 1\n",
+        ] {
+            let (p, w) = warned(body);
+            assert_eq!(p.mode, Mode::Enforce);
+            assert_eq!(w, ["line 1: spaces around the key version"]);
+        }
+        // A byte order mark is skipped.
+        let (p, w) = warned("\u{feff}version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 9\n");
+        assert_eq!((p.mode, p.max_age), (Mode::Enforce, 9));
+        assert!(w[0].contains("byte order mark"), "{w:?}");
     }
 
     #[test]
     fn stray_cr_and_control() {
-        assert!(err("version: STSv1\rmode: none\nmax_age: 1\n").contains("line 1: CR"));
-        assert!(err("version: STSv1\nmode: none\nmax_age: 1\r").contains("line 3: CR"));
-        assert!(err("version: STSv1\nmode: none\r\r\nmax_age: 1\n").contains("line 2"));
-        assert!(err("version: STSv1\nmode: none\nmax_age: 1\nx: a\u{1}b\n").contains("control"));
+        // A lone CR ends a line: the fields around it are read, with one warning.
+        let (p, w) = warned("version: STSv1\rmode: enforce\rmx: a.example\rmax_age: 1\r");
+        assert_eq!((p.mode, p.max_age), (Mode::Enforce, 1));
+        assert_eq!(
+            w,
+            ["line 1: line ends in a CR without LF (taken as a line end)"]
+        );
+        let (p, _) = warned("version: STSv1\nmode: enforce\r\r\nmx: a.example\nmax_age: 1\n");
+        assert_eq!(p.mode, Mode::Enforce);
+        // Control characters: an unknown field is ignored, a known one is an error.
+        let (_, w) = warned("version: STSv1\nmode: none\nmax_age: 1\nx: a\u{1}b\n");
+        assert_eq!(
+            w,
+            ["line 4: unknown field x has an empty or invalid value (ignored)"]
+        );
+        assert!(err("version: STSv1\nmode: none\u{1}\nmax_age: 1\n").contains("control"));
     }
 
     #[test]
@@ -530,20 +755,34 @@ mod tests {
         assert_eq!(err("mode: none\nmax_age: 1\n"), "missing version: STSv1");
         assert_eq!(err("version: STSv1\nmax_age: 1\n"), "missing mode");
         assert_eq!(err("version: STSv1\nmode: none\n"), "missing max_age");
-        assert_eq!(
-            err("version: STSv1\nversion: STSv1\nmode: none\nmax_age: 1\n"),
-            "line 2: version given twice"
+        // RFC 8461 §3.2: a repeated non-mx field is ignored after its first entry. An
+        // enforce policy must never be lost for this (it would be a downgrade).
+        let (p, w) = warned(
+            "version: STSv1\nmode: enforce\nmx: mx.example.com\nmode: testing\nmax_age: 86400\n\
+             max_age: 5\nversion: STSv2\n",
         );
+        assert_eq!((p.mode, p.max_age), (Mode::Enforce, 86_400));
         assert_eq!(
-            err("version: STSv1\nmode: none\nmode: none\nmax_age: 1\n"),
-            "line 3: mode given twice"
+            w,
+            [
+                "line 4: mode given again (line 2 is used, this one is ignored)",
+                "line 6: max_age given again (line 5 is used, this one is ignored)",
+                "line 7: version given again (line 1 is used, this one is ignored)",
+            ]
         );
-        assert_eq!(
-            err("version: STSv1\nmode: none\nmax_age: 1\nmax_age: 1\n"),
-            "line 4: max_age given twice"
+        let (p, _) = warned("version: STSv1\nmode: enforce\nmode: enforce\nmx: a.b\nmax_age: 1\n");
+        assert_eq!(p.mode, Mode::Enforce);
+        // The first entry decides, also when a later one would be invalid or valid.
+        let (p, _) = warned("version: STSv1\nmode: testing\nmode: bogus\nmx: a.b\nmax_age: 1\n");
+        assert_eq!(p.mode, Mode::Testing);
+        assert!(
+            err("version: STSv1\nmode: bogus\nmode: enforce\nmx: a.b\nmax_age: 1\n")
+                .contains("line 2")
         );
         assert!(err("version: STSv1\nmode:\nmax_age: 1\n").contains("mode has no value"));
-        assert!(err("version: STSv1\nmode: none\nmax_age: 1\nfoo\n").contains("line 4"));
+        // A line that is not a field at all is ignored like an unknown field.
+        let (_, w) = warned("version: STSv1\nmode: none\nmax_age: 1\nfoo\n");
+        assert_eq!(w, ["line 4: \"foo\" is not a key: value line (ignored)"]);
     }
 
     #[test]
@@ -570,21 +809,26 @@ mod tests {
         assert_eq!(ok(&with("31557600")).max_age, MAX_AGE_LIMIT);
         assert_eq!(ok(&with("0000086400")).max_age, 86_400);
         assert_eq!(ok(&with("0")).max_age, 0);
-        assert_eq!(
-            err(&with("31557601")),
-            "line 3: max_age 31557601 exceeds 31557600"
-        );
-        assert_eq!(
-            err(&with("9999999999")),
-            "line 3: max_age 9999999999 exceeds 31557600"
-        );
-        assert!(err(&with("00000000001")).contains("not 1-10 digits"));
-        assert!(err(&with("99999999999")).contains("not 1-10 digits"));
-        assert!(err(&with("-1")).contains("not 1-10 digits"));
-        assert!(err(&with("+1")).contains("not 1-10 digits"));
-        assert!(err(&with("1 2")).contains("not 1-10 digits"));
-        assert!(err(&with("86400s")).contains("not 1-10 digits"));
-        assert!(err(&with("١٢")).contains("not 1-10 digits"));
+        assert_eq!(ok(&with("00000000001")).max_age, 1);
+        // Above the maximum: clamped, with a warning (a typo must not drop the policy).
+        for big in [
+            "31557601",
+            "9999999999",
+            "99999999999",
+            "123456789012345678901234567890",
+        ] {
+            let (p, w) = warned(&with(big));
+            assert_eq!(p.max_age, MAX_AGE_LIMIT, "{big}");
+            assert_eq!(
+                w,
+                [format!(
+                    "line 3: max_age {big} exceeds 31557600; 31557600 is used"
+                )]
+            );
+        }
+        for bad in ["-1", "+1", "1 2", "86400s", "١٢", "0x10"] {
+            assert!(err(&with(bad)).contains("not a number of seconds"), "{bad}");
+        }
     }
 
     #[test]
@@ -605,10 +849,29 @@ mod tests {
                     mx: *.example.net\nmax_age: 1\n",
         );
         assert_eq!(p.mx, vec![pat("mx.example.com"), pat("*.example.net")]);
-        assert!(
-            err("version: STSv1\nmode: enforce\nmx: mx.example.com.\nmax_age: 1\n")
-                .contains("line 3: mx pattern \"mx.example.com.\": trailing dot")
+        // A trailing dot or a U-label is forgiven; an invalid pattern is skipped while the
+        // others still protect the domain; none valid at all is no policy.
+        let (p, w) = warned(
+            "version: STSv1\nmode: enforce\nmx: mx.example.com.\nmx: *.Bücher.example\n\
+             mx: bad_name.example\nmx: a.*.example\nmax_age: 1\n",
         );
+        assert_eq!(
+            p.mx,
+            vec![pat("mx.example.com"), pat("*.xn--bcher-kva.example")]
+        );
+        assert_eq!(w.len(), 4, "{w:?}");
+        assert!(w[0].starts_with("line 3: mx \"mx.example.com.\" is taken as mx.example.com"));
+        assert!(
+            w[2].starts_with("line 5: mx pattern \"bad_name.example\""),
+            "{w:?}"
+        );
+        assert!(w[2].ends_with("(pattern ignored; MX hosts only it would cover are refused)"));
+        assert_eq!(
+            err("version: STSv1\nmode: enforce\nmx: bad_name\nmx: -x\nmax_age: 1\n"),
+            "mode enforce needs at least one mx pattern, and none of its 2 is valid"
+        );
+        let (p, _) = warned("version: STSv1\nmode: none\nmx: bad_name\nmax_age: 1\n");
+        assert!(p.mx.is_empty());
     }
 
     #[test]
@@ -618,18 +881,31 @@ mod tests {
                     ext.key_1-a: v\nmax_age: 1\n",
         );
         assert_eq!(p.mx, vec![pat("a.example")]);
-        assert!(err("version: STSv1\nmode: none\nmax_age: 1\n_x: v\n").contains("valid key"));
-        assert!(err("version: STSv1\nmode: none\nmax_age: 1\nx y: v\n").contains("valid key"));
+        // Lines that are not valid fields are unknown fields: ignored, with a warning.
         let long = format!(
             "version: STSv1\nmode: none\nmax_age: 1\n{}: v\n",
             "k".repeat(33)
         );
-        assert!(err(&long).contains("valid key"));
+        for body in [
+            "version: STSv1\nmode: none\nmax_age: 1\n_x: v\n",
+            "version: STSv1\nmode: none\nmax_age: 1\nx y: v\n",
+            long.as_str(),
+        ] {
+            let (_, w) = warned(body);
+            assert!(
+                w[0].starts_with("line 4: ") && w[0].ends_with("is not a valid key (line ignored)")
+            );
+        }
         let max = format!(
             "version: STSv1\nmode: none\nmax_age: 1\n{}: v\n",
             "k".repeat(32)
         );
-        ok(&max);
+        assert!(warned(&max).1.is_empty());
+        // Keys stay case-sensitive (%s in the ABNF): `Mode` is an unknown field.
+        assert_eq!(
+            err("version: STSv1\nMode: enforce\nmax_age: 1\n"),
+            "missing mode"
+        );
     }
 
     #[test]
@@ -640,10 +916,16 @@ mod tests {
         body.push(b'\n');
         let e = parse_policy(&body).unwrap_err().to_string();
         assert!(e.contains("more than 65536"), "{e}");
-        let e = parse_policy(b"version: STSv1\nmode: none\nmax_age: 1\nx: \xff\n")
+        // Invalid UTF-8 in an unknown field is ignored; in a known one it is an error.
+        let p =
+            parse_policy_lenient(b"version: STSv1\nmode: enforce\nx: \xff\nmx: a.b\nmax_age: 1\n")
+                .unwrap();
+        assert_eq!(p.policy.mode, Mode::Enforce);
+        assert_eq!(p.warnings.len(), 1);
+        let e = parse_policy(b"version: STSv1\nmode: enforce\xff\nmx: a.b\nmax_age: 1\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("not UTF-8"), "{e}");
+        assert!(e.contains("invalid UTF-8"), "{e}");
     }
 
     #[test]
