@@ -246,6 +246,11 @@ pub struct ListenerConfig {
     /// Offer SMTP AUTH (always only inside TLS). Default true.
     #[serde(default = "default_true")]
     pub auth: bool,
+    /// TLS session resumption (TLS 1.3 tickets, TLS 1.2 session cache). Default false for
+    /// `smtp` (Exchange Online aborts STARTTLS with receivers that send tickets), true for
+    /// `smtps` and `submission` (mail clients reconnect often).
+    #[serde(default)]
+    pub tls_session_tickets: Option<bool>,
 }
 
 impl ListenerConfig {
@@ -257,6 +262,10 @@ impl ListenerConfig {
     pub fn requires_tls(&self) -> bool {
         self.require_tls
             .unwrap_or(self.mode == ListenerMode::Submission)
+    }
+    pub fn session_tickets(&self) -> bool {
+        self.tls_session_tickets
+            .unwrap_or(self.mode != ListenerMode::Smtp)
     }
     pub fn requires_auth(&self) -> bool {
         self.require_auth

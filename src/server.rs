@@ -224,7 +224,8 @@ async fn policy_host(config: &Config, smtp_store: &CertStore) -> Result<Arc<Cert
         }
     }
     let policies = Arc::new(crate::sts::host::Policies::from_config(config, &served)?);
-    let acceptor = tokio_rustls::TlsAcceptor::from(crate::tls::server_config(store.clone(), None)?);
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(crate::tls::server_config(store.clone(), None, true)?);
     for addr in &config.mta_sts.listen {
         let socket = TcpListener::bind(addr)
             .await
@@ -289,7 +290,6 @@ pub async fn serve(config: Config) -> Result<(), String> {
         Some(p) => Some(crate::tls::load_roots(&config.data_path(p))?),
         None => None,
     };
-    let tls_config = crate::tls::server_config(store.clone(), client_roots)?;
     let (spool, existing) = Spool::open(&config.data_dir.join("spool"))
         .map_err(|e| format!("opening the spool: {e}"))?;
     if !existing.is_empty() {
@@ -323,7 +323,6 @@ pub async fn serve(config: Config) -> Result<(), String> {
     let shared = Arc::new(Shared {
         rules: Arc::new(rules_from(&config)),
         limits: l.clone(),
-        acceptor: tokio_rustls::TlsAcceptor::from(tls_config),
         spool,
         deliver: deliver.clone(),
         auth: Authenticator {
@@ -353,8 +352,11 @@ pub async fn serve(config: Config) -> Result<(), String> {
         let socket = TcpListener::bind(lc.address)
             .await
             .map_err(|e| format!("cannot listen on {} ({}): {e}", lc.address, lc.label()))?;
+        let tls_config =
+            crate::tls::server_config(store.clone(), client_roots.clone(), lc.session_tickets())?;
         let ctx = Arc::new(ListenerCtx {
             name: lc.label(),
+            acceptor: tokio_rustls::TlsAcceptor::from(tls_config),
             rules: Arc::new(ListenerRules {
                 starttls: lc.mode != ListenerMode::Smtps,
                 require_tls: lc.requires_tls(),
@@ -491,8 +493,9 @@ pub async fn serve(config: Config) -> Result<(), String> {
     }
     let reload_stores = stores;
     let interval = Duration::from_secs(config.tls.reload_interval_secs.max(1));
+    // Registered here, not in the task, so that SIGHUP is handled once `ready` is printed.
+    let mut hup = signal(SignalKind::hangup()).ok();
     tokio::spawn(async move {
-        let mut hup = signal(SignalKind::hangup()).ok();
         loop {
             let forced = tokio::select! {
                 _ = tokio::time::sleep(interval) => false,
@@ -517,6 +520,9 @@ pub async fn serve(config: Config) -> Result<(), String> {
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    // Every listener, the admin socket and the signal handlers are in place. Tests and scripts
+    // wait for this line, with this process's id, before they connect.
+    println!("moat: ready (pid {})", std::process::id());
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

@@ -178,11 +178,17 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
-/// The rustls server configuration shared by all listeners. With `client_roots`, clients are
-/// asked for a certificate (optional) and one that is sent must chain to those roots.
+/// A listener's rustls server configuration. With `client_roots`, clients are asked for a
+/// certificate (optional) and one that is sent must chain to those roots.
+///
+/// `resumption` false: no TLS 1.3 session tickets are sent and no session cache is kept
+/// (so no TLS 1.2 session ids either). Exchange Online's outbound servers are known to abort
+/// STARTTLS with receivers that send tickets, and an MTA gains almost nothing from resumption,
+/// so `smtp` listeners default to this (`tls_session_tickets` in the listener config).
 pub fn server_config(
     store: Arc<CertStore>,
     client_roots: Option<rustls::RootCertStore>,
+    resumption: bool,
 ) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
@@ -203,6 +209,11 @@ pub fn server_config(
         }
         None => builder.with_no_client_auth().with_cert_resolver(store),
     };
+    let mut config = config;
+    if !resumption {
+        config.send_tls13_tickets = 0;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    }
     Ok(Arc::new(config))
 }
 

@@ -27,7 +27,6 @@ use crate::util;
 pub struct Shared {
     pub rules: Arc<Rules>,
     pub limits: Limits,
-    pub acceptor: TlsAcceptor,
     pub spool: Spool,
     pub deliver: mpsc::UnboundedSender<String>,
     pub auth: Authenticator,
@@ -47,11 +46,21 @@ impl std::fmt::Debug for Shared {
 }
 
 /// Per-listener facts.
-#[derive(Debug)]
 pub struct ListenerCtx {
     pub name: String,
+    /// This listener's TLS settings (session tickets differ by mode).
+    pub acceptor: TlsAcceptor,
     pub rules: Arc<ListenerRules>,
     pub implicit_tls: bool,
+}
+
+impl std::fmt::Debug for ListenerCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerCtx")
+            .field("name", &self.name)
+            .field("implicit_tls", &self.implicit_tls)
+            .finish_non_exhaustive()
+    }
 }
 
 enum Next {
@@ -86,9 +95,7 @@ pub async fn handle(
     let _open = OpenConnection::new(&listener.name);
     let handshake_timeout = Duration::from_secs(limits.handshake_timeout_secs);
     if listener.implicit_tls {
-        let Some(mut tls) =
-            handshake(&shared, stream, peer, &listener.name, handshake_timeout).await
-        else {
+        let Some(mut tls) = handshake(&listener, stream, peer, handshake_timeout).await else {
             return;
         };
         info.tls = Some(crate::tls::summarize(tls.get_ref().1));
@@ -116,9 +123,7 @@ pub async fn handle(
             );
         }
         Next::StartTls => {
-            let Some(mut tls) =
-                handshake(&shared, stream, peer, &listener.name, handshake_timeout).await
-            else {
+            let Some(mut tls) = handshake(&listener, stream, peer, handshake_timeout).await else {
                 return;
             };
             session.tls_started(crate::tls::summarize(tls.get_ref().1));
@@ -133,13 +138,13 @@ pub async fn handle(
 }
 
 async fn handshake(
-    shared: &Shared,
+    ctx: &ListenerCtx,
     stream: TcpStream,
     peer: SocketAddr,
-    listener: &str,
     limit: Duration,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    match timeout(limit, shared.acceptor.accept(stream)).await {
+    let listener = ctx.name.as_str();
+    match timeout(limit, ctx.acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
             let s = crate::tls::summarize(tls.get_ref().1);
             tracing::info!(%peer, listener, version = %s.version, cipher = %s.cipher,

@@ -636,14 +636,25 @@ async fn attempt_inner(
             true,
         )
         .await;
-        if let Step::Done(r) = step {
-            *tls_desc = format!("{} (session reused)", idle.tls);
-            let (summary, dsn) = (idle.tls.clone(), idle.client.capabilities().dsn);
-            let seen = idle.seen.clone();
-            keep_or_close(out, key, idle, &buf);
-            return HostResult::Done(r, summary, dsn, seen);
+        match step {
+            Step::Done(r) => {
+                *tls_desc = format!("{} (session reused)", idle.tls);
+                let (summary, dsn) = (idle.tls.clone(), idle.client.capabilities().dsn);
+                let seen = idle.seen.clone();
+                keep_or_close(out, key, idle, &buf);
+                return HostResult::Done(r, summary, dsn, seen);
+            }
+            // The server closed the idle session meanwhile, or refused RSET: the message
+            // was not offered; open a new session (and say so).
+            Step::Failed(e) => {
+                tracing::info!(queue_id = who.queue_id, host, ip = %addr, reason = %e,
+                    "reusing an open session failed; opening a new one");
+            }
+            Step::StartTls => {
+                tracing::info!(queue_id = who.queue_id, host, ip = %addr,
+                    "reusing an open session failed (unexpected STARTTLS); opening a new one");
+            }
         }
-        // The server closed the idle session meanwhile: open a new one.
     }
     let remote = Some(host.to_string());
     let mut tcp = match timeout(out.connect_timeout, TcpStream::connect(addr)).await {
@@ -935,6 +946,12 @@ fn session_failure(e: SessionError, host: &str) -> Failure {
             false,
             remote,
             format!("{host} refused the relay credentials: {}", r.one_line()),
+        ),
+        SessionError::ResetRefused(r) => failure(
+            "4.5.0",
+            false,
+            remote,
+            format!("{host} refused RSET: {}", r.one_line()),
         ),
         SessionError::Protocol(m) => failure(
             "4.5.0",

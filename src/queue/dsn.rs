@@ -189,11 +189,18 @@ pub fn build_dsn(input: &DsnInput) -> Option<Vec<u8>> {
     } else {
         ("delivery-status", "message/delivery-status")
     };
+    // The returned part is labelled by what happened to the message: a success report
+    // returns a delivered message, a delay report one still queued.
+    let what = match input.kind {
+        DsnKind::Failure => "Undelivered Message",
+        DsnKind::Delay => "Delayed Message",
+        DsnKind::Success => "Delivered Message",
+    };
     let (returned_type, returned_desc) = match (global, full) {
-        (true, true) => ("message/global", "Undelivered Message"),
-        (false, true) => ("message/rfc822", "Undelivered Message"),
-        (true, false) => ("message/global-headers", "Undelivered Message Headers"),
-        (false, false) => ("text/rfc822-headers", "Undelivered Message Headers"),
+        (true, true) => ("message/global", what.to_string()),
+        (false, true) => ("message/rfc822", what.to_string()),
+        (true, false) => ("message/global-headers", format!("{what} Headers")),
+        (false, false) => ("text/rfc822-headers", format!("{what} Headers")),
     };
     let eight_bit = !human.is_ascii() || !status.is_ascii() || !returned.is_ascii();
 
@@ -244,7 +251,7 @@ pub fn build_dsn(input: &DsnInput) -> Option<Vec<u8>> {
         human.as_bytes(),
     );
     part(status_type, "Delivery report", status.as_bytes());
-    part(returned_type, returned_desc, &returned);
+    part(returned_type, &returned_desc, &returned);
     out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     Some(out)
 }
@@ -1119,7 +1126,26 @@ the body text is here.\r\n";
         };
         let mut i = input(vec![rcpt]);
         i.kind = DsnKind::Delay;
-        let p = parse(&build_dsn(&i).expect("a DSN"));
+        let raw = build_dsn(&i).expect("a DSN");
+        // The returned part is labelled by report kind, not always "Undelivered".
+        let text = String::from_utf8_lossy(&raw);
+        assert!(
+            text.contains("Content-Description: Delayed Message Headers\r\n"),
+            "{text}"
+        );
+        assert!(!text.contains("Undelivered"), "{text}");
+        let mut ok = i.clone();
+        ok.kind = DsnKind::Success;
+        let text = String::from_utf8_lossy(&build_dsn(&ok).expect("a DSN")).into_owned();
+        assert!(
+            text.contains("Content-Description: Delivered Message Headers\r\n"),
+            "{text}"
+        );
+        let failed =
+            String::from_utf8_lossy(&build_dsn(&input(vec![failed_bob()])).expect("a DSN"))
+                .into_owned();
+        assert!(failed.contains("Content-Description: Undelivered Message Headers\r\n"));
+        let p = parse(&raw);
         assert_eq!(
             field(&p.header, "Subject").as_deref(),
             Some("Delayed Mail (still being retried)")

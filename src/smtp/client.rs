@@ -187,6 +187,8 @@ pub enum SessionError {
     AuthNotOffered,
     /// The server refused our credentials.
     AuthFailed(Reply),
+    /// RSET before reusing the session was refused: the session is closed, not reused.
+    ResetRefused(Reply),
 }
 
 impl std::fmt::Display for SessionError {
@@ -204,6 +206,7 @@ impl std::fmt::Display for SessionError {
             }
             SessionError::AuthNotOffered => f.write_str("the server offers neither AUTH PLAIN nor AUTH LOGIN"),
             SessionError::AuthFailed(r) => write!(f, "authentication refused: {r}"),
+            SessionError::ResetRefused(r) => write!(f, "RSET refused: {r}"),
         }
     }
 }
@@ -260,6 +263,9 @@ pub struct Client {
     done: bool,
     /// The last transaction ended before its data was accepted: RSET before the next MAIL.
     needs_rset: bool,
+    /// MAIL waiting for the reply to RSET (servers without PIPELINING: RFC 5321 §4.3.1,
+    /// RFC 2920 §3, one command at a time).
+    mail_after_rset: Option<String>,
     authenticated: bool,
 }
 
@@ -280,6 +286,7 @@ impl Client {
             partial: Vec::new(),
             done: false,
             needs_rset: false,
+            mail_after_rset: None,
             authenticated: false,
         }
     }
@@ -384,6 +391,11 @@ impl Client {
         self.mail_reply = None;
         if std::mem::take(&mut self.needs_rset) {
             self.command("RSET", Expect::Rset);
+            if !self.caps.pipelining {
+                self.mail_after_rset = Some(mail);
+                self.msg = Some(msg);
+                return None;
+            }
         }
         self.command(&mail, Expect::Mail);
         if self.caps.pipelining {
@@ -623,7 +635,20 @@ impl Client {
                 self.needs_rset = false;
                 Some(ev)
             }
-            Expect::Rset => None,
+            Expect::Rset => {
+                if !reply.is_positive() {
+                    // A server that refuses RSET is in a state we cannot know: close it
+                    // (the message was not offered yet and goes over a new session).
+                    self.msg = None;
+                    self.results.clear();
+                    self.mail_after_rset = None;
+                    return Some(self.fail(SessionError::ResetRefused(reply)));
+                }
+                if let Some(mail) = self.mail_after_rset.take() {
+                    self.command(&mail, Expect::Mail);
+                }
+                None
+            }
             Expect::Quit => {
                 self.done = true;
                 Some(Event::Closed)

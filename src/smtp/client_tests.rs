@@ -240,6 +240,63 @@ fn all_recipients_refused_then_reuse_sends_rset() {
 }
 
 #[test]
+fn without_pipelining_rset_is_answered_before_mail() {
+    // A server without PIPELINING that refuses the only recipient (as OpenSMTPD does).
+    let mut c = Client::new(params(StartTls::Never));
+    feed(&mut c, "220 hi\r\n");
+    feed(&mut c, "250-mx\r\n250 8BITMIME\r\n");
+    c.send(msg(&["b@far.test"]));
+    assert_eq!(c.take_output(), b"MAIL FROM:<a@moat.test>\r\n");
+    let (out, _) = feed(&mut c, "250 ok\r\n");
+    assert_eq!(out, "RCPT TO:<b@far.test>\r\n");
+    let (out, ev) = feed(&mut c, "550 5.1.1 unknown\r\n");
+    assert_eq!(out, "");
+    assert!(
+        matches!(&ev[0], Event::Transaction(r) if matches!(&r[0], RcptOutcome::Refused(x) if x.code == 550))
+    );
+    // Reuse: RSET alone, MAIL only after its reply (RFC 5321 §4.3.1, RFC 2920 §3).
+    assert_eq!(c.send(msg(&["c@far.test"])), None);
+    assert_eq!(c.take_output(), b"RSET\r\n");
+    let (out, ev) = feed(&mut c, "250 2.0.0 reset\r\n");
+    assert!(ev.is_empty());
+    assert_eq!(out, "MAIL FROM:<a@moat.test>\r\n");
+    let (out, _) = feed(&mut c, "250 ok\r\n");
+    assert_eq!(out, "RCPT TO:<c@far.test>\r\n");
+    let (out, _) = feed(&mut c, "250 ok\r\n");
+    assert_eq!(out, "DATA\r\n");
+    let (out, _) = feed(&mut c, "354 go\r\n");
+    assert!(out.ends_with("\r\n.\r\n"));
+    let (_, ev) = feed(&mut c, "250 queued\r\n");
+    assert!(matches!(&ev[0], Event::Transaction(r) if matches!(r[0], RcptOutcome::Delivered(_))));
+}
+
+#[test]
+fn refused_rset_closes_the_session_instead_of_reusing_it() {
+    for ehlo in ["250-mx\r\n250 8BITMIME\r\n", "250-mx\r\n250 PIPELINING\r\n"] {
+        let mut c = Client::new(params(StartTls::Never));
+        feed(&mut c, "220 hi\r\n");
+        feed(&mut c, ehlo);
+        c.send(msg(&["b@far.test"]));
+        c.take_output();
+        let refused = if ehlo.contains("PIPELINING") {
+            "550 5.7.1 no\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need RCPT\r\n"
+        } else {
+            "550 5.7.1 no\r\n"
+        };
+        let (_, ev) = feed(&mut c, refused);
+        assert!(matches!(&ev[0], Event::Transaction(_)), "{ehlo}: {ev:?}");
+        c.send(msg(&["c@far.test"]));
+        c.take_output();
+        let (out, ev) = feed(&mut c, "500 5.5.1 Pipelining not supported\r\n");
+        assert!(
+            matches!(&ev[..], [Event::Failed(SessionError::ResetRefused(r))] if r.code == 500),
+            "{ehlo}: {ev:?}"
+        );
+        assert_eq!(out, "QUIT\r\n", "{ehlo}");
+    }
+}
+
+#[test]
 fn capability_gaps_refuse_locally() {
     let mut c = Client::new(params(StartTls::Never));
     feed(&mut c, "220 hi\r\n");
