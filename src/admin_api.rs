@@ -423,17 +423,17 @@ fn metrics_text(ctx: &AdminCtx) -> String {
     let reg = crate::metrics::global();
     let now = unix_now();
     // Queue gauges, fresh for this scrape.
-    reg.clear("moat_queue_recipients");
-    reg.clear("moat_queue_oldest_seconds");
+    reg.clear(crate::metrics::Metric::QueueRecipients);
+    reg.clear(crate::metrics::Metric::QueueOldestSeconds);
     if let Some((_, by)) = queue_by_state(&ctx.queue) {
         for (state, (n, oldest)) in by {
             reg.set(
-                "moat_queue_recipients",
+                crate::metrics::Metric::QueueRecipients,
                 &[("state", state)],
                 i64::try_from(n).unwrap_or(i64::MAX),
             );
             reg.set(
-                "moat_queue_oldest_seconds",
+                crate::metrics::Metric::QueueOldestSeconds,
                 &[("state", state)],
                 i64::try_from(oldest).unwrap_or(i64::MAX),
             );
@@ -448,35 +448,35 @@ fn metrics_text(ctx: &AdminCtx) -> String {
             .saturating_sub(sts.stats.fetch_failures.load(Ordering::Relaxed));
         let failed = sts.stats.fetch_failures.load(Ordering::Relaxed);
         reg.set(
-            "moat_mta_sts_fetches_total",
+            crate::metrics::Metric::MtaStsFetchesTotal,
             &[("result", "ok")],
             i64::try_from(ok).unwrap_or(0),
         );
         reg.set(
-            "moat_mta_sts_fetches_total",
+            crate::metrics::Metric::MtaStsFetchesTotal,
             &[("result", "failed")],
             i64::try_from(failed).unwrap_or(0),
         );
         reg.set(
-            "moat_mta_sts_cache_hits_total",
+            crate::metrics::Metric::MtaStsCacheHitsTotal,
             &[],
             i64::try_from(sts.stats.cache_hits.load(Ordering::Relaxed)).unwrap_or(0),
         );
-        reg.clear("moat_mta_sts_policies");
+        reg.clear(crate::metrics::Metric::MtaStsPolicies);
         let mut modes: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
         for (_, e) in sts.entries() {
             *modes.entry(e.policy.mode.as_str()).or_insert(0) += 1;
         }
         for (mode, n) in modes {
-            reg.set("moat_mta_sts_policies", &[("mode", mode)], n);
+            reg.set(crate::metrics::Metric::MtaStsPolicies, &[("mode", mode)], n);
         }
     }
-    reg.clear("moat_certificate_expiry_seconds");
+    reg.clear(crate::metrics::Metric::CertificateExpirySeconds);
     for c in certificates(ctx) {
         let name = c.names.first().cloned().unwrap_or_default();
         let secs = i64::try_from(c.not_after).unwrap_or(i64::MAX) - i64::try_from(now).unwrap_or(0);
         reg.set(
-            "moat_certificate_expiry_seconds",
+            crate::metrics::Metric::CertificateExpirySeconds,
             &[("serves", &c.serves), ("name", &name)],
             secs,
         );
@@ -506,16 +506,14 @@ fn report(req: &Request, ctx: &AdminCtx) -> Response {
     Response::new(200, "text/html; charset=utf-8", page.into_bytes())
 }
 
+/// RFC 3986 unreserved characters stay; everything else is `%XX`.
 fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(s, SET).to_string()
 }
 
 /// A GET to the admin API (for `moat status`): the status and the body.

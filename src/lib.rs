@@ -2,6 +2,8 @@
 //!
 //! See `DESIGN.md` in the shared folder for the architecture; each module's docs describe its room.
 
+#![forbid(unsafe_code)]
+
 pub mod admin_api;
 pub mod config;
 pub mod dns;

@@ -1,5 +1,7 @@
 //! The `moat` command. Every subcommand's `--help` is its manual.
 
+#![forbid(unsafe_code)]
+
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -11,99 +11,159 @@ use std::sync::{Mutex, OnceLock};
 
 use crate::report::{AuthClass, DeliveryEvent, Outcome};
 
-/// Metric families: name, type, help.
-const FAMILIES: &[(&str, &str, &str)] = &[
-    (
-        "moat_connections_total",
-        "counter",
-        "SMTP connections accepted, by listener.",
-    ),
-    (
-        "moat_connections_active",
-        "gauge",
-        "SMTP connections open now, by listener.",
-    ),
-    (
-        "moat_connections_refused_total",
-        "counter",
-        "SMTP connections refused by the connection limits, by listener.",
-    ),
-    (
-        "moat_sessions_total",
-        "counter",
-        "Finished SMTP sessions, by listener and whether TLS was up at the end.",
-    ),
-    (
-        "moat_tls_handshakes_total",
-        "counter",
-        "Completed TLS handshakes, by direction (in, out), version and cipher.",
-    ),
-    (
-        "moat_tls_handshake_failures_total",
-        "counter",
-        "Failed TLS handshakes, by direction and cause.",
-    ),
-    (
-        "moat_messages_accepted_total",
-        "counter",
-        "Messages accepted (queued) by listener.",
-    ),
-    (
-        "moat_messages_rejected_total",
-        "counter",
-        "Negative replies to clients, by enhanced status code.",
-    ),
-    (
-        "moat_messages_delivered_total",
-        "counter",
-        "Recipients delivered, by TLS mode (mta_sts, verified, opportunistic, plaintext, local).",
-    ),
-    (
-        "moat_messages_deferred_total",
-        "counter",
-        "Recipients deferred, by cause.",
-    ),
-    (
-        "moat_messages_bounced_total",
-        "counter",
-        "Recipients bounced, by cause.",
-    ),
-    (
-        "moat_queue_recipients",
-        "gauge",
-        "Recipients in the queue, by state.",
-    ),
-    (
-        "moat_queue_oldest_seconds",
-        "gauge",
-        "Age of the oldest queued message with a recipient in each state.",
-    ),
-    (
-        "moat_mta_sts_fetches_total",
-        "counter",
-        "MTA-STS policy fetches, by result.",
-    ),
-    (
-        "moat_mta_sts_cache_hits_total",
-        "counter",
-        "Deliveries that used a cached MTA-STS policy.",
-    ),
-    (
-        "moat_mta_sts_policies",
-        "gauge",
-        "Unexpired MTA-STS policies in the cache, by mode.",
-    ),
-    (
-        "moat_certificate_expiry_seconds",
-        "gauge",
-        "Seconds until each served certificate expires (negative once expired), by first name.",
-    ),
-    (
-        "moat_spool_sync_seconds",
-        "histogram",
-        "Time to make an accepted message durable (file fdatasync, then directory fsync).",
-    ),
-];
+/// A metric family. An enum, not a string, so that a misspelt name is a compile error instead
+/// of a series that silently never appears. Declaration order is exposition order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Metric {
+    /// SMTP connections accepted, by listener.
+    ConnectionsTotal,
+    /// SMTP connections open now, by listener.
+    ConnectionsActive,
+    /// SMTP connections refused by the connection limits, by listener.
+    ConnectionsRefusedTotal,
+    /// Finished SMTP sessions, by listener and whether TLS was up at the end.
+    SessionsTotal,
+    /// Completed TLS handshakes, by direction (in, out), version and cipher.
+    TlsHandshakesTotal,
+    /// Failed TLS handshakes, by direction and cause.
+    TlsHandshakeFailuresTotal,
+    /// Messages accepted (queued) by listener.
+    MessagesAcceptedTotal,
+    /// Negative replies to clients, by enhanced status code.
+    MessagesRejectedTotal,
+    /// Recipients delivered, by TLS mode (mta_sts, verified, opportunistic, plaintext, local).
+    MessagesDeliveredTotal,
+    /// Recipients deferred, by cause.
+    MessagesDeferredTotal,
+    /// Recipients bounced, by cause.
+    MessagesBouncedTotal,
+    /// Recipients in the queue, by state.
+    QueueRecipients,
+    /// Age of the oldest queued message with a recipient in each state.
+    QueueOldestSeconds,
+    /// MTA-STS policy fetches, by result.
+    MtaStsFetchesTotal,
+    /// Deliveries that used a cached MTA-STS policy.
+    MtaStsCacheHitsTotal,
+    /// Unexpired MTA-STS policies in the cache, by mode.
+    MtaStsPolicies,
+    /// Seconds until each served certificate expires (negative once expired), by first name.
+    CertificateExpirySeconds,
+    /// Time to make an accepted message durable (file fdatasync, then directory fsync).
+    SpoolSyncSeconds,
+}
+
+impl Metric {
+    /// Every family, in exposition order.
+    pub const ALL: &[Metric] = &[
+        Metric::ConnectionsTotal,
+        Metric::ConnectionsActive,
+        Metric::ConnectionsRefusedTotal,
+        Metric::SessionsTotal,
+        Metric::TlsHandshakesTotal,
+        Metric::TlsHandshakeFailuresTotal,
+        Metric::MessagesAcceptedTotal,
+        Metric::MessagesRejectedTotal,
+        Metric::MessagesDeliveredTotal,
+        Metric::MessagesDeferredTotal,
+        Metric::MessagesBouncedTotal,
+        Metric::QueueRecipients,
+        Metric::QueueOldestSeconds,
+        Metric::MtaStsFetchesTotal,
+        Metric::MtaStsCacheHitsTotal,
+        Metric::MtaStsPolicies,
+        Metric::CertificateExpirySeconds,
+        Metric::SpoolSyncSeconds,
+    ];
+
+    /// The exposition name, e.g. `moat_connections_total`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::ConnectionsTotal => "moat_connections_total",
+            Metric::ConnectionsActive => "moat_connections_active",
+            Metric::ConnectionsRefusedTotal => "moat_connections_refused_total",
+            Metric::SessionsTotal => "moat_sessions_total",
+            Metric::TlsHandshakesTotal => "moat_tls_handshakes_total",
+            Metric::TlsHandshakeFailuresTotal => "moat_tls_handshake_failures_total",
+            Metric::MessagesAcceptedTotal => "moat_messages_accepted_total",
+            Metric::MessagesRejectedTotal => "moat_messages_rejected_total",
+            Metric::MessagesDeliveredTotal => "moat_messages_delivered_total",
+            Metric::MessagesDeferredTotal => "moat_messages_deferred_total",
+            Metric::MessagesBouncedTotal => "moat_messages_bounced_total",
+            Metric::QueueRecipients => "moat_queue_recipients",
+            Metric::QueueOldestSeconds => "moat_queue_oldest_seconds",
+            Metric::MtaStsFetchesTotal => "moat_mta_sts_fetches_total",
+            Metric::MtaStsCacheHitsTotal => "moat_mta_sts_cache_hits_total",
+            Metric::MtaStsPolicies => "moat_mta_sts_policies",
+            Metric::CertificateExpirySeconds => "moat_certificate_expiry_seconds",
+            Metric::SpoolSyncSeconds => "moat_spool_sync_seconds",
+        }
+    }
+
+    /// `counter`, `gauge` or `histogram`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Metric::ConnectionsTotal => "counter",
+            Metric::ConnectionsActive => "gauge",
+            Metric::ConnectionsRefusedTotal => "counter",
+            Metric::SessionsTotal => "counter",
+            Metric::TlsHandshakesTotal => "counter",
+            Metric::TlsHandshakeFailuresTotal => "counter",
+            Metric::MessagesAcceptedTotal => "counter",
+            Metric::MessagesRejectedTotal => "counter",
+            Metric::MessagesDeliveredTotal => "counter",
+            Metric::MessagesDeferredTotal => "counter",
+            Metric::MessagesBouncedTotal => "counter",
+            Metric::QueueRecipients => "gauge",
+            Metric::QueueOldestSeconds => "gauge",
+            Metric::MtaStsFetchesTotal => "counter",
+            Metric::MtaStsCacheHitsTotal => "counter",
+            Metric::MtaStsPolicies => "gauge",
+            Metric::CertificateExpirySeconds => "gauge",
+            Metric::SpoolSyncSeconds => "histogram",
+        }
+    }
+
+    /// The `# HELP` text.
+    pub fn help(self) -> &'static str {
+        match self {
+            Metric::ConnectionsTotal => "SMTP connections accepted, by listener.",
+            Metric::ConnectionsActive => "SMTP connections open now, by listener.",
+            Metric::ConnectionsRefusedTotal => {
+                "SMTP connections refused by the connection limits, by listener."
+            }
+            Metric::SessionsTotal => {
+                "Finished SMTP sessions, by listener and whether TLS was up at the end."
+            }
+            Metric::TlsHandshakesTotal => {
+                "Completed TLS handshakes, by direction (in, out), version and cipher."
+            }
+            Metric::TlsHandshakeFailuresTotal => "Failed TLS handshakes, by direction and cause.",
+            Metric::MessagesAcceptedTotal => "Messages accepted (queued) by listener.",
+            Metric::MessagesRejectedTotal => {
+                "Negative replies to clients, by enhanced status code."
+            }
+            Metric::MessagesDeliveredTotal => {
+                "Recipients delivered, by TLS mode (mta_sts, verified, opportunistic, plaintext, local)."
+            }
+            Metric::MessagesDeferredTotal => "Recipients deferred, by cause.",
+            Metric::MessagesBouncedTotal => "Recipients bounced, by cause.",
+            Metric::QueueRecipients => "Recipients in the queue, by state.",
+            Metric::QueueOldestSeconds => {
+                "Age of the oldest queued message with a recipient in each state."
+            }
+            Metric::MtaStsFetchesTotal => "MTA-STS policy fetches, by result.",
+            Metric::MtaStsCacheHitsTotal => "Deliveries that used a cached MTA-STS policy.",
+            Metric::MtaStsPolicies => "Unexpired MTA-STS policies in the cache, by mode.",
+            Metric::CertificateExpirySeconds => {
+                "Seconds until each served certificate expires (negative once expired), by first name."
+            }
+            Metric::SpoolSyncSeconds => {
+                "Time to make an accepted message durable (file fdatasync, then directory fsync)."
+            }
+        }
+    }
+}
 
 /// Upper bounds of the spool sync histogram, seconds.
 const SYNC_BUCKETS: [f64; 12] = [
@@ -113,7 +173,7 @@ const SYNC_BUCKETS: [f64; 12] = [
 /// Counters and gauges keyed by family and rendered label set.
 #[derive(Debug, Default)]
 pub struct Registry {
-    values: Mutex<BTreeMap<(&'static str, String), i64>>,
+    values: Mutex<BTreeMap<(Metric, String), i64>>,
     sync_buckets: [AtomicU64; 12],
     sync_count: AtomicU64,
     /// Sum in nanoseconds.
@@ -154,25 +214,25 @@ fn labels(pairs: &[(&str, &str)]) -> String {
 
 impl Registry {
     /// Adds `delta` to a counter or gauge.
-    pub fn add(&self, name: &'static str, pairs: &[(&str, &str)], delta: i64) {
+    pub fn add(&self, name: Metric, pairs: &[(&str, &str)], delta: i64) {
         let mut v = self.values.lock().unwrap_or_else(|e| e.into_inner());
         *v.entry((name, labels(pairs))).or_insert(0) += delta;
     }
 
     /// Sets a gauge.
-    pub fn set(&self, name: &'static str, pairs: &[(&str, &str)], value: i64) {
+    pub fn set(&self, name: Metric, pairs: &[(&str, &str)], value: i64) {
         let mut v = self.values.lock().unwrap_or_else(|e| e.into_inner());
         v.insert((name, labels(pairs)), value);
     }
 
     /// Removes every series of a gauge family (before setting a fresh snapshot).
-    pub fn clear(&self, name: &'static str) {
+    pub fn clear(&self, name: Metric) {
         let mut v = self.values.lock().unwrap_or_else(|e| e.into_inner());
         v.retain(|(n, _), _| *n != name);
     }
 
     /// The current value of one series (tests, `moat status`).
-    pub fn get(&self, name: &'static str, pairs: &[(&str, &str)]) -> i64 {
+    pub fn get(&self, name: Metric, pairs: &[(&str, &str)]) -> i64 {
         let v = self.values.lock().unwrap_or_else(|e| e.into_inner());
         v.get(&(name, labels(pairs))).copied().unwrap_or(0)
     }
@@ -198,10 +258,11 @@ impl Registry {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let mut out = String::with_capacity(8192);
-        for (name, kind, help) in FAMILIES {
-            let _ = writeln!(out, "# HELP {name} {help}");
+        for &metric in Metric::ALL {
+            let (name, kind) = (metric.name(), metric.kind());
+            let _ = writeln!(out, "# HELP {name} {}", metric.help());
             let _ = writeln!(out, "# TYPE {name} {kind}");
-            if *kind == "histogram" {
+            if kind == "histogram" {
                 for (i, b) in SYNC_BUCKETS.iter().enumerate() {
                     let _ = writeln!(
                         out,
@@ -216,8 +277,8 @@ impl Registry {
                 let _ = writeln!(out, "{name}_count {count}");
                 continue;
             }
-            for ((n, l), v) in values.range((*name, String::new())..) {
-                if n != name {
+            for ((n, l), v) in values.range((metric, String::new())..) {
+                if *n != metric {
                     break;
                 }
                 let _ = writeln!(out, "{name}{l} {v}");
@@ -228,7 +289,7 @@ impl Registry {
 }
 
 /// Shorthand for [`Registry::add`] on the global registry with `+1`.
-pub fn inc(name: &'static str, pairs: &[(&str, &str)]) {
+pub fn inc(name: Metric, pairs: &[(&str, &str)]) {
     global().add(name, pairs, 1);
 }
 
@@ -244,13 +305,13 @@ pub fn delivery(ev: &DeliveryEvent) {
                 AuthClass::Plaintext | AuthClass::None => "plaintext",
                 AuthClass::Local => "local",
             };
-            inc("moat_messages_delivered_total", &[("tls_mode", mode)]);
+            inc(Metric::MessagesDeliveredTotal, &[("tls_mode", mode)]);
         }
         Outcome::Deferred | Outcome::Bounced => {
             let name = if ev.outcome == Outcome::Deferred {
-                "moat_messages_deferred_total"
+                Metric::MessagesDeferredTotal
             } else {
-                "moat_messages_bounced_total"
+                Metric::MessagesBouncedTotal
             };
             inc(name, &[("cause", ev.cause.as_deref().unwrap_or("unknown"))]);
         }
@@ -270,7 +331,7 @@ pub fn rejection(reply_line: &str) {
         .next()
         .filter(|w| w.split('.').count() == 3 && w.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
         .unwrap_or(code);
-    inc("moat_messages_rejected_total", &[("code", enhanced)]);
+    inc(Metric::MessagesRejectedTotal, &[("code", enhanced)]);
 }
 
 #[cfg(test)]
@@ -280,10 +341,10 @@ mod tests {
     #[test]
     fn renders_counters_gauges_and_the_histogram() {
         let r = Registry::default();
-        r.add("moat_connections_total", &[("listener", "smtp")], 1);
-        r.add("moat_connections_total", &[("listener", "smtp")], 2);
-        r.add("moat_connections_total", &[("listener", "sub\"mission")], 1);
-        r.set("moat_queue_recipients", &[("state", "deferred")], 4);
+        r.add(Metric::ConnectionsTotal, &[("listener", "smtp")], 1);
+        r.add(Metric::ConnectionsTotal, &[("listener", "smtp")], 2);
+        r.add(Metric::ConnectionsTotal, &[("listener", "sub\"mission")], 1);
+        r.set(Metric::QueueRecipients, &[("state", "deferred")], 4);
         r.observe_sync(std::time::Duration::from_micros(300));
         r.observe_sync(std::time::Duration::from_millis(3));
         let text = r.render();
@@ -317,14 +378,15 @@ mod tests {
         );
         assert!(text.contains("moat_spool_sync_seconds_count 2\n"), "{text}");
         // Every family has HELP and TYPE once.
-        for (name, ..) in FAMILIES {
+        for m in Metric::ALL {
+            let name = m.name();
             assert_eq!(
                 text.matches(&format!("# TYPE {name} ")).count(),
                 1,
                 "{name}"
             );
         }
-        r.clear("moat_queue_recipients");
+        r.clear(Metric::QueueRecipients);
         assert!(!r.render().contains("moat_queue_recipients{"));
     }
 
@@ -333,10 +395,10 @@ mod tests {
         rejection("554 5.7.1 Relay access denied");
         rejection("500 Syntax");
         rejection("250 2.0.0 Ok");
-        assert!(global().get("moat_messages_rejected_total", &[("code", "5.7.1")]) >= 1);
-        assert!(global().get("moat_messages_rejected_total", &[("code", "500")]) >= 1);
+        assert!(global().get(Metric::MessagesRejectedTotal, &[("code", "5.7.1")]) >= 1);
+        assert!(global().get(Metric::MessagesRejectedTotal, &[("code", "500")]) >= 1);
         assert_eq!(
-            global().get("moat_messages_rejected_total", &[("code", "2.0.0")]),
+            global().get(Metric::MessagesRejectedTotal, &[("code", "2.0.0")]),
             0
         );
     }

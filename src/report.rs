@@ -27,7 +27,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use crate::util::{compact_utc, unix_now};
+use crate::util::{unix_now, utc_day, utc_minutes};
 
 /// How long events are kept, in memory and on disk: 8 days (the week window plus a margin).
 pub const KEEP_SECS: u64 = 8 * 86_400;
@@ -920,25 +920,6 @@ fn shorten(s: &str, max: usize) -> String {
         t.push('…');
         t
     }
-}
-
-/// `YYYY-MM-DD HH:MM` in UTC.
-fn utc_minutes(unix: u64) -> String {
-    let c = compact_utc(unix);
-    format!(
-        "{}-{}-{} {}:{}",
-        &c[0..4],
-        &c[4..6],
-        &c[6..8],
-        &c[8..10],
-        &c[10..12]
-    )
-}
-
-/// `YYYY-MM-DD` in UTC.
-fn utc_day(unix: u64) -> String {
-    let c = compact_utc(unix);
-    format!("{}-{}-{}", &c[0..4], &c[4..6], &c[6..8])
 }
 
 /// `part` as a percentage of `whole`, one decimal, or `–` when `whole` is 0.

@@ -442,7 +442,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
                     Err(why) => {
                         tracing::warn!(%peer, listener = %ctx.name, why, "connection refused");
                         crate::metrics::inc(
-                            "moat_connections_refused_total",
+                            crate::metrics::Metric::ConnectionsRefusedTotal,
                             &[("listener", &ctx.name)],
                         );
                         if !ctx.implicit_tls {

@@ -11,50 +11,55 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// `(year, month, day)` of a day count since 1970-01-01 (H. Hinnant's civil-from-days).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+/// `unix` as a UTC date-time; times beyond what `time` represents (year 9999) are clamped.
+fn utc(unix: u64) -> time::OffsetDateTime {
+    i64::try_from(unix)
+        .ok()
+        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .unwrap_or(time::PrimitiveDateTime::MAX.assume_utc())
 }
 
 /// RFC 5322 date-time in UTC, e.g. `Mon, 23 Nov 2026 21:06:56 +0000`.
 pub fn rfc5322_date(unix: u64) -> String {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let days = (unix / 86_400) as i64;
-    let secs = unix % 86_400;
-    let (y, m, d) = civil_from_days(days);
+    let t = utc(unix);
+    let weekday = t.weekday().to_string();
+    let month = t.month().to_string();
     format!(
         "{}, {} {} {} {:02}:{:02}:{:02} +0000",
-        DAYS[(days % 7) as usize],
-        d,
-        MONTHS[(m - 1) as usize],
-        y,
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
+        &weekday[..3],
+        t.day(),
+        &month[..3],
+        t.year(),
+        t.hour(),
+        t.minute(),
+        t.second()
     )
 }
 
 /// `yyyymmddhhmmss` in UTC (used for MTA-STS ids and file names).
 pub fn compact_utc(unix: u64) -> String {
-    let (y, m, d) = civil_from_days((unix / 86_400) as i64);
-    let s = unix % 86_400;
+    let t = utc(unix);
     format!(
-        "{y:04}{m:02}{d:02}{:02}{:02}{:02}",
-        s / 3600,
-        s / 60 % 60,
-        s % 60
+        "{:04}{:02}{:02}{:02}{:02}{:02}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
     )
+}
+
+/// `YYYY-MM-DD` in UTC.
+pub fn utc_day(unix: u64) -> String {
+    let t = utc(unix);
+    format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day())
+}
+
+/// `YYYY-MM-DD HH:MM` in UTC.
+pub fn utc_minutes(unix: u64) -> String {
+    let t = utc(unix);
+    format!("{} {:02}:{:02}", utc_day(unix), t.hour(), t.minute())
 }
 
 /// RFC 3461 xtext: `+` `=` and bytes outside `!`..`~` become `+HH`.
@@ -131,6 +136,9 @@ mod tests {
         );
         assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
         assert_eq!(compact_utc(1_795_468_016), "20261123210656");
+        assert_eq!(utc_day(1_795_468_016), "2026-11-23");
+        assert_eq!(utc_minutes(1_795_468_016), "2026-11-23 21:06");
+        assert_eq!(rfc5322_date(u64::MAX), "Fri, 31 Dec 9999 23:59:59 +0000");
     }
 
     #[test]

@@ -104,7 +104,7 @@ pub async fn handle(
         drive(&mut tls, &mut session, &shared, deadline, &listener.name).await;
         let _ = tls.shutdown().await;
         metrics::inc(
-            "moat_sessions_total",
+            crate::metrics::Metric::SessionsTotal,
             &[("listener", &listener.name), ("tls", "yes")],
         );
         return;
@@ -118,7 +118,7 @@ pub async fn handle(
             // separate shutdown(2) needed.
             drop(stream);
             metrics::inc(
-                "moat_sessions_total",
+                crate::metrics::Metric::SessionsTotal,
                 &[("listener", &listener.name), ("tls", "no")],
             );
         }
@@ -130,7 +130,7 @@ pub async fn handle(
             drive(&mut tls, &mut session, &shared, deadline, &listener.name).await;
             let _ = tls.shutdown().await;
             metrics::inc(
-                "moat_sessions_total",
+                crate::metrics::Metric::SessionsTotal,
                 &[("listener", &listener.name), ("tls", "yes")],
             );
         }
@@ -153,7 +153,7 @@ async fn handshake(
                 client_cert = if s.client_names.is_empty() { "none".to_string() } else { format!("verified ({})", s.client_names.join(" ")) },
                 "TLS established");
             metrics::inc(
-                "moat_tls_handshakes_total",
+                crate::metrics::Metric::TlsHandshakesTotal,
                 &[
                     ("direction", "in"),
                     ("version", &s.version),
@@ -165,7 +165,7 @@ async fn handshake(
         Ok(Err(e)) => {
             tracing::warn!(%peer, listener, cause = %e, "TLS handshake failed");
             metrics::inc(
-                "moat_tls_handshake_failures_total",
+                crate::metrics::Metric::TlsHandshakeFailuresTotal,
                 &[
                     ("direction", "in"),
                     ("cause", handshake_cause(&e.to_string())),
@@ -176,7 +176,7 @@ async fn handshake(
         Err(_) => {
             tracing::warn!(%peer, listener, cause = "timeout", "TLS handshake failed");
             metrics::inc(
-                "moat_tls_handshake_failures_total",
+                crate::metrics::Metric::TlsHandshakeFailuresTotal,
                 &[("direction", "in"), ("cause", "timeout")],
             );
             None
@@ -241,15 +241,26 @@ struct OpenConnection(String);
 
 impl OpenConnection {
     fn new(listener: &str) -> OpenConnection {
-        metrics::inc("moat_connections_total", &[("listener", listener)]);
-        metrics::global().add("moat_connections_active", &[("listener", listener)], 1);
+        metrics::inc(
+            crate::metrics::Metric::ConnectionsTotal,
+            &[("listener", listener)],
+        );
+        metrics::global().add(
+            crate::metrics::Metric::ConnectionsActive,
+            &[("listener", listener)],
+            1,
+        );
         OpenConnection(listener.to_string())
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        metrics::global().add("moat_connections_active", &[("listener", &self.0)], -1);
+        metrics::global().add(
+            crate::metrics::Metric::ConnectionsActive,
+            &[("listener", &self.0)],
+            -1,
+        );
     }
 }
 
@@ -341,7 +352,10 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 match &result {
                     Ok(()) => {
                         metrics::global().observe_sync(started.elapsed());
-                        metrics::inc("moat_messages_accepted_total", &[("listener", listener)]);
+                        metrics::inc(
+                            crate::metrics::Metric::MessagesAcceptedTotal,
+                            &[("listener", listener)],
+                        );
                         tracing::info!(queue_id = %id, client = %trace.ip, protocol = %trace.protocol,
                             from = %envelope.sender, rcpts = envelope.recipients.len(),
                             size = message.len(),

@@ -480,7 +480,7 @@ fn count_handshake<T>(
 ) -> Result<(T, TlsOutcome), TlsFailure> {
     match &r {
         Ok((_, o)) => crate::metrics::inc(
-            "moat_tls_handshakes_total",
+            crate::metrics::Metric::TlsHandshakesTotal,
             &[
                 ("direction", "out"),
                 ("version", &o.version),
@@ -494,7 +494,7 @@ fn count_handshake<T>(
                 TlsFailure::Timeout => "timeout",
             };
             crate::metrics::inc(
-                "moat_tls_handshake_failures_total",
+                crate::metrics::Metric::TlsHandshakeFailuresTotal,
                 &[("direction", "out"), ("cause", cause)],
             );
         }

@@ -43,59 +43,13 @@ const SEG_MAGIC: &[u8; 8] = b"MOATSEG1";
 const REC_MAGIC: &[u8; 4] = b"MREC";
 const ID_LEN: usize = 16;
 
-/// CRC-32 lookup tables for slicing by 8: `T[0]` is the classic byte table, `T[k]` advances
-/// a byte through `k` more zero bytes.
-const fn crc_tables() -> [[u32; 256]; 8] {
-    let mut t = [[0u32; 256]; 8];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        t[0][i] = c;
-        i += 1;
-    }
-    let mut i = 0;
-    while i < 256 {
-        let mut k = 1;
-        while k < 8 {
-            t[k][i] = (t[k - 1][i] >> 8) ^ t[0][(t[k - 1][i] & 0xFF) as usize];
-            k += 1;
-        }
-        i += 1;
-    }
-    t
-}
-
-static T: [[u32; 256]; 8] = crc_tables();
-
-/// CRC-32 (IEEE), continuing from `crc` (0 to start); eight bytes per step.
+/// CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320), continuing from `crc` (0 to start):
+/// `crc32(crc32(0, a), b) == crc32(0, a ++ b)`. `crc32fast` picks the hardware path (PCLMULQDQ,
+/// ARMv8 CRC) when the CPU has it.
 pub fn crc32(crc: u32, data: &[u8]) -> u32 {
-    let mut c = !crc;
-    let mut chunks = data.chunks_exact(8);
-    for ch in &mut chunks {
-        let lo = u32::from_le_bytes([ch[0], ch[1], ch[2], ch[3]]) ^ c;
-        let hi = u32::from_le_bytes([ch[4], ch[5], ch[6], ch[7]]);
-        c = T[7][(lo & 0xFF) as usize]
-            ^ T[6][((lo >> 8) & 0xFF) as usize]
-            ^ T[5][((lo >> 16) & 0xFF) as usize]
-            ^ T[4][(lo >> 24) as usize]
-            ^ T[3][(hi & 0xFF) as usize]
-            ^ T[2][((hi >> 8) & 0xFF) as usize]
-            ^ T[1][((hi >> 16) & 0xFF) as usize]
-            ^ T[0][(hi >> 24) as usize];
-    }
-    for &b in chunks.remainder() {
-        c = T[0][((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
-    }
-    !c
+    let mut h = crc32fast::Hasher::new_with_initial(crc);
+    h.update(data);
+    h.finalize()
 }
 
 /// Rounds a record length up to the next record boundary.

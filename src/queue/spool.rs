@@ -663,17 +663,18 @@ impl Spool {
 
 /// Takes the spool's exclusive lock (`flock`), or says which process holds it.
 fn lock_spool(path: &Path) -> io::Result<File> {
-    use std::os::fd::AsRawFd;
     let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .open(path)?;
-    // SAFETY: flock(2) on a descriptor we own; no memory is passed.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r != 0 {
-        let e = io::Error::last_os_error();
+    // flock(2) on Unix: released when the process exits, whatever way it ends.
+    if let Err(e) = f.try_lock() {
+        let e = match e {
+            fs::TryLockError::WouldBlock => io::Error::from(io::ErrorKind::WouldBlock),
+            fs::TryLockError::Error(e) => e,
+        };
         let holder = fs::read_to_string(path).unwrap_or_default();
         return Err(io::Error::new(
             e.kind(),
