@@ -411,17 +411,13 @@ fn idle_client_times_out() {
 #[test]
 fn connection_limit_per_address() {
     let m = Moat::start_with("127.0.10.18", "", "max_connections_per_ip = 2");
-    // The harness's readiness probes hold slots until the server sees them close.
+    // The harness never connects to see whether the server is up (it waits for the server's
+    // ready line), so both slots are free from the start.
     let connect = || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut c = Client::connect_raw(m.addr(SMTP));
-            if c.read_reply().code == 220 {
-                return c;
-            }
-            assert!(Instant::now() < deadline, "no free slot");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut c = Client::connect_raw(m.addr(SMTP));
+        let r = c.read_reply();
+        assert_eq!(r.code, 220, "{r}");
+        c
     };
     let _a = connect();
     let _b = connect();
@@ -430,8 +426,17 @@ fn connection_limit_per_address() {
     assert!(r.is("421 4.7.0"), "{r}");
     assert!(c.closed());
     drop(_a);
-    // The slot is released once the server sees the close.
-    let _d = connect();
+    // The slot is released once the server sees the close, which takes a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let _d = loop {
+        let mut c = Client::connect_raw(m.addr(SMTP));
+        let r = c.read_reply();
+        if r.code == 220 {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "slot not released: {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
 }
 
 #[test]
@@ -625,45 +630,79 @@ fn config_check_reports_key_and_line() {
 
 #[test]
 fn embedded_default_runs_without_config() {
-    // The README's first command: no config, no root, a fresh data dir.
+    // The README's first command: no config, no root, a fresh data dir. Its addresses are the
+    // embedded default's (127.0.0.1:2525, :2465, :2587, admin :2580), which another server on
+    // this machine may hold, so the test never trusts a port that merely answers: it waits for
+    // its own child's ready line (failing at once, with the reason, if the child exits), and
+    // after connecting it checks that the server it reached is that child.
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
-        .arg("serve")
-        .current_dir(dir.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: std::net::SocketAddr = "127.0.0.1:2525".parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut c = loop {
-        if let Ok(s) = std::net::TcpStream::connect(addr) {
-            drop(s);
-            break Client::connect(addr);
+    let out = ChildOutput::new(dir.path(), "moat");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_moat"));
+    cmd.arg("serve").current_dir(dir.path());
+    out.attach(&mut cmd);
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
         }
-        assert!(Instant::now() < deadline, "default server did not start");
-        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut child = Kill(cmd.spawn().unwrap());
+    let what = "`moat serve` (embedded default config)";
+    let lines = wait_ready(&mut child.0, what, &out, Duration::from_secs(20));
+    for addr in ["127.0.0.1:2525", "127.0.0.1:2465", "127.0.0.1:2587"] {
+        assert_listening(&lines, addr, what);
+    }
+    let pid = child.0.id();
+    let addr: std::net::SocketAddr = "127.0.0.1:2525".parse().unwrap();
+    let not_ours = |why: String| -> String {
+        format!(
+            "connected to {addr}, but the server there is not the moat this test started \
+             (pid {pid}, data dir {}/moat-data): {why}\n{}",
+            dir.path().display(),
+            out.tails(40)
+        )
     };
+    let mut c = Client::connect_raw(addr);
+    let greeting = c.read_reply();
+    assert!(
+        greeting.code == 220 && greeting.text() == "localhost ESMTP Moat",
+        "{}",
+        not_ours(format!("greeting {greeting}"))
+    );
     c.ehlo();
     c.starttls("localhost");
-    c.ehlo();
+    // The self-signed certificate our child made in our fresh data dir: no other server has it.
+    let own = pem_der(&dir.path().join("moat-data/tls/cert.pem"));
     assert!(
-        c.send_mail(
-            "a@example.org",
-            &["dave@localhost"],
-            "Subject: d\r\n\r\nx\r\n"
-        )
-        .is("250 2.0.0")
+        c.peer_cert.as_deref() == Some(&own[..]),
+        "{}",
+        not_ours("its certificate is not the one in our data dir".into())
     );
+    c.ehlo();
+    let r = c.send_mail(
+        "a@example.org",
+        &["dave@localhost"],
+        "Subject: d\r\n\r\nx\r\n",
+    );
+    assert!(r.is("250 2.0.0"), "{r}\n{}", out.tails(40));
     let new = dir.path().join("moat-data/mail/dave/new");
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::fs::read_dir(&new).map(|d| d.count()).unwrap_or(0) == 0 {
-        assert!(Instant::now() < deadline, "not delivered");
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!(
+                "moat (pid {pid}) exited ({status}) after accepting the message\n{}",
+                out.tails(40)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "our own moat (pid {pid}) accepted the message ({r}) but did not deliver it to {}\n{}",
+            new.display(),
+            out.tails(40)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(dir.path().join("moat-data/tls/cert.pem").exists());
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]

@@ -90,6 +90,14 @@ fn metrics_api_status_and_report_after_traffic() {
     );
     let sender = Moat::start_with("127.0.13.1", &extra, "");
     let admin: SocketAddr = format!("127.0.13.1:{ADMIN_PORT}").parse().unwrap();
+    // The admin listener is the sender's own: it said so before its ready line.
+    let stdout = sender.output().stdout_text();
+    assert!(
+        stdout.contains(&format!(
+            "moat: admin API, metrics and report on http://{admin}/"
+        )),
+        "the sender did not report its admin listener on {admin}:\n{stdout}"
+    );
     let token = std::fs::read_to_string(sender.data().join("admin.token"))
         .unwrap()
         .trim()

@@ -138,15 +138,18 @@ pub fn serve_dynamic(ip: &str, origin: &str, records: &[Rr]) -> DynDns {
         txt: Arc::new(std::sync::RwLock::new(Arc::new(catalog(origin, records)))),
     };
     let txt = handler.txt.clone();
-    let (udp, tcp) = loop {
-        let udp = std::net::UdpSocket::bind((ip, 0)).unwrap();
-        let port = udp.local_addr().unwrap().port();
-        if let Ok(tcp) = std::net::TcpListener::bind((ip, port)) {
+    // An ephemeral port that is free for both UDP and TCP: no other process answers on it.
+    let (udp, tcp) = (0..50)
+        .find_map(|_| {
+            let udp = std::net::UdpSocket::bind((ip, 0))
+                .unwrap_or_else(|e| panic!("DNS server: cannot bind UDP on {ip}: {e}"));
+            let port = udp.local_addr().unwrap().port();
+            let tcp = std::net::TcpListener::bind((ip, port)).ok()?;
             udp.set_nonblocking(true).unwrap();
             tcp.set_nonblocking(true).unwrap();
-            break (udp, tcp);
-        }
-    };
+            Some((udp, tcp))
+        })
+        .unwrap_or_else(|| panic!("DNS server: no port on {ip} free for both UDP and TCP"));
     let addr = udp.local_addr().unwrap();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -47,7 +47,10 @@ impl PolicyServer {
         .with_single_cert(chain, key)
         .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = std::net::TcpListener::bind(addr).unwrap();
+        // Bound before this returns: a fetch from `addr` afterwards reaches this server.
+        let listener = std::net::TcpListener::bind(addr).unwrap_or_else(|e| {
+            panic!("policy server: cannot listen on {addr} (another process already listens there?): {e}")
+        });
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let response = Arc::new(Mutex::new(ok_response("")));

@@ -26,6 +26,144 @@ pub struct Moat {
     pub dir: tempfile::TempDir,
     pub ip: String,
     pub config: PathBuf,
+    /// The running child's output files (from where this child started writing).
+    output: Option<ChildOutput>,
+}
+
+/// Where a spawned server's stdout and stderr go (files in a directory of the test's own),
+/// and how long each file was when the child started, so that the lines of this child are
+/// told apart from those of an earlier run appended to the same file.
+#[derive(Debug, Clone)]
+pub struct ChildOutput {
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+    stdout_from: u64,
+    stderr_from: u64,
+}
+
+impl ChildOutput {
+    /// Files `<name>.out` (stdout) and `<name>.log` (stderr) in `dir`, appended to.
+    pub fn new(dir: &Path, name: &str) -> ChildOutput {
+        let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let stdout = dir.join(format!("{name}.out"));
+        let stderr = dir.join(format!("{name}.log"));
+        ChildOutput {
+            stdout_from: len(&stdout),
+            stderr_from: len(&stderr),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Points `cmd`'s stdout and stderr at the files.
+    pub fn attach(&self, cmd: &mut Command) {
+        let open = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        };
+        cmd.stdout(open(&self.stdout)).stderr(open(&self.stderr));
+    }
+
+    /// What this child has written to stdout so far.
+    pub fn stdout_text(&self) -> String {
+        since(&self.stdout, self.stdout_from)
+    }
+
+    /// What this child has written to stderr so far.
+    pub fn stderr_text(&self) -> String {
+        since(&self.stderr, self.stderr_from)
+    }
+
+    /// The last `n` lines of this child's stderr and its whole stdout, for a panic message.
+    pub fn tails(&self, n: usize) -> String {
+        let err = self.stderr_text();
+        let lines: Vec<&str> = err.lines().collect();
+        let tail = lines[lines.len().saturating_sub(n)..].join("\n");
+        format!(
+            "--- stderr ({}, last {n} lines) ---\n{tail}\n--- stdout ({}) ---\n{}",
+            self.stderr.display(),
+            self.stdout.display(),
+            self.stdout_text()
+        )
+    }
+}
+
+fn since(path: &Path, from: u64) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let from = (from as usize).min(bytes.len());
+    String::from_utf8_lossy(&bytes[from..]).into_owned()
+}
+
+/// The line `moat serve` prints once every listener, its admin socket and its signal handlers
+/// are in place (`src/server.rs`).
+pub fn ready_line(pid: u32) -> String {
+    format!("moat: ready (pid {pid})")
+}
+
+/// Why a server exited before it was ready, from its stderr: for a listener that could not
+/// bind, "address in use: another process already listens on ADDR".
+pub fn exit_reason(stderr: &str) -> Option<String> {
+    let line = stderr.lines().find(|l| l.contains("cannot listen on "))?;
+    let rest = &line[line.find("cannot listen on ")? + "cannot listen on ".len()..];
+    let addr = rest.split_whitespace().next().unwrap_or(rest);
+    let what = rest
+        .split_once(" (")
+        .and_then(|(_, r)| r.split_once(')'))
+        .map(|(label, _)| format!(" ({label})"))
+        .unwrap_or_default();
+    Some(if line.contains("in use") || line.contains("os error 98") {
+        format!("address in use: another process already listens on {addr}{what}")
+    } else {
+        format!("cannot listen on {addr}{what}: {line}")
+    })
+}
+
+/// Waits until `child` prints its own [`ready_line`] on stdout and returns the stdout lines
+/// it printed until then (its `moat: listening on …` lines among them). Panics at once, with
+/// the reason and the tail of its output, when the child exits first, and after `limit`.
+/// Nothing here connects to a port: a port that answers may belong to another process.
+pub fn wait_ready(
+    child: &mut Child,
+    what: &str,
+    out: &ChildOutput,
+    limit: Duration,
+) -> Vec<String> {
+    let want = ready_line(child.id());
+    let deadline = Instant::now() + limit;
+    loop {
+        let text = out.stdout_text();
+        if text.lines().any(|l| l == want) {
+            return text.lines().map(str::to_string).collect();
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            let reason = exit_reason(&out.stderr_text())
+                .unwrap_or_else(|| "it never said it was ready".to_string());
+            panic!(
+                "{what} exited ({status}) before it was ready: {reason}\n{}",
+                out.tails(40)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} (pid {}) did not print {want:?} within {limit:?}\n{}",
+            child.id(),
+            out.tails(40)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Asserts that `lines` (from [`wait_ready`]) say the child itself listens on `addr`.
+pub fn assert_listening(lines: &[String], addr: &str, what: &str) {
+    let prefix = format!("moat: listening on {addr} (");
+    assert!(
+        lines.iter().any(|l| l.starts_with(&prefix)),
+        "{what} did not report listening on {addr}; its stdout:\n{}",
+        lines.join("\n")
+    );
 }
 
 /// A config with the three standard listeners on `ip`, plus `extra` TOML appended.
@@ -84,6 +222,7 @@ impl Moat {
             dir,
             ip: ip.to_string(),
             config,
+            output: None,
         };
         m.spawn();
         m
@@ -97,35 +236,38 @@ impl Moat {
         format!("{}:{port}", self.ip).parse().unwrap()
     }
 
-    /// (Re)starts the process and waits until every listener answers.
+    /// (Re)starts the process and waits for its own `moat: ready (pid N)` line; checks that
+    /// it reports listening on the three standard addresses. A child that exits first (another
+    /// process holds one of its addresses, a bad config) fails the test at once, with its
+    /// stderr. The log (stderr) is `moat.log`, stdout `moat.out`, both appended across restarts.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("moat.log"))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_moat"))
-            .arg("serve")
+        let out = ChildOutput::new(self.dir.path(), "moat");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_moat"));
+        cmd.arg("serve")
             .arg("--config")
             .arg(&self.config)
-            .env("MOAT_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(log)
+            .env("MOAT_LOG", "debug");
+        out.attach(&mut cmd);
+        let child = cmd
             .spawn()
-            .unwrap();
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", env!("CARGO_BIN_EXE_moat")));
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.output = Some(out.clone());
+        let what = format!("moat serve --config {}", self.config.display());
+        let lines = wait_ready(
+            self.child.as_mut().unwrap(),
+            &what,
+            &out,
+            Duration::from_secs(20),
+        );
         for port in [SMTP, SMTPS, SUBMISSION] {
-            while TcpStream::connect_timeout(&self.addr(port), Duration::from_millis(200)).is_err()
-            {
-                assert!(
-                    Instant::now() < deadline,
-                    "moat did not start: {}",
-                    self.log()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            assert_listening(&lines, &self.addr(port).to_string(), &what);
         }
+    }
+
+    /// The running (or last) child's output files.
+    pub fn output(&self) -> &ChildOutput {
+        self.output.as_ref().expect("moat was never started")
     }
 
     pub fn log(&self) -> String {
@@ -616,7 +758,10 @@ pub fn pem_der(path: &Path) -> Vec<u8> {
 
 /// A plaintext-only SMTP peer (no STARTTLS) that records what it was sent.
 pub fn plain_peer(ip: &str) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
-    let listener = std::net::TcpListener::bind((ip, SMTP)).unwrap();
+    // Bound here, before this returns: whoever connects to ip:2525 afterwards reaches this peer.
+    let listener = std::net::TcpListener::bind((ip, SMTP)).unwrap_or_else(|e| {
+        panic!("plaintext peer: cannot listen on {ip}:{SMTP} (another process already listens there?): {e}")
+    });
     let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let log2 = log.clone();
     std::thread::spawn(move || {

@@ -29,7 +29,7 @@ log() { printf '== %s\n' "$*"; }
 # ---------------------------------------------------------------------------------------------
 need_pkgs=()
 for p in postfix swaks libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl openssl \
-         testssl.sh procps bsdextrautils bsdutils python3 ca-certificates knot nginx-light; do
+         testssl.sh procps iproute2 bsdextrautils bsdutils python3 ca-certificates knot nginx-light; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed'; then
         need_pkgs+=("$p")
     fi
@@ -41,7 +41,7 @@ if ((${#need_pkgs[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
 TESTSSL=$(command -v testssl.sh || command -v testssl || true)
-for tool in swaks openssl python3 script knotd nginx; do
+for tool in swaks openssl python3 script knotd nginx ss ps; do
     command -v "$tool" >/dev/null || { echo "interop: required tool $tool is missing after install" >&2; exit 2; }
 done
 [[ -n "$TESTSSL" ]] || { echo "interop: testssl.sh is missing after install" >&2; exit 2; }
@@ -148,14 +148,95 @@ wait_for_mail() {
     return 1
 }
 
-wait_port() {
-    local host=$1 port=$2 secs=$3
+# Readiness. A port that answers may belong to another process on this machine (another run
+# of this script, a system Postfix or nginx), so nothing here connects to see whether a server
+# is up: Moat is waited for by its own "moat: ready (pid N)" line, the other servers by `ss`
+# naming their own pid as the owner of the listening socket. Each wait ends at once, with the
+# reason, when the server exits or another process holds the address.
+
+# alive PID: the process exists and is not a zombie.
+alive() {
+    local st
+    st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+    [[ -n "$st" && "$st" != Z* ]]
+}
+
+# moat_exit_reason LOG: why a Moat that exited before it was ready stopped, from its log.
+moat_exit_reason() {
+    local line addr
+    line=$(grep -m 1 'cannot listen on ' "$1" 2>/dev/null || true)
+    if [[ -z "$line" ]]; then
+        echo "it never printed its ready line (see its log)"
+        return
+    fi
+    addr=${line#*cannot listen on }
+    addr=${addr%% *}
+    if [[ "$line" == *"in use"* ]]; then
+        echo "address in use: another process already listens on $addr"
+    else
+        echo "$line"
+    fi
+}
+
+# wait_moat_ready NAME PID LOG SECS ADDR...: waits for "moat: ready (pid PID)" in LOG (the
+# server's own stdout and stderr), then checks that it reported listening on each ADDR. On
+# failure prints why and the tail of LOG to stderr and returns 1 (at once if PID exits).
+wait_moat_ready() {
+    local name=$1 pid=$2 log=$3 secs=$4
+    shift 4
+    local end=$((SECONDS + secs)) ready=0 a
+    while ((SECONDS < end)); do
+        if grep -qxF "moat: ready (pid $pid)" "$log" 2>/dev/null; then ready=1; break; fi
+        if ! alive "$pid"; then
+            echo "interop: $name (pid $pid) exited before it was ready: $(moat_exit_reason "$log")" >&2
+            tail -n 40 "$log" >&2
+            return 1
+        fi
+        sleep 0.1
+    done
+    if ((!ready)); then
+        echo "interop: $name (pid $pid) did not print its ready line within $secs s" >&2
+        tail -n 40 "$log" >&2
+        return 1
+    fi
+    for a in "$@"; do
+        if ! grep -qF "moat: listening on $a (" "$log"; then
+            echo "interop: $name (pid $pid) is ready but did not report listening on $a" >&2
+            tail -n 40 "$log" >&2
+            return 1
+        fi
+    done
+}
+
+# wait_listener NAME PID tcp|udp HOST:PORT SECS: waits until every socket listening on
+# HOST:PORT belongs to process PID (ss lists a socket's owners; a pre-forked server's workers
+# share the line with PID). Prints why to stderr and returns 1 at once when PID exits or
+# another process holds the address, and after SECS.
+wait_listener() {
+    local name=$1 pid=$2 proto=$3 hp=$4 secs=$5 flags=-Hltnp owners
+    [[ "$proto" == udp ]] && flags=-Hlunp
     local end=$((SECONDS + secs))
     while ((SECONDS < end)); do
-        if timeout 2 bash -c "exec 3<>/dev/tcp/$host/$port" 2>/dev/null; then return 0; fi
-        sleep 0.2
+        owners=$(ss "$flags" src "$hp" 2>/dev/null || true)
+        if [[ -n "$owners" ]]; then
+            if ! grep -vqF "pid=$pid," <<<"$owners"; then return 0; fi
+            echo "interop: address in use: another process already listens on $hp ($proto), not $name (pid $pid):" >&2
+            printf '  %s\n' "$owners" >&2
+            return 1
+        fi
+        if ! alive "$pid"; then
+            echo "interop: $name (pid $pid) exited before it listened on $hp ($proto)" >&2
+            return 1
+        fi
+        sleep 0.1
     done
+    echo "interop: $name (pid $pid) did not listen on $hp ($proto) within $secs s" >&2
     return 1
+}
+
+# postfix_master QUEUE_DIR: the pid of the Postfix master of the instance with that queue.
+postfix_master() {
+    tr -d ' \n' <"$1/pid/master.pid" 2>/dev/null || true
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -231,13 +312,7 @@ fi
 
 "$MOAT" serve --config "$CFG" >"$W/moat.log" 2>&1 &
 MOAT_PID=$!
-for port in $P_SMTP $P_SMTPS $P_SUB; do
-    if ! wait_port "$IP" "$port" 20 || ! kill -0 "$MOAT_PID" 2>/dev/null; then
-        cat "$W/moat.log"
-        echo "interop: moat did not start listening on $IP:$port" >&2
-        exit 2
-    fi
-done
+wait_moat_ready moat "$MOAT_PID" "$W/moat.log" 20 "$IP:$P_SMTP" "$IP:$P_SMTPS" "$IP:$P_SUB" || exit 2
 log "moat is up (pid $MOAT_PID)"
 
 # Python helper for raw dialogs.
@@ -583,9 +658,14 @@ else
     rc=0
     PF_STARTED=1
     script -qec "postfix -c $PF_DIR start" /dev/null >"$W/postfix-start.out" 2>&1 || rc=$?
+    # `postfix start` waits for the master's initialisation (master -w); its pid file then names
+    # the master of this instance, which must still run.
     if ((rc != 0)); then
         pf_ok=0
         fail "Postfix instance starts" "postfix start failed (rc=$rc)" "$W/postfix-start.out" "$PF/log/maillog"
+    elif ! alive "$(postfix_master "$PF/queue")"; then
+        pf_ok=0
+        fail "Postfix instance starts" "no running master for $PF_DIR after postfix start" "$W/postfix-start.out" "$PF/log/maillog"
     fi
 fi
 
@@ -853,10 +933,15 @@ else
     rc=0
     PR_STARTED=1
     script -qec "postfix -c $PR_DIR start" /dev/null >"$W/postfix-rx-start.out" 2>&1 || rc=$?
-    if ((rc != 0)) || ! wait_port $PR_RX_TLS $PR_PORT 20 || ! wait_port $PR_RX_PLAIN $PR_PORT 20; then
+    pr_pid=$(postfix_master "$PR/queue")
+    if ((rc != 0)) || [[ -z "$pr_pid" ]] \
+        || ! wait_listener "Postfix receiver" "$pr_pid" tcp "$PR_RX_TLS:$PR_PORT" 20 2>"$W/postfix-rx-listen.err" \
+        || ! wait_listener "Postfix receiver" "$pr_pid" tcp "$PR_RX_PLAIN:$PR_PORT" 20 2>>"$W/postfix-rx-listen.err"; then
         rx_ok=0
-        fail "Postfix receiver and sending Moat start" "postfix start failed or not listening (rc=$rc)" \
-            "$W/postfix-rx-start.out" "$PR/log/maillog"
+        why=$(grep -m 1 -o 'fatal: bind .*' "$PR/log/maillog" 2>/dev/null || true)
+        [[ "$why" == *"in use"* ]] && why="address in use: another process already listens there ($why)"
+        fail "Postfix receiver and sending Moat start" "postfix start failed or its master (pid ${pr_pid:-none}) does not listen (rc=$rc)${why:+: $why}" \
+            "$W/postfix-rx-listen.err" "$W/postfix-rx-start.out" "$PR/log/maillog"
     fi
 fi
 if ((rx_ok)); then
@@ -868,13 +953,12 @@ if ((rx_ok)); then
     else
         "$MOAT" serve --config "$CFG2" >"$W/moat2.log" 2>&1 &
         MOAT2_PID=$!
-        for port in $P2_SMTP $P2_NORM; do
-            if ! wait_port "$IP2" "$port" 20 || ! kill -0 "$MOAT2_PID" 2>/dev/null; then
-                rx_ok=0
-                fail "Postfix receiver and sending Moat start" "sending Moat did not listen on $IP2:$port" "$W/moat2.log"
-                break
-            fi
-        done
+        if ! wait_moat_ready "sending moat" "$MOAT2_PID" "$W/moat2.log" 20 "$IP2:$P2_SMTP" "$IP2:$P2_NORM" \
+            2>"$W/moat2-ready.err"; then
+            rx_ok=0
+            fail "Postfix receiver and sending Moat start" "sending Moat is not ready: $(head -n 1 "$W/moat2-ready.err")" \
+                "$W/moat2-ready.err"
+        fi
     fi
 fi
 
@@ -1519,15 +1603,29 @@ if ((st_ok)); then
     KNOT_PID=$!
     nginx -p "$ST/nginx" -c "$ST/nginx/nginx.conf" -e "$ST/nginx/error.log" -g 'daemon off;' >"$ST/nginx/stdout.log" 2>&1 &
     NGINX_PID=$!
-    for hp in $ST_GOOD:$ST_PORT $ST_WRONG:$ST_PORT $ST_EXPIRED:$ST_PORT $ST_PLAIN:$ST_PORT \
-              $ST_DNS:$ST_DNS_PORT $ST_WEB:$ST_WEB_PORT; do
-        if ! wait_port "${hp%:*}" "${hp#*:}" 20; then
+    ps_pid=$(postfix_master "$PS/queue")
+    : >"$ST/listen.err"
+    # Each address must be held by the server started here for it (not merely answer).
+    for spec in "Postfix:${ps_pid:-0}:tcp:$ST_GOOD:$ST_PORT" "Postfix:${ps_pid:-0}:tcp:$ST_WRONG:$ST_PORT" \
+                "Postfix:${ps_pid:-0}:tcp:$ST_EXPIRED:$ST_PORT" "Postfix:${ps_pid:-0}:tcp:$ST_PLAIN:$ST_PORT" \
+                "knotd:$KNOT_PID:udp:$ST_DNS:$ST_DNS_PORT" "knotd:$KNOT_PID:tcp:$ST_DNS:$ST_DNS_PORT" \
+                "nginx:$NGINX_PID:tcp:$ST_WEB:$ST_WEB_PORT"; do
+        IFS=: read -r who pid proto host port <<<"$spec"
+        if ! wait_listener "$who" "$pid" "$proto" "$host:$port" 20 2>>"$ST/listen.err"; then
             st_ok=0
-            fail "Postfix (4 smtpd), Knot and nginx start for the probe/sts checks" "nothing listens on $hp" \
-                "$W/postfix-sts-start.out" "$PS/log/maillog" "$ST/knot/knot.log" "$ST/nginx/error.log"
+            fail "Postfix (4 smtpd), Knot and nginx start for the probe/sts checks" \
+                "$who (pid $pid) does not listen on $host:$port ($proto): $(grep "^interop:" "$ST/listen.err" | tail -n 1)" \
+                "$ST/listen.err" "$W/postfix-sts-start.out" "$PS/log/maillog" "$ST/knot/knot.log" "$ST/nginx/error.log"
             break
         fi
     done
+fi
+if ((st_ok)) && [[ -n "$(ss -Hltn src "$ST_CLOSED:$ST_PORT" 2>/dev/null)" ]]; then
+    # The closed-port checks below need nothing at all there.
+    st_ok=0
+    fail "Postfix (4 smtpd), Knot and nginx start for the probe/sts checks" \
+        "another process listens on $ST_CLOSED:$ST_PORT, which must stay closed" \
+        "$(ss -Hltnp src "$ST_CLOSED:$ST_PORT" 2>&1)"
 fi
 if ((st_ok)); then
     # Knot answers over UDP once the zone is loaded; make sure before asserting on moat's view.
