@@ -32,9 +32,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::outbound::tls::{
-    CertFailure, Connector, TlsFailure, TlsLevel, TlsRequirement, Verification,
+    CertFailure, Connector, TlsFailure, TlsLevel, TlsRequirement, UntrustedChain, Verification,
 };
-use crate::smtp::client::Reply;
+use crate::smtp::client::{Reply, escape_bytes, escape_text, take_reply};
 use crate::util::{compact_utc, rfc5322_date, unix_now};
 
 /// SMTP with STARTTLS.
@@ -50,8 +50,6 @@ pub const EXPIRY_WARNING_DAYS: i64 = 21;
 /// The EHLO name when the local host name is not a fully qualified domain name.
 pub const FALLBACK_HELO: &str = "moat-probe.invalid";
 
-const MAX_REPLY_LINE: usize = 4096;
-const MAX_REPLY_LINES: usize = 200;
 /// At most this much of the bytes sent after the STARTTLS `220` is shown.
 const INJECTION_PREVIEW: usize = 120;
 /// The most a QUIT may take.
@@ -1102,7 +1100,7 @@ fn assess(
     let chain_problem = match v {
         Verification::Verified | Verification::Trusted => None,
         Verification::Untrusted(f) => {
-            let finding = cert_finding(f, chain, now);
+            let finding = cert_finding(f, ders, now);
             let words = finding.message.clone();
             failures.push(finding);
             Some(words)
@@ -1152,8 +1150,9 @@ fn presented_names(c: &CertReport) -> Vec<String> {
     }
 }
 
-/// A chain failure in words a person can act on (the classification is the connector's).
-fn cert_finding(f: &CertFailure, chain: &[CertReport], now: i64) -> Finding {
+/// A chain failure in words a person can act on (the classification is the connector's);
+/// `ders` is the chain the server sent, its own certificate first (empty when unknown).
+fn cert_finding(f: &CertFailure, ders: &[CertificateDer<'_>], now: i64) -> Finding {
     match f {
         CertFailure::Expired { not_after } => {
             let days = (now - i64::try_from(*not_after).unwrap_or(i64::MAX)) / 86_400;
@@ -1167,7 +1166,12 @@ fn cert_finding(f: &CertFailure, chain: &[CertReport], now: i64) -> Finding {
         CertFailure::NotYetValid { .. } => {
             Finding::new(Kind::NotYetValid, format!("not yet valid: {f}"))
         }
-        CertFailure::UntrustedIssuer => Finding::new(Kind::UntrustedIssuer, untrusted_words(chain)),
+        CertFailure::UntrustedIssuer(_) if ders.is_empty() => {
+            Finding::new(Kind::UntrustedIssuer, format!("untrusted issuer: {f}"))
+        }
+        CertFailure::UntrustedIssuer(_) => {
+            Finding::new(Kind::UntrustedIssuer, untrusted_words(ders))
+        }
         CertFailure::Revoked => Finding::new(Kind::Revoked, format!("revoked: {f}")),
         CertFailure::NameMismatch { .. } => {
             Finding::new(Kind::NameMismatch, format!("wrong name: {f}"))
@@ -1178,23 +1182,21 @@ fn cert_finding(f: &CertFailure, chain: &[CertReport], now: i64) -> Finding {
     }
 }
 
-/// Names the certificate the chain ends at, and why that is not enough.
-fn untrusted_words(chain: &[CertReport]) -> String {
-    match chain {
-        [] => "untrusted issuer: the server sent no certificate".into(),
-        [only] if only.self_signed => format!(
-            "untrusted issuer: the certificate is self-signed ({}); give it with --ca-file if you trust it",
-            only.subject
-        ),
-        [.., last] if last.self_signed => format!(
-            "untrusted issuer: the chain ends at the root {}, which is not a trusted CA; give it with --ca-file if you trust it",
-            last.subject
-        ),
-        [.., last] => format!(
-            "untrusted issuer: the certificate is issued by {}, an unknown CA (or the server does not send the intermediate certificates); give the CA with --ca-file if you trust it",
-            last.issuer
-        ),
-    }
+/// Why the chain the server sent is not trusted (the connector's words, which name the
+/// certificate it ends at), and how to trust it for a probe when that is possible.
+fn untrusted_words(ders: &[CertificateDer<'_>]) -> String {
+    let why = UntrustedChain::of(ders);
+    let hint = match &why {
+        UntrustedChain::SelfSigned { ca: false, .. } => "; give it with --ca-file if you trust it",
+        // A CA certificate is refused as a server's own even when it is trusted.
+        UntrustedChain::SelfSigned { ca: true, .. }
+        | UntrustedChain::Empty
+        | UntrustedChain::Unreadable => "",
+        UntrustedChain::MissingIntermediate { .. }
+        | UntrustedChain::UntrustedRoot { .. }
+        | UntrustedChain::UnknownIssuer { .. } => "; give the CA with --ca-file if you trust it",
+    };
+    format!("untrusted issuer: {why}{hint}")
 }
 
 fn expiry_warning(index: usize, c: &CertReport) -> Option<Finding> {
@@ -1245,11 +1247,16 @@ fn handshake_finding(e: &TlsFailure, implicit: bool, clock: &Clock) -> Finding {
 
 /// A likely cause for the connector's description of a failed handshake.
 fn handshake_hint(words: &str, implicit: bool) -> Option<&'static str> {
-    if words.contains("ProtocolVersion") || words.contains("Tls12Or13") {
+    if words.contains("(protocol version)")
+        || words.contains("neither TLS 1.3 nor TLS 1.2")
+        || words.contains("a TLS version Moat did not offer")
+    {
         Some("the server offered no TLS version we accept (TLS 1.0/1.1 only?)")
-    } else if words.contains("HandshakeFailure")
-        || words.contains("NoCipherSuitesInCommon")
-        || words.contains("NoKxGroupsInCommon")
+    } else if words.contains("(handshake failure)")
+        || words.contains("(insufficient security)")
+        || words.contains("no cipher suite in common")
+        || words.contains("no key exchange group in common")
+        || words.contains("no signature algorithm in common")
     {
         Some("no cipher suite or key exchange in common (only old, weak ones configured?)")
     } else if words.contains("does not speak TLS") {
@@ -1388,74 +1395,6 @@ fn auth_line(caps: &[String]) -> Option<String> {
             w.eq_ignore_ascii_case("AUTH") || w.to_ascii_uppercase().starts_with("AUTH=")
         })
         .cloned()
-}
-
-/// Takes one complete reply off the front of `buf`: `Ok(None)` until its last line has
-/// arrived, else the reply and the bytes it used. Lines end in CRLF (a bare LF is tolerated);
-/// text is decoded lossily with control characters escaped.
-pub fn take_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
-    let mut pos = 0;
-    let mut code = None;
-    let mut lines = Vec::new();
-    loop {
-        let rest = buf.get(pos..).unwrap_or_default();
-        let Some(n) = rest.iter().position(|&b| b == b'\n') else {
-            if rest.len() > MAX_REPLY_LINE {
-                return Err(format!("a reply line longer than {MAX_REPLY_LINE} bytes"));
-            }
-            return Ok(None);
-        };
-        let raw = rest.get(..n).unwrap_or_default();
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        pos += n + 1;
-        if raw.len() > MAX_REPLY_LINE {
-            return Err(format!("a reply line longer than {MAX_REPLY_LINE} bytes"));
-        }
-        if lines.len() >= MAX_REPLY_LINES {
-            return Err(format!("a reply of more than {MAX_REPLY_LINES} lines"));
-        }
-        let digits = raw.get(..3).unwrap_or_default();
-        let this: u16 = std::str::from_utf8(digits)
-            .ok()
-            .filter(|d| d.len() == 3 && d.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|d| d.parse().ok())
-            .filter(|c| (200..600).contains(c))
-            .ok_or_else(|| format!("not a reply line: \"{}\"", preview(raw)))?;
-        if code.is_some_and(|c| c != this) {
-            return Err(format!(
-                "a multi-line reply changes its code: \"{}\"",
-                preview(raw)
-            ));
-        }
-        code = Some(this);
-        lines.push(escape_bytes(raw.get(4..).unwrap_or_default()));
-        match raw.get(3) {
-            None | Some(b' ') => return Ok(Some((Reply { code: this, lines }, pos))),
-            Some(b'-') => {}
-            Some(_) => return Err(format!("bad separator in \"{}\"", preview(raw))),
-        }
-    }
-}
-
-fn preview(raw: &[u8]) -> String {
-    escape_bytes(raw.get(..80).unwrap_or(raw))
-}
-
-/// Text for display: UTF-8 (lossy) with control characters escaped.
-fn escape_bytes(b: &[u8]) -> String {
-    escape_text(&String::from_utf8_lossy(b))
-}
-
-fn escape_text(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn millis(d: Duration) -> u64 {
@@ -1689,10 +1628,10 @@ mod tests {
             assert!(take_reply(bad).is_err(), "{bad:?}");
         }
         assert!(
-            take_reply(&[b'2'; MAX_REPLY_LINE + 1]).is_err(),
+            take_reply(&[b'2'; crate::smtp::client::MAX_REPLY_LINE + 1]).is_err(),
             "unbounded line"
         );
-        let many = "250-x\r\n".repeat(MAX_REPLY_LINES + 1);
+        let many = "250-x\r\n".repeat(crate::smtp::client::MAX_REPLY_LINES + 1);
         assert!(take_reply(many.as_bytes()).is_err(), "unbounded reply");
     }
 
@@ -1714,20 +1653,22 @@ mod tests {
     fn handshake_hints_follow_the_connector_words() {
         let hint = |w| handshake_hint(w, false).unwrap_or("");
         assert!(
-            hint("the server ended the handshake with the alert ProtocolVersion")
+            hint("the server ended the handshake with TLS alert 70 (protocol version)")
                 .contains("TLS 1.0/1.1 only?")
         );
         assert!(
-            hint("no protocol version, cipher or key exchange in common with the server (ServerDoesNotSupportTls12Or13)")
+            hint("the server supports neither TLS 1.3 nor TLS 1.2")
                 .contains("no TLS version we accept")
         );
         assert!(
-            hint("the server ended the handshake with the alert HandshakeFailure")
+            hint("the server ended the handshake with TLS alert 40 (handshake failure)")
                 .contains("no cipher suite")
         );
+        assert!(hint("no cipher suite in common with the server").contains("no cipher suite"));
+        assert!(hint("no key exchange group in common with the server").contains("key exchange"));
         assert!(
             handshake_hint(
-                "the server does not speak TLS here (invalid message: InvalidContentType)",
+                "the server does not speak TLS here (what it sent is not a TLS record)",
                 true
             )
             .unwrap_or("")
@@ -1786,6 +1727,20 @@ mod tests {
             .der()
             .clone();
         (der, ca_der)
+    }
+
+    /// A self-signed certificate for `name`, CA:TRUE when `ca` (as `openssl req -x509`).
+    fn self_signed(name: &str, ca: bool) -> CertificateDer<'static> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        if ca {
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        }
+        p.self_signed(&KeyPair::generate().unwrap())
+            .unwrap()
+            .der()
+            .clone()
     }
 
     const NOW: i64 = 1_800_000_000;
@@ -1892,7 +1847,7 @@ mod tests {
         assert!(verify_line(&v, false).ends_with("; name mx.example.com matches"));
 
         // Unknown CA, wrong name too: both are failures, the chain's first.
-        let untrusted = Verification::Untrusted(CertFailure::UntrustedIssuer);
+        let untrusted = Verification::Untrusted(CertFailure::UntrustedIssuer(None));
         let (_, f) = assess(
             &untrusted,
             &ders[..1],
@@ -1902,25 +1857,57 @@ mod tests {
         );
         let kinds: Vec<Kind> = f.iter().map(|f| f.kind).collect();
         assert_eq!(kinds, [Kind::UntrustedIssuer, Kind::NameMismatch]);
-        assert!(
-            f[0].message
-                .contains("issued by CN=Probe Test CA, an unknown CA"),
-            "{}",
-            f[0].message
+        // Only the server's own certificate was sent: the intermediates may be missing.
+        assert_eq!(
+            f[0].message,
+            "untrusted issuer: the certificate is issued by CN=Probe Test CA, which is not a \
+             trusted root, and the server sends no intermediate certificates; the server must \
+             send its intermediate certificates after its own (or, if CN=Probe Test CA is a \
+             private CA, use a certificate from a CA that senders trust); give the CA with \
+             --ca-file if you trust it"
         );
         // The server sent its root along: name it.
         let (_, f) = assess(&untrusted, &ders, &reports, None, NOW);
-        assert!(
-            f[0].message.contains("ends at the root CN=Probe Test CA"),
-            "{}",
-            f[0].message
+        assert_eq!(
+            f[0].message,
+            "untrusted issuer: the chain ends at the root CN=Probe Test CA, which is not a \
+             trusted CA; the server needs a certificate from a CA that senders trust; give the \
+             CA with --ca-file if you trust it"
         );
-        // Self-signed.
+        // Self-signed and CA:TRUE (the CA sent as the server's certificate): --ca-file would
+        // not help, so it is not suggested.
         let (_, f) = assess(&untrusted, &ders[1..], &reports[1..], None, NOW);
-        assert!(
-            f[0].message.contains("self-signed (CN=Probe Test CA)"),
-            "{}",
-            f[0].message
+        assert_eq!(f[0].kind, Kind::UntrustedIssuer);
+        assert_eq!(
+            f[0].message,
+            "untrusted issuer: the certificate is self-signed (CN=Probe Test CA) and marked as \
+             a CA certificate (CA:TRUE), which is never accepted as a server's own \
+             certificate, trusted or not; the server needs a certificate from a CA that \
+             senders trust"
+        );
+        // Self-signed, CA:FALSE.
+        let plain = self_signed("mx.example.com", false);
+        let reports_plain = vec![cert_report(&plain, NOW)];
+        let (_, f) = assess(
+            &untrusted,
+            std::slice::from_ref(&plain),
+            &reports_plain,
+            None,
+            NOW,
+        );
+        assert_eq!(f[0].kind, Kind::UntrustedIssuer);
+        assert_eq!(
+            f[0].message,
+            "untrusted issuer: the certificate is self-signed (CN=mx.example.com); the server \
+             needs a certificate from a CA that senders trust; give it with --ca-file if you \
+             trust it"
+        );
+        // The connector's words when the chain is not known.
+        let f = cert_finding(&CertFailure::UntrustedIssuer(None), &[], NOW);
+        assert_eq!(f.kind, Kind::UntrustedIssuer);
+        assert_eq!(
+            f.message,
+            "untrusted issuer: the certificate chain does not lead to a trusted root (untrusted issuer)"
         );
 
         // An IP address without a name: only the chain counts.

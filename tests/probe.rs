@@ -4,6 +4,9 @@
 //! injected after the STARTTLS 220), a closed port and a name that does not resolve.
 //!
 //! Addresses: 127.0.60.x, one per test, so the tests run in parallel.
+//!
+//! Also: a self-signed certificate that says CA:TRUE (what `openssl req -x509` makes) is an
+//! untrusted issuer like any other self-signed one, never a debug string.
 
 mod common;
 
@@ -597,4 +600,112 @@ fn tls12_only_server_passes_with_a_warning() {
     let (_, v) = probe_json(&args);
     assert_eq!(kinds(&v, "warnings"), ["no_tls13"]);
     assert!(v["after_starttls"].is_null());
+}
+
+/// Writes a self-signed certificate for `name` (CA:TRUE when `ca`, as `openssl req -x509`
+/// makes by default) and its key under `dir`.
+fn write_self_signed(dir: &Path, name: &str, ca: bool) -> (std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
+    p.distinguished_name.push(DnType::CommonName, name);
+    if ca {
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    }
+    let key = KeyPair::generate().unwrap();
+    let cert = p.self_signed(&key).unwrap();
+    let c = dir.join(format!("{name}.pem"));
+    let k = dir.join(format!("{name}.key"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k)
+}
+
+/// Rust debug formatting that must never reach a person.
+fn assert_no_debug(text: &str) {
+    for bad in [
+        "Other(",
+        "OtherError",
+        "CaUsedAsEndEntity",
+        "UnknownIssuer",
+        "::",
+        "{ ",
+    ] {
+        assert!(!text.contains(bad), "{bad:?} in\n{text}");
+    }
+}
+
+#[test]
+fn self_signed_ca_true_certificate_is_an_untrusted_issuer() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_true = write_self_signed(dir.path(), "mx.moat.test", true);
+    let ca_false = write_self_signed(dir.path(), "plain.moat.test", false);
+    let mut extra = String::new();
+    for (c, k) in [&ca_true, &ca_false] {
+        extra.push_str(&format!(
+            "[[tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
+            c.display(),
+            k.display()
+        ));
+    }
+    let m = Moat::start_with("127.0.60.8", &extra, "");
+    let target = m.addr(SMTP).to_string();
+    let ca_words = "untrusted issuer: the certificate is self-signed (CN=mx.moat.test) and marked \
+                    as a CA certificate (CA:TRUE), which is never accepted as a server's own \
+                    certificate, trusted or not; the server needs a certificate from a CA that \
+                    senders trust";
+
+    // CA:TRUE: the untrusted-issuer kind and the self-signed words, in text and in JSON.
+    let (code, out, err) = probe(&[&target, "--name", "mx.moat.test", "--timeout", "10"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains(&format!("FAIL  {ca_words}\n")), "{out}");
+    assert_no_debug(&out);
+    let (code, v) = probe_json(&[&target, "--name", "mx.moat.test", "--timeout", "10"]);
+    assert_eq!(code, 1, "{v:#}");
+    assert_eq!(kinds(&v, "failures"), ["untrusted_issuer"], "{v:#}");
+    assert_eq!(v["failures"][0]["message"], ca_words);
+    let verify = &v["tls"]["verification"];
+    assert_eq!(verify["result"], "untrusted");
+    assert_eq!(verify["chain_trusted"], false);
+    assert_eq!(verify["chain_problem"], ca_words);
+    assert_eq!(verify["name_matches"], true);
+    assert_eq!(v["tls"]["chain"][0]["self_signed"], true);
+    assert_no_debug(&v.to_string());
+
+    // Trusting it does not help: a CA certificate is never a server's own.
+    let ca_file = ca_true.0.to_str().unwrap();
+    let (code, v) = probe_json(&[
+        &target,
+        "--name",
+        "mx.moat.test",
+        "--ca-file",
+        ca_file,
+        "--timeout",
+        "10",
+    ]);
+    assert_eq!(code, 1, "{v:#}");
+    assert_eq!(kinds(&v, "failures"), ["untrusted_issuer"], "{v:#}");
+    assert_eq!(v["failures"][0]["message"], ca_words);
+
+    // CA:FALSE, chosen by SNI on the same server: the same kind, and --ca-file makes it pass.
+    let plain_words = "untrusted issuer: the certificate is self-signed (CN=plain.moat.test); \
+                       the server needs a certificate from a CA that senders trust; give it \
+                       with --ca-file if you trust it";
+    let (code, out, _) = probe(&[&target, "--name", "plain.moat.test", "--timeout", "10"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("FAIL  {plain_words}\n")), "{out}");
+    assert_no_debug(&out);
+    let (_, v) = probe_json(&[&target, "--name", "plain.moat.test", "--timeout", "10"]);
+    assert_eq!(kinds(&v, "failures"), ["untrusted_issuer"], "{v:#}");
+    assert_eq!(v["failures"][0]["message"], plain_words);
+    let plain_file = ca_false.0.to_str().unwrap();
+    let (code, out, _) = probe(&[
+        &target,
+        "--name",
+        "plain.moat.test",
+        "--ca-file",
+        plain_file,
+        "--timeout",
+        "10",
+    ]);
+    assert_eq!(code, 0, "{out}");
 }

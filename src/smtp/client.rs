@@ -244,8 +244,78 @@ enum Expect {
     Auth,
 }
 
-const MAX_REPLY_LINES: usize = 200;
-const MAX_REPLY_LINE: usize = 4096;
+/// Most lines in one reply, and longest line, accepted from a server.
+pub const MAX_REPLY_LINES: usize = 200;
+pub const MAX_REPLY_LINE: usize = 4096;
+
+/// The one SMTP reply parser (the client and `moat probe` both use it). Takes one complete
+/// reply off the front of `buf`: `Ok(None)` until its last line has
+/// arrived, else the reply and the bytes it used. Lines end in CRLF (a bare LF is tolerated);
+/// text is decoded lossily with control characters escaped.
+pub fn take_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
+    let mut pos = 0;
+    let mut code = None;
+    let mut lines = Vec::new();
+    loop {
+        let rest = buf.get(pos..).unwrap_or_default();
+        let Some(n) = rest.iter().position(|&b| b == b'\n') else {
+            if rest.len() > MAX_REPLY_LINE {
+                return Err(format!("a reply line longer than {MAX_REPLY_LINE} bytes"));
+            }
+            return Ok(None);
+        };
+        let raw = rest.get(..n).unwrap_or_default();
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        pos += n + 1;
+        if raw.len() > MAX_REPLY_LINE {
+            return Err(format!("a reply line longer than {MAX_REPLY_LINE} bytes"));
+        }
+        if lines.len() >= MAX_REPLY_LINES {
+            return Err(format!("a reply of more than {MAX_REPLY_LINES} lines"));
+        }
+        let digits = raw.get(..3).unwrap_or_default();
+        let this: u16 = std::str::from_utf8(digits)
+            .ok()
+            .filter(|d| d.len() == 3 && d.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|d| d.parse().ok())
+            .filter(|c| (200..600).contains(c))
+            .ok_or_else(|| format!("not a reply line: \"{}\"", preview(raw)))?;
+        if code.is_some_and(|c| c != this) {
+            return Err(format!(
+                "a multi-line reply changes its code: \"{}\"",
+                preview(raw)
+            ));
+        }
+        code = Some(this);
+        lines.push(escape_bytes(raw.get(4..).unwrap_or_default()));
+        match raw.get(3) {
+            None | Some(b' ') => return Ok(Some((Reply { code: this, lines }, pos))),
+            Some(b'-') => {}
+            Some(_) => return Err(format!("bad separator in \"{}\"", preview(raw))),
+        }
+    }
+}
+
+fn preview(raw: &[u8]) -> String {
+    escape_bytes(raw.get(..80).unwrap_or(raw))
+}
+
+/// Text for display: UTF-8 (lossy) with control characters escaped.
+pub fn escape_bytes(b: &[u8]) -> String {
+    escape_text(&String::from_utf8_lossy(b))
+}
+
+pub fn escape_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 
 /// One outbound SMTP session.
 #[derive(Debug)]
@@ -259,7 +329,6 @@ pub struct Client {
     results: Vec<Option<RcptOutcome>>,
     mail_reply: Option<Reply>,
     accepted: Vec<usize>,
-    partial: Vec<String>,
     done: bool,
     /// The last transaction ended before its data was accepted: RSET before the next MAIL.
     needs_rset: bool,
@@ -283,7 +352,6 @@ impl Client {
             results: Vec::new(),
             mail_reply: None,
             accepted: Vec::new(),
-            partial: Vec::new(),
             done: false,
             needs_rset: false,
             mail_after_rset: None,
@@ -413,27 +481,18 @@ impl Client {
     /// after [`Event::StartTls`] the caller must discard whatever it has not fed.
     pub fn process(&mut self, input: &[u8]) -> (usize, Option<Event>) {
         let mut pos = 0;
-        while let Some(n) = input[pos..].iter().position(|&b| b == b'\n') {
-            let raw = &input[pos..pos + n];
-            pos += n + 1;
-            let line = raw.strip_suffix(b"\r").unwrap_or(raw);
-            match self.reply_line(line) {
-                Ok(None) => {}
-                Ok(Some(reply)) => {
+        loop {
+            match take_reply(&input[pos..]) {
+                Ok(None) => return (pos, None),
+                Ok(Some((reply, used))) => {
+                    pos += used;
                     if let Some(ev) = self.on_reply(reply) {
                         return (pos, Some(ev));
                     }
                 }
-                Err(e) => return (pos, Some(self.fail(SessionError::Protocol(e)))),
+                Err(e) => return (input.len(), Some(self.fail(SessionError::Protocol(e)))),
             }
         }
-        if input.len() - pos > MAX_REPLY_LINE {
-            return (
-                input.len(),
-                Some(self.fail(SessionError::Protocol("reply line too long".into()))),
-            );
-        }
-        (pos, None)
     }
 
     /// The server closed the connection.
@@ -452,38 +511,6 @@ impl Client {
             self.out.extend_from_slice(b"QUIT\r\n");
         }
         Event::Failed(e)
-    }
-
-    fn reply_line(&mut self, line: &[u8]) -> Result<Option<Reply>, String> {
-        if line.len() > MAX_REPLY_LINE || self.partial.len() >= MAX_REPLY_LINES {
-            return Err("reply too long".into());
-        }
-        let text = String::from_utf8_lossy(line);
-        let bytes = text.as_bytes();
-        if bytes.len() < 3 || !bytes[..3].iter().all(u8::is_ascii_digit) {
-            return Err(format!(
-                "malformed reply line {:?}",
-                text.chars().take(80).collect::<String>()
-            ));
-        }
-        let code: u16 = text[..3].parse().map_err(|_| "bad code".to_string())?;
-        if !(200..600).contains(&code) {
-            return Err(format!("reply code {code} out of range"));
-        }
-        let sep = bytes.get(3).copied();
-        let rest = text.get(4..).unwrap_or("").to_string();
-        match sep {
-            Some(b'-') => {
-                self.partial.push(rest);
-                Ok(None)
-            }
-            None | Some(b' ') => {
-                let mut lines = std::mem::take(&mut self.partial);
-                lines.push(rest);
-                Ok(Some(Reply { code, lines }))
-            }
-            Some(_) => Err("bad separator after reply code".into()),
-        }
     }
 
     fn on_reply(&mut self, reply: Reply) -> Option<Event> {

@@ -144,7 +144,7 @@ pub fn cert_reason(c: &CertFailure) -> &'static str {
     match c {
         CertFailure::Expired { .. } => "expired",
         CertFailure::NotYetValid { .. } => "not yet valid",
-        CertFailure::UntrustedIssuer => "untrusted",
+        CertFailure::UntrustedIssuer(_) => "untrusted",
         CertFailure::NameMismatch { .. } => "name mismatch",
         CertFailure::PinMismatch => "pin mismatch",
         CertFailure::Revoked => "revoked",
@@ -690,7 +690,10 @@ mod tests {
             cert_reason(&CertFailure::Expired { not_after: 0 }),
             "expired"
         );
-        assert_eq!(cert_reason(&CertFailure::UntrustedIssuer), "untrusted");
+        assert_eq!(
+            cert_reason(&CertFailure::UntrustedIssuer(None)),
+            "untrusted"
+        );
         assert_eq!(
             cert_reason(&CertFailure::NameMismatch {
                 expected: vec![],
