@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
+use moat::domain::DomainPattern;
 use moat::smtp::data::BareNewline;
 use moat::smtp::session::{
     Action, AuthOutcome, DomainKind, ListenerRules, Peer, Rules, Session, TlsInfo,
@@ -29,8 +30,11 @@ fn session(flags: u8) -> Session {
         max_errors: 1000,
         domains,
         postmaster_domain: Some("example.test".into()),
-        tls_required_sender_domains: vec!["partner.test".into()],
-        sender_client_certs: vec![("certified.test".into(), "relay.certified.test".into())],
+        tls_required_sender_domains: vec![DomainPattern::parse("partner.test").unwrap()],
+        sender_client_certs: vec![(
+            DomainPattern::parse("certified.test").unwrap(),
+            "relay.certified.test".into(),
+        )],
     };
     let listener = ListenerRules {
         starttls: flags & 1 != 0,

@@ -459,6 +459,9 @@ impl Session {
                 return self.error("500 5.5.2 8-bit characters not allowed in this command");
             }
         }
+        if let Some(refused) = self.refuse_bdat_size(text) {
+            return refused;
+        }
         let mut owned = text.to_vec();
         owned.extend_from_slice(b"\r\n");
         let parsed = Request::parse(&mut owned.iter()).map(|r| r.into_owned());
@@ -924,6 +927,38 @@ impl Session {
             return self.error("550 5.6.2 Bare <LF> or <CR> in message content is not allowed (RFC 5321 section 2.3.8)");
         }
         self.finish_message(receiver.body)
+    }
+
+    /// Checks a BDAT chunk size before the parser sees it (it would wrap a size that does not
+    /// fit): one that is not a number, does not fit in 64 bits, or alone exceeds the message
+    /// size limit is refused, and the session is closed, because the octets that follow can no
+    /// longer be framed and must not be read as commands. `None`: not BDAT, or a size to take.
+    fn refuse_bdat_size(&mut self, text: &[u8]) -> Option<Option<Action>> {
+        let verb = text.get(..4)?;
+        if !verb.eq_ignore_ascii_case(b"BDAT") || text.get(4).is_some_and(|&b| b != b' ') {
+            return None;
+        }
+        let size = text[4..].split(|&b| b == b' ').find(|w| !w.is_empty())?;
+        let reply = if !size.iter().all(u8::is_ascii_digit) {
+            "501 5.5.4 BDAT needs a chunk size in octets; closing the connection"
+        } else {
+            let fits = std::str::from_utf8(size)
+                .ok()
+                .and_then(|d| d.parse::<u64>().ok());
+            match fits {
+                None => {
+                    "501 5.5.4 BDAT chunk size is too large to be a size; closing the connection"
+                }
+                Some(n) if n > self.rules.max_message_size as u64 => {
+                    "552 5.3.4 BDAT chunk exceeds the maximum message size; closing the connection"
+                }
+                Some(_) => return None,
+            }
+        };
+        self.reply(reply);
+        self.tx = None;
+        self.mode = Mode::Closed;
+        Some(Some(Action::Close))
     }
 
     fn bdat(&mut self, size: usize, last: bool) -> Option<Action> {

@@ -1764,17 +1764,58 @@ fn data_after_bdat_and_rcpt_during_bdat() {
 
 #[test]
 fn bdat_oversize_in_one_chunk() {
+    // A chunk that alone exceeds the limit is refused before its octets are read, and the
+    // session is closed: what follows can no longer be framed.
     let mut h = H::mx();
     bdat_tx(&mut h);
-    let chunk = "z".repeat(MAX_SIZE + 1);
+    let chunk = format!("MAIL FROM:<x@y.test>\r\n{}", "z".repeat(MAX_SIZE));
     assert_eq!(
         h.send(&format!("BDAT {} LAST\r\n{chunk}", chunk.len())),
-        TOO_BIG
+        "552 5.3.4 BDAT chunk exceeds the maximum message size; closing the connection\r\n"
     );
+    assert!(h.closed());
     assert!(h.queued().is_empty());
+}
+
+#[test]
+fn bdat_sizes_at_every_boundary() {
+    let closing = |reply: &str| format!("{reply}; closing the connection\r\n");
+    let not_number = closing("501 5.5.4 BDAT needs a chunk size in octets");
+    let too_large = closing("501 5.5.4 BDAT chunk size is too large to be a size");
+    let over_limit = closing("552 5.3.4 BDAT chunk exceeds the maximum message size");
+    for (size, want) in [
+        ("99999999999999999999999", too_large.as_str()),
+        ("18446744073709551616", too_large.as_str()),
+        ("18446744073709551615", over_limit.as_str()),
+        ("4294967296", over_limit.as_str()),
+        (&(MAX_SIZE + 1).to_string(), over_limit.as_str()),
+        ("-1", not_number.as_str()),
+        ("+5", not_number.as_str()),
+        ("0x10", not_number.as_str()),
+        ("1e3", not_number.as_str()),
+    ] {
+        let mut h = H::mx();
+        bdat_tx(&mut h);
+        // The octets after the command must never be read as commands.
+        let out = h.send(&format!("BDAT {size} LAST\r\n{}NOOP\r\n", "z".repeat(999)));
+        assert_eq!(out, want, "BDAT {size}");
+        assert!(h.closed(), "BDAT {size}");
+        assert!(h.queued().is_empty(), "BDAT {size}");
+    }
+    // Exactly the limit is taken.
+    let mut h = H::mx();
+    bdat_tx(&mut h);
+    let chunk = "z".repeat(MAX_SIZE);
     assert_eq!(
-        h.send("RCPT TO:<b@example.test>\r\n"),
-        "503 5.5.1 Need MAIL before RCPT\r\n"
+        h.send(&format!("BDAT {MAX_SIZE} LAST\r\n{chunk}")),
+        "250 2.0.0 Ok: queued as Q1\r\n"
+    );
+    // Leading zeros are still a number.
+    let mut h = H::mx();
+    bdat_tx(&mut h);
+    assert_eq!(
+        h.send("BDAT 0003 LAST\r\nabc"),
+        "250 2.0.0 Ok: queued as Q1\r\n"
     );
 }
 
@@ -1843,11 +1884,20 @@ fn bdat_normalized_content_stays_within_maximum() {
 fn bdat_bad_size_is_a_syntax_error() {
     let mut h = H::mx();
     bdat_tx(&mut h);
+    // Without a size the chunk cannot be framed: the session ends rather than reading its
+    // octets as commands.
     assert_eq!(
-        h.send("BDAT x\r\n"),
+        h.send("BDAT x\r\nNOOP\r\n"),
+        "501 5.5.4 BDAT needs a chunk size in octets; closing the connection\r\n"
+    );
+    assert!(h.closed());
+    // No size at all: a plain syntax error (no chunk follows).
+    let mut h = H::mx();
+    bdat_tx(&mut h);
+    assert_eq!(
+        h.send("BDAT\r\n"),
         "501 5.5.4 Syntax: BDAT chunk-size [LAST]\r\n"
     );
-    assert!(!h.s.in_data());
     assert_eq!(h.send("NOOP\r\n"), OK);
 }
 
@@ -2242,7 +2292,7 @@ fn random_input_never_panics() {
     ];
     let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
     let mut seen = Seen::default();
-    for i in 0..400 {
+    for i in 0..800 {
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407)
