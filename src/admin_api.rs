@@ -40,6 +40,8 @@ use crate::util::unix_now;
 /// Days before expiry at which a certificate is flagged.
 pub const EXPIRY_WARNING_DAYS: i64 = 21;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The request head must arrive within this.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONNECTIONS: usize = 64;
 
 /// What the admin listener needs.
@@ -52,6 +54,8 @@ pub struct AdminCtx {
     pub started: Instant,
     /// The configuration the server started with.
     pub config: Config,
+    /// Log lines about refused (unauthenticated) requests, at most a few a minute.
+    pub refusals: http::gate::LogLimit,
 }
 
 /// The token file's path for `config`.
@@ -91,31 +95,48 @@ fn same(a: &str, b: &str) -> bool {
 
 /// Serves until the process ends.
 pub async fn serve(listener: TcpListener, ctx: Arc<AdminCtx>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // The admin API is on loopback, where every client has the same address: fairness comes
+    // from the head deadline and from evicting the oldest idle connection, not address caps.
+    let gate = http::gate::Gate::new(MAX_CONNECTIONS, MAX_CONNECTIONS);
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let Some(ticket) = gate.admit(peer.ip()) else {
             continue;
         };
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, connection(stream, peer, &ctx)).await;
+            tokio::select! {
+                _ = ticket.evicted() => {}
+                _ = tokio::time::timeout(REQUEST_TIMEOUT, connection(stream, peer, &ctx, &ticket)) => {}
+            }
         });
     }
 }
 
-async fn connection(mut stream: TcpStream, peer: SocketAddr, ctx: &AdminCtx) {
-    let (response, head) = match http::read_request(&mut stream).await {
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    ctx: &AdminCtx,
+    ticket: &http::gate::Ticket,
+) {
+    let read = match tokio::time::timeout(HEAD_TIMEOUT, http::read_request(&mut stream)).await {
+        Ok(r) => r,
+        Err(_) => return,
+    };
+    ticket.head_done();
+    let (response, head) = match read {
         Err(http::RequestError::Closed) => return,
         Err(http::RequestError::Bad(why)) => (Response::text(400, format!("{why}\n")), false),
         Ok(req) => {
             let head = req.method == "HEAD";
             let r = if !authorized(&req, &ctx.token) {
-                tracing::warn!(%peer, path = %req.path, "admin API: request without a valid token");
+                if let Some(held) = ctx.refusals.allow() {
+                    tracing::warn!(%peer, path = %req.path, held_back = held,
+                        "admin API: request without a valid token");
+                }
                 Response::json(
                     401,
                     &json!({"error": "a token is required: Authorization: Bearer <token from the data dir's admin.token>"}),
@@ -618,13 +639,15 @@ mod tests {
 
     #[test]
     fn authorization_header_or_query() {
-        let r =
-            http::parse_head(b"GET /api/health HTTP/1.1\r\nAuthorization: Bearer sekrit").unwrap();
+        let r = http::parse_head(
+            b"GET /api/health HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer sekrit",
+        )
+        .unwrap();
         assert!(authorized(&r, "sekrit"));
         assert!(!authorized(&r, "other"));
-        let r = http::parse_head(b"GET /report?token=sekrit HTTP/1.1").unwrap();
+        let r = http::parse_head(b"GET /report?token=sekrit HTTP/1.1\r\nHost: a").unwrap();
         assert!(authorized(&r, "sekrit"));
-        let r = http::parse_head(b"GET /metrics HTTP/1.1").unwrap();
+        let r = http::parse_head(b"GET /metrics HTTP/1.1\r\nHost: a").unwrap();
         assert!(!authorized(&r, "sekrit"));
         assert_eq!(percent_encode("a b/c"), "a%20b%2Fc");
     }

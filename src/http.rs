@@ -5,6 +5,8 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+pub mod gate;
+
 /// Limit for the request line and headers.
 pub const MAX_HEAD: usize = 8 * 1024;
 /// Limit for a request body.
@@ -78,8 +80,7 @@ pub async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Reques
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     };
-    let mut req = parse_head(&buf[..head_end])
-        .ok_or_else(|| RequestError::Bad("malformed request".into()))?;
+    let mut req = parse_head(&buf[..head_end]).map_err(RequestError::Bad)?;
     if req
         .header("transfer-encoding")
         .is_some_and(|v| !v.eq_ignore_ascii_case("identity"))
@@ -88,12 +89,7 @@ pub async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Reques
             "chunked request bodies are not accepted".into(),
         ));
     }
-    let len = match req.header("content-length") {
-        None => 0,
-        Some(v) => v
-            .parse::<usize>()
-            .map_err(|_| RequestError::Bad("bad Content-Length".into()))?,
-    };
+    let len = content_length(&req).map_err(RequestError::Bad)?;
     if len > MAX_BODY {
         return Err(RequestError::Bad("request body too large".into()));
     }
@@ -110,23 +106,32 @@ pub async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Reques
     Ok(req)
 }
 
-/// Parses the request line and headers (without the final blank line).
-pub fn parse_head(head: &[u8]) -> Option<Request> {
-    let text = std::str::from_utf8(head).ok()?;
+/// Parses the request line and headers (without the final blank line), refusing what RFC 9112
+/// and RFC 9110 require a server to reject, since a lenient parser behind or in front of
+/// another one is how requests get smuggled: a version other than HTTP/1.0 or 1.1, an
+/// HTTP/1.1 request without `Host` or with two, NUL, CR or LF inside a line (a bare CR or LF
+/// is not a line end here), obsolete line folding, and whitespace before a header's colon.
+pub fn parse_head(head: &[u8]) -> Result<Request, String> {
+    let text = std::str::from_utf8(head).map_err(|_| "request head is not UTF-8".to_string())?;
     let mut lines = text.split("\r\n");
-    let mut first = lines.next()?.split(' ');
-    let method = first.next()?.to_string();
-    let target = first.next()?;
-    let version = first.next()?;
-    if first.next().is_some()
-        || !version.starts_with("HTTP/1.")
-        || method.is_empty()
-        || !method.bytes().all(|b| b.is_ascii_uppercase())
-    {
-        return None;
+    let request_line = lines.next().unwrap_or_default();
+    let mut first = request_line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (first.next(), first.next(), first.next(), first.next())
+    else {
+        return Err("malformed request line".into());
+    };
+    let http11 = match version {
+        "HTTP/1.1" => true,
+        "HTTP/1.0" => false,
+        _ => return Err("only HTTP/1.0 and HTTP/1.1 are spoken here".into()),
+    };
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err("malformed request method".into());
     }
+    let method = method.to_string();
     // Absolute-form targets name the host too.
-    let (target, mut host) = match target
+    let (target, absolute_host) = match target
         .strip_prefix("https://")
         .or_else(|| target.strip_prefix("http://"))
     {
@@ -136,32 +141,49 @@ pub fn parse_head(head: &[u8]) -> Option<Request> {
         },
         None => (target.to_string(), None),
     };
-    if !target.starts_with('/') {
-        return None;
+    if !target.starts_with('/') || target.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err("malformed request target".into());
     }
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p.to_string(), parse_query(q)),
         None => (target, Vec::new()),
     };
     let mut headers = Vec::new();
+    let mut host_header: Option<String> = None;
     for line in lines {
-        let (name, value) = line.split_once(':')?;
+        if line.starts_with([' ', '\t']) {
+            return Err("obsolete header line folding is not accepted".into());
+        }
+        if line.bytes().any(|b| b == 0 || b == b'\r' || b == b'\n') {
+            return Err("NUL, CR or LF inside a header line".into());
+        }
+        let Some((name, value)) = line.split_once(':') else {
+            return Err("header line without ':'".into());
+        };
         if name.is_empty() || name.bytes().any(|b| b <= b' ' || b >= 0x7f) {
-            return None;
+            return Err("malformed header name".into());
         }
         let name = name.to_ascii_lowercase();
-        if name == "host" && host.is_none() {
-            host = Some(value.trim().to_string());
+        let value = value.trim_matches([' ', '\t']).to_string();
+        if name == "host" {
+            if host_header.is_some() {
+                return Err("two Host headers".into());
+            }
+            host_header = Some(value.clone());
         }
-        headers.push((name, value.trim().to_string()));
+        headers.push((name, value));
     }
+    if http11 && host_header.is_none() {
+        return Err("an HTTP/1.1 request needs a Host header".into());
+    }
+    let host = absolute_host.or(host_header);
     let host = host.map(|h| match h.rsplit_once(':') {
         Some((name, port)) if !name.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
             name.to_string()
         }
         _ => h,
     });
-    Some(Request {
+    Ok(Request {
         method,
         path,
         query,
@@ -169,6 +191,28 @@ pub fn parse_head(head: &[u8]) -> Option<Request> {
         host,
         body: Vec::new(),
     })
+}
+
+/// The body length from `Content-Length` (RFC 9112 §6.3): digits only; several fields, or a
+/// comma-separated list, must all agree; anything else is refused.
+fn content_length(req: &Request) -> Result<usize, String> {
+    let mut len: Option<usize> = None;
+    for (_, v) in req.headers.iter().filter(|(n, _)| n == "content-length") {
+        for item in v.split(',') {
+            let item = item.trim_matches([' ', '\t']);
+            if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
+                return Err("bad Content-Length".into());
+            }
+            let n = item
+                .parse::<usize>()
+                .map_err(|_| "bad Content-Length".to_string())?;
+            if len.is_some_and(|l| l != n) {
+                return Err("differing Content-Length values".into());
+            }
+            len = Some(n);
+        }
+    }
+    Ok(len.unwrap_or(0))
 }
 
 fn parse_query(q: &str) -> Vec<(String, String)> {
@@ -290,7 +334,7 @@ mod tests {
         assert_eq!(r.param("x"), Some(""));
         assert_eq!(r.host.as_deref(), Some("127.0.0.1"));
         assert_eq!(r.bearer(), Some("abc"));
-        let mut raw: &[u8] = b"POST /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloMORE";
+        let mut raw: &[u8] = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloMORE";
         let r = read_request(&mut raw).await.unwrap();
         assert_eq!(r.body, b"hello");
     }
@@ -306,6 +350,20 @@ mod tests {
             b"POST / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            // RFC 9112 / 9110: what a server must refuse (smuggling material).
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1, 2\r\n\r\nab",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: a\0b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: a\nb\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n folded\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+            b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.9\r\nHost: a\r\n\r\n",
         ] {
             let mut r = raw;
             assert!(
@@ -316,6 +374,19 @@ mod tests {
         }
         let mut r: &[u8] = b"GET / HTTP/1.1\r\n";
         assert_eq!(read_request(&mut r).await, Err(RequestError::Closed));
+        // Still accepted: HTTP/1.0 without Host, equal repeated lengths, an absolute target.
+        for raw in [
+            &b"GET / HTTP/1.0\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab",
+            b"GET http://mta-sts.example/x HTTP/1.1\r\nHost: mta-sts.example\r\n\r\n",
+        ] {
+            let mut r = raw;
+            assert!(
+                read_request(&mut r).await.is_ok(),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
         let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_HEAD + 10));
         let mut r = long.as_bytes();
         assert!(matches!(

@@ -488,6 +488,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
             stores: named,
             started: std::time::Instant::now(),
             config: config.clone(),
+            refusals: crate::http::gate::LogLimit::new(5, Duration::from_secs(60)),
         });
         tokio::spawn(crate::admin_api::serve(socket, ctx));
     }

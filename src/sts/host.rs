@@ -1,8 +1,11 @@
 //! The built-in MTA-STS policy host: `https://mta-sts.<domain>/.well-known/mta-sts.txt` for each
 //! configured domain, `text/plain`, and 404 for anything else.
 //!
-//! One request per connection (`Connection: close`), request headers limited to 8 KiB and
-//! 10 seconds, `GET` and `HEAD` only. The certificate is chosen by SNI among the policy's own
+//! One request per connection (`Connection: close`), request headers limited to 8 KiB;
+//! the TLS handshake and request head must arrive within 5 seconds, the whole exchange within
+//! 10; `GET` and `HEAD` only. At most 512 connections, 32 per client address; when full, the
+//! oldest connection still waiting for its request makes room ([`http::gate`]), so idle
+//! connections cannot lock senders out of policy discovery (RFC 8461 §10.2). The certificate is chosen by SNI among the policy's own
 //! certificate files and the `[tls]` certificates.
 
 use std::collections::HashMap;
@@ -19,8 +22,11 @@ use crate::config::Config;
 use crate::http::{self, Response};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once.
+/// TLS handshake and request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once, in all and per client address.
 const MAX_CONNECTIONS: usize = 512;
+const MAX_PER_ADDRESS: usize = 32;
 
 /// Policy texts by policy host name (`mta-sts.<domain>`, lowercase).
 #[derive(Debug, Clone, Default)]
@@ -87,7 +93,8 @@ impl Policies {
 
 /// Serves policies on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, policies: Arc<Policies>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let gate = http::gate::Gate::new(MAX_CONNECTIONS, MAX_PER_ADDRESS);
+    let refusals = Arc::new(http::gate::LogLimit::new(5, Duration::from_secs(60)));
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -97,26 +104,33 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, policies: Arc<P
                 continue;
             }
         };
-        // Over the cap the connection is simply closed; a policy is small and cacheable.
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "policy host: too many connections");
+        // Every slot busy past its request head: the connection is simply closed; a policy
+        // is small and cacheable.
+        let Some(ticket) = gate.admit(peer.ip()) else {
+            if let Some(held) = refusals.allow() {
+                tracing::warn!(%peer, held_back = held, "policy host: every connection is busy; refused");
+            }
             continue;
         };
         let (acceptor, policies) = (acceptor.clone(), policies.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
             let work = async {
-                let tls = match acceptor.accept(tcp).await {
-                    Ok(t) => t,
-                    Err(e) => {
-                        tracing::info!(%peer, error = %e, "policy host: TLS handshake failed");
+                let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "policy host: TLS handshake failed");
                         return;
                     }
+                    Err(_) => return,
                 };
                 let sni = tls.get_ref().1.server_name().map(str::to_string);
-                answer(tls, sni, &policies, peer).await;
+                answer(tls, sni, &policies, peer, &ticket, deadline).await;
             };
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, work).await;
+            tokio::select! {
+                _ = ticket.evicted() => {}
+                _ = tokio::time::timeout(REQUEST_TIMEOUT, work) => {}
+            }
         });
     }
 }
@@ -126,8 +140,15 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     sni: Option<String>,
     policies: &Policies,
     peer: std::net::SocketAddr,
+    ticket: &http::gate::Ticket,
+    head_deadline: tokio::time::Instant,
 ) {
-    let (response, head_only) = match http::read_request(&mut stream).await {
+    let read = match tokio::time::timeout_at(head_deadline, http::read_request(&mut stream)).await {
+        Ok(r) => r,
+        Err(_) => return,
+    };
+    ticket.head_done();
+    let (response, head_only) = match read {
         Err(http::RequestError::Closed) => return,
         Err(http::RequestError::Bad(why)) => (Response::text(400, format!("{why}\n")), false),
         Ok(req) => {
@@ -191,7 +212,10 @@ mod tests {
         ] {
             let (mut client, server) = tokio::io::duplex(65536);
             client.write_all(req.as_bytes()).await.unwrap();
-            answer(server, None, &policies, peer).await;
+            let gate = http::gate::Gate::new(4, 4);
+            let ticket = gate.admit(peer.ip()).unwrap();
+            let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+            answer(server, None, &policies, peer, &ticket, deadline).await;
             let mut out = String::new();
             client.read_to_string(&mut out).await.unwrap();
             assert!(
