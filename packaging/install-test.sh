@@ -56,7 +56,8 @@ getent group moat >/dev/null || fail "no group moat"
     fail "/etc/moat is $(stat -c '%a %U:%G' /etc/moat)"
 dpkg-query -W -f='${Conffiles}\n' moat | grep -q '/etc/moat/moat.toml' ||
     fail "/etc/moat/moat.toml is not registered as a conffile"
-moat config check /etc/moat/moat.toml
+# The shipped config names certificates that are not there yet: its syntax alone.
+moat config check --syntax-only /etc/moat/moat.toml
 [ "$(man -w moat)" = /usr/share/man/man1/moat.1.gz ] || fail "man -w moat: $(man -w moat)"
 
 # The files the gateway config names: throwaway self-signed certificates.

@@ -540,17 +540,94 @@ impl Config {
         Ok(c)
     }
 
+    /// [`Config::load`], then [`Config::check_files`]: what `moat config check` and `moat serve`
+    /// run, so that the check finds what serving would trip on.
+    pub fn load_checked(path: &Path) -> Result<Config, ConfigError> {
+        let c = Config::load(path)?;
+        let src = std::fs::read_to_string(path).unwrap_or_default();
+        c.check_files(&src, &path.display().to_string())?;
+        Ok(c)
+    }
+
+    /// Checks the files the config names, as `moat serve` would use them: certificate chains
+    /// and keys parse and each key matches its certificate, CA files hold certificates, relay
+    /// password files are readable and not empty. Each error names the key and line.
+    pub fn check_files(&self, src: &str, file: &str) -> Result<(), ConfigError> {
+        let err = |table: &str, index: usize, key: &str, message: String| ConfigError {
+            file: file.to_string(),
+            line: locate(src, table, index, key),
+            key: if table.is_empty() {
+                key.to_string()
+            } else {
+                format!("{table}[{index}].{key}")
+            },
+            message,
+        };
+        for (i, c) in self.tls.certificates.iter().enumerate() {
+            crate::tls::check_pair(&self.data_path(&c.cert), &self.data_path(&c.key))
+                .map_err(|m| err("tls.certificate", i, "cert", m))?;
+        }
+        if let Some(ca) = &self.tls.client_ca {
+            crate::tls::load_roots(&self.data_path(ca))
+                .map_err(|m| err("tls", 0, "client_ca", m))?;
+        }
+        for (i, p) in self.tls_policies.iter().enumerate() {
+            if let Some(ca) = &p.ca_file {
+                crate::tls::load_roots(&self.data_path(ca))
+                    .map_err(|m| err("tls_policy", i, "ca_file", m))?;
+            }
+        }
+        if let Some(ca) = &self.mta_sts.ca_file {
+            crate::tls::load_roots(&self.data_path(ca))
+                .map_err(|m| err("mta_sts", 0, "ca_file", m))?;
+        }
+        for (i, p) in self.mta_sts.policies.iter().enumerate() {
+            if let (Some(c), Some(k)) = (&p.cert, &p.key) {
+                crate::tls::check_pair(&self.data_path(c), &self.data_path(k))
+                    .map_err(|m| err("mta_sts.policy", i, "cert", m))?;
+            }
+        }
+        for (i, d) in self.domains.iter().enumerate() {
+            if let Some(f) = &d.relay_auth_password_file {
+                let path = self.data_path(f);
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    err(
+                        "domain",
+                        i,
+                        "relay_auth_password_file",
+                        format!("{}: {e}", path.display()),
+                    )
+                })?;
+                if text.lines().next().unwrap_or_default().is_empty() {
+                    return Err(err(
+                        "domain",
+                        i,
+                        "relay_auth_password_file",
+                        format!("{}: the first line (the password) is empty", path.display()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Parses and validates config text; `file` names it in errors.
     pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(src).map_err(|e| {
             let line = e.span().map(|s| line_of_offset(src, s.start));
-            let message = e.message().trim().to_string();
-            let key = message
+            let raw = e.message().trim().to_string();
+            let at = e.span().and_then(|s| key_at(src, s.start));
+            let key = raw
                 .split('`')
                 .nth(1)
-                .filter(|_| message.starts_with("unknown field"))
-                .unwrap_or("(syntax)")
-                .to_string();
+                .filter(|_| raw.starts_with("unknown field"))
+                .map(|k| match at.as_deref().and_then(|a| a.rsplit_once('.')) {
+                    Some((table, _)) => format!("{table}.{k}"),
+                    None => k.to_string(),
+                })
+                .or(at)
+                .unwrap_or_else(|| "(syntax)".to_string());
+            let message = plain_type_error(&raw);
             ConfigError {
                 file: file.to_string(),
                 line,
@@ -599,15 +676,43 @@ impl Config {
                 "at least one [[listener]] is needed".into(),
             ));
         }
+        // Every socket Moat binds, in order; two that overlap cannot both be bound.
+        let mut sockets: Vec<(SocketAddr, String, &str, usize, &str)> = Vec::new();
         for (i, l) in self.listeners.iter().enumerate() {
-            if self.listeners[..i].iter().any(|o| o.address == l.address) {
+            sockets.push((
+                l.address,
+                format!("listener {}", l.label()),
+                "listener",
+                i,
+                "address",
+            ));
+        }
+        for a in &self.mta_sts.listen {
+            sockets.push((*a, "the MTA-STS policy host".into(), "mta_sts", 0, "listen"));
+        }
+        if let Some(a) = self.admin.listen {
+            sockets.push((a, "the admin API".into(), "admin", 0, "listen"));
+        }
+        for (n, (addr, what, table, index, key)) in sockets.iter().enumerate() {
+            if let Some((other, other_what, ..)) = sockets[..n]
+                .iter()
+                .find(|(o, ..)| sockets_overlap(*o, *addr))
+            {
                 return Err(err(
-                    "listener",
-                    i,
-                    "address",
-                    format!("{} is used by two listeners", l.address),
+                    table,
+                    *index,
+                    key,
+                    if other == addr {
+                        format!("{addr} ({what}) is already used by {other_what}")
+                    } else {
+                        format!(
+                            "{addr} ({what}) overlaps {other} ({other_what}): the same port on a wildcard address"
+                        )
+                    },
                 ));
             }
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
             if l.requires_auth() && !l.requires_tls() && l.mode != ListenerMode::Smtps {
                 return Err(err(
                     "listener",
@@ -824,6 +929,7 @@ impl Config {
             ("handshake_timeout_secs", l.handshake_timeout_secs),
             ("max_connections", l.max_connections as u64),
             ("max_connections_per_ip", l.max_connections_per_ip as u64),
+            ("session_timeout_secs", l.session_timeout_secs),
         ] {
             if v == 0 {
                 return Err(err("limits", 0, key, "must be greater than 0".into()));
@@ -867,6 +973,59 @@ pub fn parse_hop(hop: &str) -> Option<(String, u16)> {
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
     (!host.is_empty() && !host.contains(char::is_whitespace)).then(|| (host.to_string(), port))
+}
+
+/// True when two sockets cannot both be bound: the same port, and the same address or a
+/// wildcard (`0.0.0.0`, `[::]`) on either side. (`[::]` may also take IPv4, depending on
+/// `net.ipv6.bindv6only`, so it is taken to overlap IPv4 addresses too.)
+fn sockets_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() {
+        return false;
+    }
+    let (x, y) = (a.ip(), b.ip());
+    x == y
+        || (x.is_unspecified() && (x.is_ipv6() || y.is_ipv4()))
+        || (y.is_unspecified() && (y.is_ipv6() || x.is_ipv4()))
+}
+
+/// The dotted key (`limits.max_message_size`) whose value starts at or contains `offset`:
+/// the key on that line, under the nearest table header above it.
+fn key_at(src: &str, offset: usize) -> Option<String> {
+    let before = src.get(..offset.min(src.len()))?;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = src[start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+        return None;
+    }
+    let table = before[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_string(),
+    })
+}
+
+/// serde's "invalid type: string \"x\", expected usize" as "expected an integer, found a
+/// string \"x\""; other messages unchanged.
+fn plain_type_error(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("invalid type: ") else {
+        return message.to_string();
+    };
+    let Some((found, expected)) = rest.rsplit_once(", expected ") else {
+        return message.to_string();
+    };
+    let expected = match expected.trim() {
+        "usize" | "u64" | "u32" | "u16" | "u8" | "i64" | "i32" => "an integer",
+        "a boolean" | "bool" => "true or false",
+        "a string" | "string" => "a string",
+        other => other,
+    };
+    format!("expected {expected}, found {found}")
 }
 
 /// 1-based line of a byte offset.
@@ -971,7 +1130,124 @@ mod tests {
         let src = "hostname = \"mx.test\"\n\n[limits]\nmax_recipents = 5\n";
         let e = Config::parse(src, "t.toml").unwrap_err();
         assert_eq!(e.line, Some(4), "{e}");
-        assert_eq!(e.key, "max_recipents");
+        assert_eq!(e.key, "limits.max_recipents");
+    }
+
+    #[test]
+    fn type_errors_name_the_key() {
+        let src = "hostname = \"mx.test\"\n\n[limits]\nmax_message_size = \"big\"\n";
+        let e = Config::parse(src, "t.toml").unwrap_err();
+        assert_eq!(
+            (e.key.as_str(), e.line),
+            ("limits.max_message_size", Some(4)),
+            "{e}"
+        );
+        assert_eq!(
+            e.message, "expected an integer, found string \"big\"",
+            "{e}"
+        );
+        let src = "[[listener]]\naddress = \"127.0.0.1:1\"\nmode = \"smtp\"\nauth = \"yes\"\n";
+        let e = Config::parse(src, "t.toml").unwrap_err();
+        assert_eq!(e.key, "listener.auth", "{e}");
+        assert!(e.message.starts_with("expected true or false"), "{e}");
+    }
+
+    #[test]
+    fn sockets_that_collide_are_refused() {
+        let base = "[[listener]]\naddress = \"0.0.0.0:2525\"\nmode = \"smtp\"\n\n";
+        for (extra, key) in [
+            (
+                "[[listener]]\naddress = \"127.0.0.1:2525\"\nmode = \"smtps\"\n",
+                "listener[1].address",
+            ),
+            (
+                "[mta_sts]\nlisten = [\"127.0.0.2:2525\"]\n",
+                "mta_sts[0].listen",
+            ),
+            ("[admin]\nlisten = \"127.0.0.1:2525\"\n", "admin[0].listen"),
+        ] {
+            let e = Config::parse(&format!("{base}{extra}"), "t.toml").unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.message.contains("overlaps 0.0.0.0:2525"), "{e}");
+        }
+        // Different ports, or two specific addresses: fine.
+        let ok = format!("{base}[[listener]]\naddress = \"127.0.0.1:2465\"\nmode = \"smtps\"\n");
+        assert!(Config::parse(&ok, "t.toml").is_ok());
+        assert!(!sockets_overlap(
+            "127.0.0.1:25".parse().unwrap(),
+            "127.0.0.2:25".parse().unwrap()
+        ));
+        assert!(sockets_overlap(
+            "[::]:25".parse().unwrap(),
+            "127.0.0.2:25".parse().unwrap()
+        ));
+        let zero = format!("{base}[limits]\nsession_timeout_secs = 0\n");
+        assert_eq!(
+            Config::parse(&zero, "t.toml").unwrap_err().key,
+            "limits[0].session_timeout_secs"
+        );
+    }
+
+    #[test]
+    fn file_checks_find_what_serve_would_trip_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let pair = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            let (c, k) = (d.join(format!("{name}.pem")), d.join(format!("{name}.key")));
+            std::fs::write(&c, cert.pem()).unwrap();
+            std::fs::write(&k, key.serialize_pem()).unwrap();
+            (c, k)
+        };
+        let (c1, k1) = pair("a.test");
+        let (_c2, k2) = pair("b.test");
+        std::fs::write(d.join("empty-password"), "\n").unwrap();
+        let head = format!(
+            "data_dir = \"{}\"\n[[listener]]\naddress = \"127.0.0.1:1\"\nmode = \"smtp\"\n\n",
+            d.display()
+        );
+        let check = |extra: String| {
+            let src = format!("{head}{extra}");
+            let c = Config::parse(&src, "t.toml").unwrap();
+            c.check_files(&src, "t.toml").map(|_| ())
+        };
+        let cert = |c: &Path, k: &Path| {
+            format!(
+                "[tls]\n[[tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
+                c.display(),
+                k.display()
+            )
+        };
+        assert!(check(cert(&c1, &k1)).is_ok());
+        for (extra, key, words) in [
+            (cert(&d.join("missing.pem"), &k1), "tls.certificate[0].cert", "missing.pem"),
+            (cert(&c1, &k2), "tls.certificate[0].cert", "a.test.pem"),
+            (cert(&k1, &k1), "tls.certificate[0].cert", "no certificate"),
+            (
+                "[[tls_policy]]\ndomains = [\"x.test\"]\nlevel = \"verify\"\nca_file = \"nope.pem\"\n".into(),
+                "tls_policy[0].ca_file",
+                "nope.pem",
+            ),
+            (
+                "[[domain]]\nname = \"r.test\"\nroute = \"relay\"\nrelay = \"h.test:25\"\nrelay_auth_user = \"u\"\nrelay_auth_password_file = \"no-such-file\"\n".into(),
+                "domain[0].relay_auth_password_file",
+                "no-such-file",
+            ),
+            (
+                "[[domain]]\nname = \"r.test\"\nroute = \"relay\"\nrelay = \"h.test:25\"\nrelay_auth_user = \"u\"\nrelay_auth_password_file = \"empty-password\"\n".into(),
+                "domain[0].relay_auth_password_file",
+                "is empty",
+            ),
+        ] {
+            let e = check(extra).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.line.is_some(), "{e}");
+            assert!(e.to_string().contains(words), "{words}: {e}");
+        }
     }
 
     #[test]

@@ -286,10 +286,17 @@ enum QueueCommand {
 
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
-    /// Parse and validate FILE; errors name the key and the line. Exits 1 on error.
+    /// Parse and validate FILE as `moat serve` would use it: syntax and types, values and
+    /// limits, sockets that would collide, and the files it names (certificates and keys that
+    /// parse and belong together, CA files, relay password files). Errors name the key and
+    /// the line. Exits 1 on error.
     Check {
         /// The config file to check.
         file: PathBuf,
+        /// Check the file alone, not the files it names (a config shipped before its
+        /// certificates are in place).
+        #[arg(long)]
+        syntax_only: bool,
     },
 }
 
@@ -499,6 +506,13 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Serve(source) => {
             init_logging(cli.log_format);
             let config = source.load()?;
+            // The same file checks as `moat config check`, with the key and line.
+            if let Some(path) = &source.config {
+                let src = std::fs::read_to_string(path).unwrap_or_default();
+                config
+                    .check_files(&src, &path.display().to_string())
+                    .map_err(|e| e.to_string())?;
+            }
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             if config.worker_threads > 0 {
                 builder.worker_threads(config.worker_threads);
@@ -509,8 +523,13 @@ fn run(cli: Cli) -> Result<(), String> {
                 .map_err(|e| format!("starting the runtime: {e}"))?;
             runtime.block_on(moat::server::serve(config))
         }
-        Command::Config(ConfigCommand::Check { file }) => {
-            let c = Config::load(&file).map_err(|e| e.to_string())?;
+        Command::Config(ConfigCommand::Check { file, syntax_only }) => {
+            let c = if syntax_only {
+                Config::load(&file)
+            } else {
+                Config::load_checked(&file)
+            }
+            .map_err(|e| e.to_string())?;
             println!(
                 "{}: OK ({} listener(s), {} domain(s), {} certificate(s){})",
                 file.display(),

@@ -34,6 +34,12 @@ impl std::fmt::Debug for CertStore {
     }
 }
 
+/// Loads a certificate chain and its key as serving would, checking that they belong together
+/// (for `moat config check`).
+pub fn check_pair(cert: &Path, key: &Path) -> Result<(), String> {
+    load_one(cert, key).map(|_| ())
+}
+
 fn load_one(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, String> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| format!("{}: {e}", cert.display()))?
