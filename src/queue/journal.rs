@@ -130,14 +130,13 @@ pub struct Found {
 /// total length, id and state when it is whole, of `generation`, and its CRC matches.
 pub fn check_record(data: &[u8], generation: u64) -> Option<(u32, String, bool)> {
     let h = data.get(..REC_HEADER)?;
-    if &h[..4] != REC_MAGIC || h[5..8] != [0, 0, 0] {
+    if &h[..4] != REC_MAGIC {
         return None;
     }
-    let live = match h[4] {
-        LIVE => true,
-        DEAD => false,
-        _ => return None,
-    };
+    // The state byte and the three after it are outside the CRC (marking dead is a one-byte
+    // write). Damage there must not lose an intact message: anything but a clean `D` counts
+    // as live, so the message is delivered (at least once beats lost).
+    let live = h[4] != DEAD || h[5..8] != [0, 0, 0];
     if u64::from_le_bytes(h[8..16].try_into().ok()?) != generation {
         return None;
     }
@@ -291,6 +290,32 @@ mod tests {
     }
 
     #[test]
+    fn damage_to_the_state_byte_alone_keeps_the_message() {
+        let clean = segment(7, &[(A, b"hello", 7)]);
+        let at = (SEG_HEADER + STATE_AT) as usize;
+        for (byte, offset, live) in [
+            (b'X', 0, true),
+            (0x00, 0, true),
+            (LIVE ^ 0x01, 0, true),
+            // A dead mark with damage next to it: still delivered (at least once).
+            (DEAD, 0, false),
+            (DEAD, 1, true),
+        ] {
+            let mut data = clean.clone();
+            if offset == 0 {
+                data[at] = byte;
+            } else {
+                data[at] = byte;
+                data[at + offset] = 0x20;
+            }
+            let s = scan(&data);
+            assert_eq!(s.records.len(), 1, "state {byte:#x}+{offset}");
+            assert_eq!(s.records[0].live, live, "state {byte:#x}+{offset}");
+            assert_eq!(s.records[0].id, A);
+        }
+    }
+
+    #[test]
     fn records_round_trip_and_split_payloads_match() {
         let data = segment(7, &[(A, b"hello", 7), (B, b"world!!", 7)]);
         let s = scan(&data);
@@ -323,14 +348,15 @@ mod tests {
             assert_eq!(s.records.len(), 1, "cut at {cut}");
             assert_eq!(s.end, second as u64);
         }
-        // A flipped bit anywhere but the state byte loses that record only: the ones before
-        // and after it are still found.
+        // A flipped bit anywhere but the state byte and its padding (outside the CRC, see
+        // `damage_to_the_state_byte_alone_keeps_the_message`) loses that record only: the
+        // ones before and after it are still found.
         let c = "0000000000000ABC";
         let data = segment(9, &[(A, b"one", 9), (B, &[b'x'; 100], 9), (c, b"three", 9)]);
         let s = scan(&data);
         let (second, third) = (s.records[1].offset as usize, s.records[2].offset as usize);
         for i in second..second + s.records[1].len as usize {
-            if i == second + STATE_AT as usize {
+            if (second + STATE_AT as usize..second + 8).contains(&i) {
                 continue;
             }
             let mut bad = data.clone();

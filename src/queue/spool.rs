@@ -404,21 +404,28 @@ impl Spool {
         ids.sort();
         let spare = inner.want_spare(&journal_dir);
         let inner = Arc::new(Mutex::new(inner));
+        // The lock is held by every handle and by the helper threads, which may still write
+        // into the journal after the last handle is gone: the spool is not free until they end.
+        let lock = Arc::new(lock_file);
         if let Some(spare) = spare {
-            prepare(inner.clone(), spare, journal_dir.clone());
+            prepare(inner.clone(), spare, journal_dir.clone(), lock.clone());
         }
         let (tx, rx) = std_mpsc::channel::<Job>();
         let shared = inner.clone();
         let dirs = (tmp, queue, journal_dir);
+        let held = lock.clone();
         std::thread::Builder::new()
             .name("spool-commit".into())
-            .spawn(move || committer(rx, &shared, &dirs.0, &dirs.1, &dirs.2))?;
+            .spawn(move || {
+                committer(rx, &shared, &dirs.0, &dirs.1, &dirs.2);
+                drop(held);
+            })?;
         Ok((
             Spool {
                 root: root.to_path_buf(),
                 inner,
                 committer: tx,
-                _lock: Arc::new(lock_file),
+                _lock: lock,
             },
             ids,
         ))
@@ -458,7 +465,7 @@ impl Spool {
             (reserved, inner.want_spare(&journal_dir))
         };
         if let Some(spare) = spare {
-            prepare(self.inner.clone(), spare, journal_dir);
+            prepare(self.inner.clone(), spare, journal_dir, self._lock.clone());
         }
         draft.seal(generation);
         // A write of a few KiB into the page cache: done here rather than on another thread,
@@ -584,7 +591,20 @@ impl Spool {
         if self.inner().stateless.contains(id) {
             return Ok(MessageState::new(recipients));
         }
-        MessageState::load(&self.state_dir(), id, recipients)
+        match MessageState::load(&self.state_dir(), id, recipients) {
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                // The message is intact; only its per-recipient progress is not. Delivering to
+                // every recipient again beats never delivering: at least once, not lost. The
+                // damaged file is kept beside for inspection.
+                let dir = self.state_dir();
+                let aside = dir.join(format!("{id}.damaged"));
+                let _ = fs::rename(dir.join(id), &aside);
+                tracing::warn!(queue_id = id, kept = %aside.display(),
+                    "the message's state file is damaged; every recipient is taken as pending (delivered ones may get a second copy)");
+                Ok(MessageState::new(recipients))
+            }
+            other => other,
+        }
     }
 
     /// Saves the per-recipient state of a queued message (its file in `state/`).
@@ -629,8 +649,23 @@ impl Spool {
 
     /// Syncs the dead marks written since the last sync (at shutdown; the committer also
     /// does it every second).
+    ///
+    /// Also waits (up to ten seconds) for segments still being zero-filled by a helper
+    /// thread, so that nothing writes into the journal once this returns: a spool opened on
+    /// the same directory afterwards (a restart in the same process, as tests do) cannot have
+    /// its new records overwritten by the old instance's zeros.
     pub fn flush(&self) {
         flush_dead(&self.inner);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline
+            && self
+                .inner()
+                .segs
+                .values()
+                .any(|s| s.state == SegState::Preparing)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// The message is a record in a journal segment written since start-up (so most likely
@@ -661,6 +696,9 @@ impl Spool {
     }
 }
 
+/// How long opening waits for the spool's lock.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
 /// Takes the spool's exclusive lock (`flock`), or says which process holds it.
 fn lock_spool(path: &Path) -> io::Result<File> {
     let f = OpenOptions::new()
@@ -669,8 +707,19 @@ fn lock_spool(path: &Path) -> io::Result<File> {
         .create(true)
         .truncate(false)
         .open(path)?;
-    // flock(2) on Unix: released when the process exits, whatever way it ends.
-    if let Err(e) = f.try_lock() {
+    // flock(2) on Unix: released when the process exits, whatever way it ends. A predecessor
+    // still exiting (a restart), or a spool of this process whose helper threads are finishing,
+    // is waited for briefly.
+    let deadline = Instant::now() + LOCK_WAIT;
+    let locked = loop {
+        match f.try_lock() {
+            Err(fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => break other,
+        }
+    };
+    if let Err(e) = locked {
         let e = match e {
             fs::TryLockError::WouldBlock => io::Error::from(io::ErrorKind::WouldBlock),
             fs::TryLockError::Error(e) => e,
@@ -894,9 +943,15 @@ fn committer(
 
 /// Fills a new segment with zeros and syncs it, on a thread of its own, so that the records
 /// later written into it overwrite allocated blocks and their syncs write no metadata.
-fn prepare(inner: Arc<Mutex<Inner>>, (seg, file): (u32, Arc<File>), journal_dir: PathBuf) {
+fn prepare(
+    inner: Arc<Mutex<Inner>>,
+    (seg, file): (u32, Arc<File>),
+    journal_dir: PathBuf,
+    spool_lock: Arc<File>,
+) {
     let shared = inner.clone();
     let work = move || {
+        let _held = spool_lock;
         let zeros = vec![0u8; 1 << 20];
         let mut filled = Ok(());
         let mut at = 0;
@@ -1159,6 +1214,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_damaged_state_file_means_every_recipient_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = crate::util::new_queue_id();
+        {
+            let (spool, _) = Spool::open(dir.path()).unwrap();
+            spool.store(&id, 1, &env(), b"x\r\n").await.unwrap();
+            let mut st = spool.load_state(&id, 2).unwrap();
+            st.rcpts[0].attempts = 3;
+            spool.save_state(&id, &st).unwrap();
+            spool.flush();
+        }
+        std::fs::write(dir.path().join("state").join(&id), b"\x00garbage\xff").unwrap();
+        let (spool, ids) = Spool::open(dir.path()).unwrap();
+        assert_eq!(ids, vec![id.clone()]);
+        let st = spool.load_state(&id, 2).unwrap();
+        assert!(
+            st.rcpts
+                .iter()
+                .all(|r| r.attempts == 0 && !r.state.is_final())
+        );
+        assert!(
+            dir.path()
+                .join("state")
+                .join(format!("{id}.damaged"))
+                .exists()
+        );
+        assert_eq!(spool.load(&id).unwrap().message, b"x\r\n");
+    }
+
+    #[tokio::test]
     async fn store_load_remove_roundtrip() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, ids) = Spool::open(dir.path()).unwrap();
@@ -1273,6 +1358,7 @@ mod tests {
         spool.remove(&ids[0]).unwrap();
         spool.remove(&ids[2]).unwrap();
         wait_until(|| fs::read(&old).unwrap()[..8] == [0u8; 8]);
+        spool.flush();
         drop(spool);
         let (spool, listed) = Spool::open(dir.path()).unwrap();
         assert_eq!(listed, vec![id.clone()]);
