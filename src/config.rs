@@ -447,6 +447,23 @@ pub struct ConfigError {
     pub message: String,
 }
 
+impl ConfigError {
+    /// An error about `key` of the `index`-th `[table]` (or a top-level key when `table` is
+    /// empty), with the line found in `src`.
+    fn at(src: &str, file: &str, table: &str, index: usize, key: &str, message: String) -> Self {
+        ConfigError {
+            file: file.to_string(),
+            line: locate(src, table, index, key),
+            key: if table.is_empty() {
+                key.to_string()
+            } else {
+                format!("{table}[{index}].{key}")
+            },
+            message,
+        }
+    }
+}
+
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.line {
@@ -553,15 +570,8 @@ impl Config {
     /// and keys parse and each key matches its certificate, CA files hold certificates, relay
     /// password files are readable and not empty. Each error names the key and line.
     pub fn check_files(&self, src: &str, file: &str) -> Result<(), ConfigError> {
-        let err = |table: &str, index: usize, key: &str, message: String| ConfigError {
-            file: file.to_string(),
-            line: locate(src, table, index, key),
-            key: if table.is_empty() {
-                key.to_string()
-            } else {
-                format!("{table}[{index}].{key}")
-            },
-            message,
+        let err = |table: &str, index: usize, key: &str, message: String| {
+            ConfigError::at(src, file, table, index, key, message)
         };
         for (i, c) in self.tls.certificates.iter().enumerate() {
             crate::tls::check_pair(&self.data_path(&c.cert), &self.data_path(&c.key))
@@ -640,15 +650,8 @@ impl Config {
     }
 
     fn validate(&self, src: &str, file: &str) -> Result<(), ConfigError> {
-        let err = |table: &str, index: usize, key: &str, message: String| ConfigError {
-            file: file.to_string(),
-            line: locate(src, table, index, key),
-            key: if table.is_empty() {
-                key.to_string()
-            } else {
-                format!("{table}[{index}].{key}")
-            },
-            message,
+        let err = |table: &str, index: usize, key: &str, message: String| {
+            ConfigError::at(src, file, table, index, key, message)
         };
         if !crate::smtp::address::valid_domain(&self.hostname, false)
             || self.hostname.starts_with('[')

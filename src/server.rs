@@ -332,6 +332,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
                 Duration::from_secs(l.auth_ip_window_secs),
             ),
             max_failures_per_connection: l.auth_max_failures,
+            pool: crate::inbound::auth::HashPool::new(0, 2, Duration::from_secs(5)),
         },
         trusted: config.trusted_networks(),
         tls_required_networks: config

@@ -5,72 +5,20 @@
 
 mod common;
 
-use std::io::{BufRead, Write};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 
-/// A strict peer on `ip:2525`: no PIPELINING, refuses `RCPT TO:<nobody@…>`. Records
-/// `(connection number, command)`, and `PIPELINING VIOLATION` when a command arrived early.
-fn strict_peer(ip: &str) -> Arc<Mutex<Vec<(usize, String)>>> {
-    let listener = std::net::TcpListener::bind((ip, SMTP))
-        .unwrap_or_else(|e| panic!("strict peer: cannot listen on {ip}:{SMTP}: {e}"));
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let log2 = log.clone();
-    std::thread::spawn(move || {
-        for (n, conn) in listener.incoming().enumerate() {
-            let Ok(conn) = conn else { continue };
-            let log = log2.clone();
-            std::thread::spawn(move || {
-                let mut w = conn.try_clone().unwrap();
-                let mut r = std::io::BufReader::new(conn);
-                let _ = w.write_all(b"220 strict.test ESMTP\r\n");
-                let mut line = String::new();
-                loop {
-                    line.clear();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let cmd = line.trim_end().to_string();
-                    log.lock().unwrap().push((n, cmd.clone()));
-                    if !r.buffer().is_empty() {
-                        log.lock().unwrap().push((n, "PIPELINING VIOLATION".into()));
-                        let _ = w.write_all(b"500 5.5.1 Pipelining not supported\r\n");
-                        return;
-                    }
-                    let upper = cmd.to_ascii_uppercase();
-                    let reply: &[u8] = if upper.starts_with("EHLO") {
-                        b"250-strict.test\r\n250 8BITMIME\r\n"
-                    } else if upper.starts_with("RCPT TO:<NOBODY@") {
-                        b"550 5.1.1 no such user\r\n"
-                    } else if upper == "DATA" {
-                        let _ = w.write_all(b"354 go\r\n");
-                        loop {
-                            line.clear();
-                            if r.read_line(&mut line).unwrap_or(0) == 0 {
-                                return;
-                            }
-                            if line == ".\r\n" {
-                                break;
-                            }
-                        }
-                        log.lock().unwrap().push((n, "MESSAGE".into()));
-                        b"250 2.0.0 accepted\r\n"
-                    } else if upper == "QUIT" {
-                        let _ = w.write_all(b"221 bye\r\n");
-                        return;
-                    } else if upper.starts_with("STARTTLS") {
-                        b"502 5.5.1 not here\r\n"
-                    } else {
-                        b"250 2.0.0 ok\r\n"
-                    };
-                    let _ = w.write_all(reply);
-                }
-            });
-        }
-    });
-    log
+/// A strict peer on `ip:2525`: no PIPELINING, refuses `RCPT TO:<nobody@…>`.
+fn strict_peer(ip: &str) -> PeerLog {
+    scripted_peer(
+        ip,
+        PeerScript {
+            ehlo: b"250-strict.test\r\n250 8BITMIME\r\n",
+            refuse_rcpt: Some("nobody@"),
+            strict_pipelining: true,
+        },
+    )
 }
 
 #[test]
@@ -91,7 +39,9 @@ fn reused_session_without_pipelining_waits_for_rset() {
     submit(&sender, "alice@moat.test", &["ok@far.test"], "delivered");
     wait_for("the second message", Duration::from_secs(20), || {
         let log = peer.lock().unwrap();
-        log.iter().any(|(_, c)| c == "MESSAGE").then_some(())
+        log.iter()
+            .any(|(_, c)| c.starts_with("MESSAGE"))
+            .then_some(())
     });
     let log = peer.lock().unwrap().clone();
     let shown = format!("{log:#?}\n{}", sender.log());
@@ -113,7 +63,7 @@ fn reused_session_without_pipelining_waits_for_rset() {
         "{shown}"
     );
     assert!(
-        cmds.contains(&"MESSAGE"),
+        cmds.iter().any(|c| c.starts_with("MESSAGE")),
         "not delivered on the reused session: {shown}"
     );
 }

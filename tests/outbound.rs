@@ -6,7 +6,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::dns::{Rr, serve_zone};
@@ -113,7 +112,7 @@ fn may_policy_delivers_in_plaintext_when_starttls_is_missing() {
         peer.lock()
             .unwrap()
             .iter()
-            .any(|l| l.starts_with("MESSAGE ") && l.contains("Subject: plain-ok"))
+            .any(|(_, l)| l.starts_with("MESSAGE ") && l.contains("Subject: plain-ok"))
             .then_some(())
     });
 }
@@ -155,7 +154,7 @@ fn encrypt_policy_never_sends_in_plaintext_and_bounces() {
     let log = peer.lock().unwrap().clone();
     assert!(
         !log.iter()
-            .any(|l| l.to_ascii_uppercase().starts_with("MAIL FROM")),
+            .any(|(_, l)| l.to_ascii_uppercase().starts_with("MAIL FROM")),
         "{log:?}"
     );
     wait_for("the queue to empty", Duration::from_secs(10), || {
@@ -362,7 +361,7 @@ fn queue_admin_list_show_retry_bounce_delete() {
 
 /// One message to a `verify` domain (untrusted certificate there) and an unmatched domain
 /// whose server has no STARTTLS.
-fn split_world(base: u8) -> (SocketAddr, Moat, Arc<Mutex<Vec<String>>>) {
+fn split_world(base: u8) -> (SocketAddr, Moat, PeerLog) {
     let strict_ip = [127, 0, 11, base + 2];
     let plain_ip = [127, 0, 11, base + 3];
     let dns = serve_zone(
@@ -400,7 +399,7 @@ fn opportunistic_for_unmatched_splits_the_message() {
         peer.lock()
             .unwrap()
             .iter()
-            .any(|l| l.contains("Subject: split-on"))
+            .any(|(_, l)| l.contains("Subject: split-on"))
             .then_some(())
     });
     // ...the matched one is held to `verify` and bounced.
@@ -446,7 +445,7 @@ fn without_opportunistic_for_unmatched_every_recipient_needs_tls() {
     let log = peer.lock().unwrap().clone();
     assert!(
         !log.iter()
-            .any(|l| l.to_ascii_uppercase().starts_with("MAIL FROM")),
+            .any(|(_, l)| l.to_ascii_uppercase().starts_with("MAIL FROM")),
         "{log:?}"
     );
 }

@@ -133,6 +133,85 @@ pub struct Authenticator {
     pub users_file: PathBuf,
     pub limiter: AuthLimiter,
     pub max_failures_per_connection: u32,
+    pub pool: HashPool,
+}
+
+/// Bounds password hashing: argon2 costs about 19 MiB and tens of milliseconds per attempt, so
+/// unbounded parallel attempts let clients exhaust memory (100 cost 1.6 GiB). At most
+/// `permits` hashes run at once, at most `per_address` of them for one client address; an
+/// attempt waits up to `wait` for a permit and is otherwise refused for now (`454 4.7.0`).
+#[derive(Debug)]
+pub struct HashPool {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    per_address: usize,
+    wait: Duration,
+    running: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// A running hash's slot; dropping it frees the permit and the address's count.
+#[derive(Debug)]
+pub struct HashSlot<'a> {
+    pool: &'a HashPool,
+    ip: IpAddr,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl HashPool {
+    /// `permits` 0: one per core, at most 8 (8 × 19 MiB).
+    pub fn new(permits: usize, per_address: usize, wait: Duration) -> HashPool {
+        let permits = if permits == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get().min(8))
+        } else {
+            permits
+        };
+        HashPool {
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(permits)),
+            per_address: per_address.max(1),
+            wait,
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A slot for one hash from `ip`, or `None` when this address already runs its share or
+    /// no permit freed up in time.
+    pub async fn slot(&self, ip: IpAddr) -> Option<HashSlot<'_>> {
+        {
+            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            let n = running.entry(ip).or_insert(0);
+            if *n >= self.per_address {
+                return None;
+            }
+            *n += 1;
+        }
+        let permit = tokio::time::timeout(self.wait, self.permits.clone().acquire_owned()).await;
+        match permit {
+            Ok(Ok(p)) => Some(HashSlot {
+                pool: self,
+                ip,
+                _permit: p,
+            }),
+            _ => {
+                self.release(ip);
+                None
+            }
+        }
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = running.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                running.remove(&ip);
+            }
+        }
+    }
+}
+
+impl Drop for HashSlot<'_> {
+    fn drop(&mut self) {
+        self.pool.release(self.ip);
+    }
 }
 
 #[cfg(test)]
@@ -187,6 +266,26 @@ mod tests {
         l.record_failure(ip);
         assert!(l.blocked(ip));
         assert!(!l.blocked("127.0.0.10".parse().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn hash_pool_bounds_parallel_hashing() {
+        let pool = HashPool::new(2, 1, Duration::from_millis(50));
+        let (a, b, c) = (
+            "127.0.0.1".parse().unwrap(),
+            "127.0.0.2".parse().unwrap(),
+            "127.0.0.3".parse().unwrap(),
+        );
+        let s1 = pool.slot(a).await.unwrap();
+        // One address gets its share only.
+        assert!(pool.slot(a).await.is_none());
+        let s2 = pool.slot(b).await.unwrap();
+        // All permits busy: refused after the wait.
+        assert!(pool.slot(c).await.is_none());
+        drop(s1);
+        let s3 = pool.slot(c).await.unwrap();
+        drop((s2, s3));
+        assert!(pool.slot(a).await.is_some());
     }
 
     #[test]

@@ -388,11 +388,19 @@ async fn authenticate(
         tracing::warn!(client = %ip, "AUTH refused: too many failures from this address");
         return AuthOutcome::Blocked;
     }
+    // Hashing is bounded (memory and CPU); an attempt that finds no capacity is refused for
+    // now and counts toward the address's failures, so a flood of logins runs out of tries.
+    let Some(slot) = auth.pool.slot(ip).await else {
+        auth.limiter.record_failure(ip);
+        tracing::warn!(client = %ip, user = %username, "AUTH refused for now: too many logins being checked");
+        return AuthOutcome::Busy;
+    };
     let path = auth.users_file.clone();
     let user = username.clone();
     let ok = tokio::task::spawn_blocking(move || super::auth::verify(&path, &user, &password))
         .await
         .unwrap_or(false);
+    drop(slot);
     if ok {
         tracing::info!(client = %ip, user = %username, "AUTH succeeded");
         return AuthOutcome::Success(username);

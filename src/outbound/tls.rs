@@ -818,15 +818,7 @@ fn is_self_signed(der: &[u8]) -> bool {
 
 /// Text from the peer, safe for a log line, a reply or a DSN.
 fn escape_controls(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    crate::smtp::client::escape_text(s)
 }
 
 /// Why a chain does not lead to a trusted root, judged from the certificates the server sent

@@ -305,6 +305,7 @@ pub fn escape_bytes(b: &[u8]) -> String {
     escape_text(&String::from_utf8_lossy(b))
 }
 
+/// Text from a peer, safe for a log line, a reply or a DSN: control characters escaped.
 pub fn escape_text(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {

@@ -177,6 +177,8 @@ pub enum AuthOutcome {
     Failure,
     /// Too many failures (this connection or this address): reply 421 and close.
     Blocked,
+    /// No capacity to check the password now: `454 4.7.0`, the client may try again.
+    Busy,
 }
 
 #[derive(Debug)]
@@ -741,6 +743,9 @@ impl Session {
                 None
             }
             AuthOutcome::Failure => self.error("535 5.7.8 Authentication credentials invalid"),
+            AuthOutcome::Busy => self.error(
+                "454 4.7.0 Temporary authentication failure: too many logins in progress, try again later",
+            ),
             AuthOutcome::Blocked => {
                 self.reply("421 4.7.0 Too many failed authentication attempts, closing connection");
                 self.mode = Mode::Closed;

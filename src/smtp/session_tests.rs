@@ -815,6 +815,21 @@ fn auth_blocked_closes() {
 }
 
 #[test]
+fn auth_busy_is_temporary() {
+    let mut h = H::mx();
+    h.tls();
+    h.auth_outcome = Some(AuthOutcome::Busy);
+    let out = h.send(&format!("AUTH PLAIN {}\r\nNOOP\r\n", b64("\0user\0secret")));
+    assert_eq!(
+        out,
+        format!(
+            "454 4.7.0 Temporary authentication failure: too many logins in progress, try again later\r\n{OK}"
+        )
+    );
+    assert!(!h.closed());
+}
+
+#[test]
 fn auth_unknown_mechanism() {
     let mut h = H::mx();
     h.tls();

@@ -756,8 +756,38 @@ pub fn pem_der(path: &Path) -> Vec<u8> {
         .to_vec()
 }
 
-/// A plaintext-only SMTP peer (no STARTTLS) that records what it was sent.
-pub fn plain_peer(ip: &str) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+/// What a scripted peer was sent: `(connection number, command)` and `MESSAGE <body>` lines.
+pub type PeerLog = std::sync::Arc<std::sync::Mutex<Vec<(usize, String)>>>;
+
+/// What a scripted SMTP peer does differently from the default (`plain_peer`).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerScript {
+    /// The EHLO reply.
+    pub ehlo: &'static [u8],
+    /// `RCPT TO:<…>` whose address starts with this (case-insensitive) gets `550 5.1.1`.
+    pub refuse_rcpt: Option<&'static str>,
+    /// Like OpenSMTPD without PIPELINING: a command sent before the previous reply gets
+    /// `500 5.5.1 Pipelining not supported` and the connection is closed (logged as
+    /// `PIPELINING VIOLATION`).
+    pub strict_pipelining: bool,
+}
+
+impl Default for PeerScript {
+    fn default() -> Self {
+        PeerScript {
+            ehlo: b"250-plain.test\r\n250 PIPELINING\r\n",
+            refuse_rcpt: None,
+            strict_pipelining: false,
+        }
+    }
+}
+
+/// A plaintext-only SMTP peer (no STARTTLS) on `ip:2525` that follows `script` and records
+/// `(connection number, command)`, and `MESSAGE <body>` for each message it takes.
+pub fn scripted_peer(
+    ip: &str,
+    script: PeerScript,
+) -> std::sync::Arc<std::sync::Mutex<Vec<(usize, String)>>> {
     // Bound here, before this returns: whoever connects to ip:2525 afterwards reaches this peer.
     let listener = std::net::TcpListener::bind((ip, SMTP)).unwrap_or_else(|e| {
         panic!("plaintext peer: cannot listen on {ip}:{SMTP} (another process already listens there?): {e}")
@@ -765,7 +795,7 @@ pub fn plain_peer(ip: &str) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
     let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let log2 = log.clone();
     std::thread::spawn(move || {
-        for conn in listener.incoming() {
+        for (n, conn) in listener.incoming().enumerate() {
             let Ok(conn) = conn else { continue };
             let log = log2.clone();
             std::thread::spawn(move || {
@@ -779,10 +809,20 @@ pub fn plain_peer(ip: &str) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
                         return;
                     }
                     let cmd = line.trim_end().to_string();
-                    log.lock().unwrap().push(cmd.clone());
+                    log.lock().unwrap().push((n, cmd.clone()));
+                    if script.strict_pipelining && !r.buffer().is_empty() {
+                        log.lock().unwrap().push((n, "PIPELINING VIOLATION".into()));
+                        let _ = w.write_all(b"500 5.5.1 Pipelining not supported\r\n");
+                        return;
+                    }
                     let upper = cmd.to_ascii_uppercase();
+                    let refused = script.refuse_rcpt.is_some_and(|p| {
+                        upper.starts_with(&format!("RCPT TO:<{}", p.to_ascii_uppercase()))
+                    });
                     let reply: &[u8] = if upper.starts_with("EHLO") {
-                        b"250-plain.test\r\n250 PIPELINING\r\n"
+                        script.ehlo
+                    } else if refused {
+                        b"550 5.1.1 no such user\r\n"
                     } else if upper == "DATA" {
                         let _ = w.write_all(b"354 go\r\n");
                         let mut body = String::new();
@@ -796,7 +836,7 @@ pub fn plain_peer(ip: &str) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
                             }
                             body.push_str(&line);
                         }
-                        log.lock().unwrap().push(format!("MESSAGE {body}"));
+                        log.lock().unwrap().push((n, format!("MESSAGE {body}")));
                         b"250 2.0.0 accepted\r\n"
                     } else if upper == "QUIT" {
                         let _ = w.write_all(b"221 bye\r\n");
@@ -812,6 +852,11 @@ pub fn plain_peer(ip: &str) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
         }
     });
     log
+}
+
+/// A plaintext-only SMTP peer (no STARTTLS, PIPELINING offered): [`scripted_peer`] by default.
+pub fn plain_peer(ip: &str) -> PeerLog {
+    scripted_peer(ip, PeerScript::default())
 }
 
 pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
