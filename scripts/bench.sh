@@ -463,8 +463,8 @@ echo "Moat vs Postfix: $MESSAGES messages of $SIZE bytes per cell, median of $RE
 echo "plain = smtp-source, one connection per message (no -d); tls = loadgen STARTTLS, one connection + full handshake per message"
 echo "worker threads of Moat and the sinks: $( ((WORKERS > 0)) && echo "$WORKERS" || echo "one per core (default)")"
 echo
-echo "| path | sessions | Postfix msg/s | Moat msg/s | ratio Moat/Postfix | 4x Postfix | ceiling: dsink (durable) / sink (keeps nothing) | 4x possible here? | Moat % of dsink | CPU ms/msg Postfix / Moat | other CPU during run |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| path | sessions | Postfix msg/s | Moat msg/s | ratio Moat/Postfix | 4x Postfix | ceiling: dsink (durable) / sink (keeps nothing) | 4x possible here? | Moat % of dsink | CPU ms/msg Postfix / Moat | CPU ratio Moat/Postfix (target <= 0.20) | other CPU during run |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 for path in $PATHS; do
     for sess in $SESSIONS; do
         p=$(med "${RATE[pf.$path.$sess]}") m=$(med "${RATE[moat.$path.$sess]}")
@@ -473,6 +473,7 @@ for path in $PATHS; do
         ratio=$(echo "scale=2; $m / $p" | bc)
         four=$(echo "scale=1; 4 * $p" | bc)
         share=$(echo "scale=0; 100 * $m / $d" | bc)
+        cpu_ratio=$(echo "scale=2; $mc / $pc" | bc)
         if (($(echo "$four <= $d" | bc))); then
             possible="yes"
         elif (($(echo "$four <= $k" | bc))); then
@@ -480,7 +481,7 @@ for path in $PATHS; do
         else
             possible="no server at all (above sink)"
         fi
-        echo "| $path | $sess | $p | $m | $ratio | $four | $d / $k | $possible | $share% | $pc / $mc | ${NOTE[$path.$sess]%, } |"
+        echo "| $path | $sess | $p | $m | $ratio | $four | $d / $k | $possible | $share% | $pc / $mc | $cpu_ratio | ${NOTE[$path.$sess]%, } |"
     done
 done
 echo

@@ -182,6 +182,49 @@ pub struct Scan {
     pub records: Vec<Found>,
     pub end: u64,
     pub skipped: u64,
+    /// Records of this generation whose header is readable but which do not check out (a
+    /// bit flip, a torn write): what can be known of each lost message.
+    pub damaged: Vec<Damaged>,
+}
+
+/// A record that was written (its magic and generation are there) but fails its check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damaged {
+    pub offset: u64,
+    /// The queue id, when the header's id field still is one.
+    pub id: Option<String>,
+    /// The payload length the header claims.
+    pub len: u32,
+    /// The envelope's `from` line, when readable.
+    pub sender: Option<String>,
+}
+
+/// What can be read of a record at the start of `data` that failed [`check_record`]: `None`
+/// when it does not even start like a record of `generation`.
+fn damaged_record(data: &[u8], offset: u64, generation: u64) -> Option<Damaged> {
+    let h = data.get(..REC_HEADER)?;
+    if &h[..4] != REC_MAGIC || u64::from_le_bytes(h[8..16].try_into().ok()?) != generation {
+        return None;
+    }
+    let len = u32::from_le_bytes(h[16..20].try_into().ok()?);
+    let id = std::str::from_utf8(&h[24..24 + ID_LEN])
+        .ok()
+        .filter(|id| crate::util::is_queue_id(id))
+        .map(str::to_string);
+    let head = data
+        .get(REC_HEADER..)
+        .map(|p| &p[..p.len().min(usize::try_from(len).unwrap_or(0)).min(4096)])
+        .unwrap_or_default();
+    let sender = String::from_utf8_lossy(head).lines().find_map(|l| {
+        l.strip_prefix("from ")
+            .map(|s| s.chars().take(256).collect())
+    });
+    Some(Damaged {
+        offset,
+        id,
+        len,
+        sender,
+    })
 }
 
 /// Reads a whole segment's bytes. Where a record is damaged (a torn write, a bad block), the
@@ -206,6 +249,7 @@ pub fn header_is_clear(data: &[u8]) -> bool {
 /// whose header is damaged, with the generation its first record carries.
 pub fn scan_records(data: &[u8], generation: u64) -> Scan {
     let mut records = Vec::new();
+    let mut damaged = Vec::new();
     let mut at = SEG_HEADER;
     let mut end = at;
     let mut skipped = 0;
@@ -225,14 +269,29 @@ pub fn scan_records(data: &[u8], generation: u64) -> Scan {
                 at = aligned(at + u64::from(len));
                 end = at;
             }
-            None => at += 8,
+            None => {
+                if let Some(d) = damaged_record(rest, at, generation) {
+                    damaged.push(d);
+                }
+                at += 8
+            }
         }
     }
+    // A damaged record's header can be found again at later boundaries only by chance; the
+    // first sighting of an id is the record.
+    let mut seen = std::collections::HashSet::new();
+    damaged.retain(|d| d.id.as_ref().is_none_or(|id| seen.insert(id.clone())));
+    // Those found intact elsewhere (a copy in the queue dir is handled by the spool) are not lost.
+    damaged.retain(|d| {
+        d.id.as_ref()
+            .is_none_or(|id| !records.iter().any(|r| &r.id == id))
+    });
     Scan {
         generation: Some(generation),
         records,
         end,
         skipped,
+        damaged,
     }
 }
 
@@ -287,6 +346,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn damaged_records_are_named() {
+        let payload = b"MOAT-SPOOL 1\narrived 1\nfrom alice@example.test\nrcpt b@x\n\nbody";
+        let data = segment(7, &[(A, b"first", 7), (B, payload, 7), (A, b"x", 6)]);
+        let s = scan(&data);
+        let at = s.records[1].offset as usize;
+        let mut bad = data.clone();
+        bad[at + REC_HEADER + 60] ^= 0x01;
+        let s = scan(&bad);
+        assert_eq!(s.records.len(), 1);
+        assert_eq!(s.damaged.len(), 1, "{:?}", s.damaged);
+        let d = &s.damaged[0];
+        assert_eq!(d.id.as_deref(), Some(B));
+        assert_eq!(d.sender.as_deref(), Some("alice@example.test"));
+        assert_eq!(d.len as usize, payload.len());
+        assert!(scan(&data).damaged.is_empty());
     }
 
     #[test]

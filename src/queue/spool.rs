@@ -766,6 +766,43 @@ fn recover_segment(
         tracing::warn!(file = %path.display(), bytes = scan.skipped, records = scan.records.len(),
             "spool: damaged bytes in a journal segment skipped; the records around them were kept");
     }
+    for d in &scan.damaged {
+        let queued_elsewhere = d.id.as_ref().is_some_and(|id| index.contains_key(id));
+        if !queued_elsewhere {
+            tracing::error!(file = %path.display(), offset = d.offset,
+                queue_id = d.id.as_deref().unwrap_or("(unreadable)"),
+                sender = d.sender.as_deref().unwrap_or("(unreadable)"), size = d.len,
+                "spool: a journal record is damaged or torn and cannot be read; if its message was acknowledged, it is lost");
+        }
+    }
+    let damaged = damaged || scan.skipped > 0;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("segment")
+        .to_string();
+    let prefix = format!("{name}.damaged-");
+    let kept_before = path
+        .parent()
+        .and_then(|d| fs::read_dir(d).ok())
+        .is_some_and(|mut entries| {
+            entries.any(|e| {
+                e.ok()
+                    .and_then(|e| e.file_name().into_string().ok())
+                    .is_some_and(|n| n.starts_with(&prefix))
+            })
+        });
+    if damaged && !kept_before {
+        // The evidence stays: one copy beside the segment (not one per restart), which is
+        // then never reused while its live records remain.
+        let aside = path.with_file_name(format!("{prefix}{}", crate::util::unix_now()));
+        match fs::write(&aside, &data) {
+            Ok(()) => tracing::warn!(file = %path.display(), copy = %aside.display(),
+                "spool: a copy of the damaged segment was kept for inspection"),
+            Err(e) => tracing::warn!(file = %path.display(), error = %e,
+                "spool: cannot keep a copy of the damaged segment"),
+        }
+    }
     let mut live = 0;
     let mut marked = false;
     for r in scan.records.iter().filter(|r| r.live) {
@@ -1512,6 +1549,55 @@ mod tests {
         let id = crate::util::new_queue_id();
         spool.store(&id, 2, &env(), b"new\r\n").await.unwrap();
         assert_eq!(fs::read(&seg).unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_record_is_named_and_its_segment_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<String> = (0..3).map(|_| crate::util::new_queue_id()).collect();
+        {
+            let (spool, _) = Spool::open(dir.path()).unwrap();
+            for id in &ids {
+                spool.store(id, 1, &env(), b"body\r\n").await.unwrap();
+            }
+            spool.flush();
+        }
+        let seg = holding(dir.path(), &ids[1]);
+        let mut data = fs::read(&seg).unwrap();
+        let s = journal::scan(&data);
+        let r = s.records.iter().find(|r| r.id == ids[1]).unwrap();
+        data[(r.offset + u64::from(r.len)) as usize - 3] ^= 0x01;
+        fs::write(&seg, &data).unwrap();
+        let scan = journal::scan(&data);
+        assert_eq!(scan.damaged.len(), 1);
+        assert_eq!(scan.damaged[0].id.as_deref(), Some(ids[1].as_str()));
+        assert_eq!(
+            scan.damaged[0].sender.as_deref(),
+            Some(env().sender.as_str())
+        );
+        // The records around the damaged one survive; the evidence is copied aside.
+        let (_spool, listed) = Spool::open(dir.path()).unwrap();
+        assert_eq!(listed, vec![ids[0].clone(), ids[2].clone()]);
+        let copies: Vec<_> = fs::read_dir(dir.path().join("journal"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains(".damaged-"))
+            .collect();
+        assert_eq!(copies.len(), 1, "{copies:?}");
+        drop(_spool);
+        // A restart keeps the one copy, not one more per start.
+        let _ = Spool::open(dir.path()).unwrap();
+        let again = fs::read_dir(dir.path().join("journal"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".damaged-")
+            })
+            .count();
+        assert_eq!(again, 1);
     }
 
     #[test]
