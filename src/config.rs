@@ -545,6 +545,11 @@ impl Config {
 
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::read(path).map(|(c, _)| c)
+    }
+
+    /// [`Config::load`], also returning the file's text (for [`Config::check_files`]).
+    pub fn read(path: &Path) -> Result<(Config, String), ConfigError> {
         let file = path.display().to_string();
         let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: file.clone(),
@@ -554,14 +559,13 @@ impl Config {
         })?;
         let mut c = Config::parse(&src, &file)?;
         c.source = Some(path.to_path_buf());
-        Ok(c)
+        Ok((c, src))
     }
 
     /// [`Config::load`], then [`Config::check_files`]: what `moat config check` and `moat serve`
     /// run, so that the check finds what serving would trip on.
     pub fn load_checked(path: &Path) -> Result<Config, ConfigError> {
-        let c = Config::load(path)?;
-        let src = std::fs::read_to_string(path).unwrap_or_default();
+        let (c, src) = Config::read(path)?;
         c.check_files(&src, &path.display().to_string())?;
         Ok(c)
     }

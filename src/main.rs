@@ -44,15 +44,34 @@ struct Source {
 
 impl Source {
     fn load(&self) -> Result<Config, String> {
+        self.read().map(|(c, _)| c)
+    }
+
+    /// [`Source::load`], then the same file checks as `moat config check` (after the data dir
+    /// override, which relative paths depend on). The embedded default names no files.
+    fn load_checked(&self) -> Result<Config, String> {
+        let (c, src) = self.read()?;
+        if let Some(path) = &self.config {
+            c.check_files(&src, &path.display().to_string())
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(c)
+    }
+
+    /// The config and its file's text (empty for the embedded default).
+    fn read(&self) -> Result<(Config, String), String> {
         match &self.config {
             Some(path) => {
-                let mut c = Config::load(path).map_err(|e| e.to_string())?;
+                let (mut c, src) = Config::read(path).map_err(|e| e.to_string())?;
                 if let Some(d) = &self.data_dir {
                     c.data_dir = d.clone();
                 }
-                Ok(c)
+                Ok((c, src))
             }
-            None => Ok(Config::embedded_default(self.data_dir.clone())),
+            None => Ok((
+                Config::embedded_default(self.data_dir.clone()),
+                String::new(),
+            )),
         }
     }
 }
@@ -505,14 +524,7 @@ fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve(source) => {
             init_logging(cli.log_format);
-            let config = source.load()?;
-            // The same file checks as `moat config check`, with the key and line.
-            if let Some(path) = &source.config {
-                let src = std::fs::read_to_string(path).unwrap_or_default();
-                config
-                    .check_files(&src, &path.display().to_string())
-                    .map_err(|e| e.to_string())?;
-            }
+            let config = source.load_checked()?;
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             if config.worker_threads > 0 {
                 builder.worker_threads(config.worker_threads);

@@ -1729,19 +1729,7 @@ mod tests {
         (der, ca_der)
     }
 
-    /// A self-signed certificate for `name`, CA:TRUE when `ca` (as `openssl req -x509`).
-    fn self_signed(name: &str, ca: bool) -> CertificateDer<'static> {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-        let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
-        p.distinguished_name.push(DnType::CommonName, name);
-        if ca {
-            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        }
-        p.self_signed(&KeyPair::generate().unwrap())
-            .unwrap()
-            .der()
-            .clone()
-    }
+    use crate::outbound::tls::tests::self_signed;
 
     const NOW: i64 = 1_800_000_000;
     const DAY: i64 = 86_400;

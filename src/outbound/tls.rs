@@ -1356,7 +1356,7 @@ fn describe_io_error(e: &std::io::Error) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rcgen::{
         BasicConstraints, CertificateParams, CustomExtension, DnType, ExtendedKeyUsagePurpose,
@@ -1429,7 +1429,9 @@ mod tests {
             .clone()
     }
 
-    fn self_signed(name: &str, ca: bool) -> CertificateDer<'static> {
+    /// A self-signed certificate for `name`, CA:TRUE when `ca` (as `openssl req -x509`); the
+    /// probe's tests use it too.
+    pub(crate) fn self_signed(name: &str, ca: bool) -> CertificateDer<'static> {
         let mut p = leaf_params(name);
         if ca {
             p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

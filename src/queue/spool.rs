@@ -649,23 +649,8 @@ impl Spool {
 
     /// Syncs the dead marks written since the last sync (at shutdown; the committer also
     /// does it every second).
-    ///
-    /// Also waits (up to ten seconds) for segments still being zero-filled by a helper
-    /// thread, so that nothing writes into the journal once this returns: a spool opened on
-    /// the same directory afterwards (a restart in the same process, as tests do) cannot have
-    /// its new records overwritten by the old instance's zeros.
     pub fn flush(&self) {
         flush_dead(&self.inner);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline
-            && self
-                .inner()
-                .segs
-                .values()
-                .any(|s| s.state == SegState::Preparing)
-        {
-            std::thread::sleep(Duration::from_millis(5));
-        }
     }
 
     /// The message is a record in a journal segment written since start-up (so most likely
@@ -776,32 +761,8 @@ fn recover_segment(
         }
     }
     let damaged = damaged || scan.skipped > 0;
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("segment")
-        .to_string();
-    let prefix = format!("{name}.damaged-");
-    let kept_before = path
-        .parent()
-        .and_then(|d| fs::read_dir(d).ok())
-        .is_some_and(|mut entries| {
-            entries.any(|e| {
-                e.ok()
-                    .and_then(|e| e.file_name().into_string().ok())
-                    .is_some_and(|n| n.starts_with(&prefix))
-            })
-        });
-    if damaged && !kept_before {
-        // The evidence stays: one copy beside the segment (not one per restart), which is
-        // then never reused while its live records remain.
-        let aside = path.with_file_name(format!("{prefix}{}", crate::util::unix_now()));
-        match fs::write(&aside, &data) {
-            Ok(()) => tracing::warn!(file = %path.display(), copy = %aside.display(),
-                "spool: a copy of the damaged segment was kept for inspection"),
-            Err(e) => tracing::warn!(file = %path.display(), error = %e,
-                "spool: cannot keep a copy of the damaged segment"),
-        }
+    if damaged {
+        keep_damaged_copy(path, &data);
     }
     let mut live = 0;
     let mut marked = false;
@@ -844,6 +805,36 @@ fn recover_segment(
         recovered: true,
     };
     Ok((segment, marked))
+}
+
+/// Keeps the evidence of a damaged segment: one copy beside it (`seg-N.damaged-<time>`, not
+/// one per restart), since the segment itself is cleared and reused once its records are gone.
+fn keep_damaged_copy(path: &Path, data: &[u8]) {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("segment");
+    let prefix = format!("{name}.damaged-");
+    let kept_before = path
+        .parent()
+        .and_then(|d| fs::read_dir(d).ok())
+        .is_some_and(|mut entries| {
+            entries.any(|e| {
+                e.ok()
+                    .and_then(|e| e.file_name().into_string().ok())
+                    .is_some_and(|n| n.starts_with(&prefix))
+            })
+        });
+    if kept_before {
+        return;
+    }
+    let aside = path.with_file_name(format!("{prefix}{}", crate::util::unix_now()));
+    match fs::write(&aside, data) {
+        Ok(()) => tracing::warn!(file = %path.display(), copy = %aside.display(),
+            "spool: a copy of the damaged segment was kept for inspection"),
+        Err(e) => tracing::warn!(file = %path.display(), error = %e,
+            "spool: cannot keep a copy of the damaged segment"),
+    }
 }
 
 fn gone(id: &str) -> io::Error {

@@ -5,8 +5,8 @@
 //! the TLS handshake and request head must arrive within 5 seconds, the whole exchange within
 //! 10; `GET` and `HEAD` only. At most 512 connections, 32 per client address; when full, the
 //! oldest connection still waiting for its request makes room ([`http::gate`]), so idle
-//! connections cannot lock senders out of policy discovery (RFC 8461 §10.2). The certificate is chosen by SNI among the policy's own
-//! certificate files and the `[tls]` certificates.
+//! connections cannot lock senders out of policy discovery (RFC 8461 §10.2). The certificate
+//! is chosen by SNI among the policy's own certificate files and the `[tls]` certificates.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -94,7 +94,7 @@ impl Policies {
 /// Serves policies on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, policies: Arc<Policies>) {
     let gate = http::gate::Gate::new(MAX_CONNECTIONS, MAX_PER_ADDRESS);
-    let refusals = Arc::new(http::gate::LogLimit::new(5, Duration::from_secs(60)));
+    let refusals = http::gate::LogLimit::new(5, Duration::from_secs(60));
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,

@@ -357,9 +357,11 @@ pub fn parse_policy_lenient(body: &[u8]) -> Result<Parsed, PolicyError> {
     };
     let text = String::from_utf8_lossy(body);
 
-    let mut version: Option<usize> = None;
-    let mut mode: Option<(usize, Mode)> = None;
-    let mut max_age: Option<(usize, u32)> = None;
+    // version, mode and max_age: where each was first given; later entries are ignored.
+    let mut first_given: Vec<(&str, usize)> = Vec::new();
+    let mut version = false;
+    let mut mode: Option<Mode> = None;
+    let mut max_age: Option<u32> = None;
     let mut mx: Vec<MxPattern> = Vec::new();
     let mut mx_lines = 0usize;
     let mut lone_cr_seen = false;
@@ -420,64 +422,48 @@ pub fn parse_policy_lenient(body: &[u8]) -> Result<Parsed, PolicyError> {
                 format!("{key} value has control characters or invalid UTF-8"),
             ));
         }
-        let again = |first: usize| {
-            (
-                n,
-                format!("{key} given again (line {first} is used, this one is ignored)"),
-                "give each of version, mode and max_age once",
-            )
-        };
+        if key != "mx" {
+            if let Some((_, first)) = first_given.iter().find(|(k, _)| *k == key) {
+                warn(
+                    n,
+                    format!("{key} given again (line {first} is used, this one is ignored)"),
+                    "give each of version, mode and max_age once",
+                );
+                continue;
+            }
+            first_given.push((key, n));
+        }
         match key {
-            "version" => match version {
-                Some(first) => {
-                    let (l, w, f) = again(first);
-                    warn(l, w, f);
+            "version" => {
+                if value != "STSv1" {
+                    return Err(PolicyError::at_line(
+                        n,
+                        format!("version {} is not STSv1", shown(value)),
+                    ));
                 }
-                None => {
-                    if value != "STSv1" {
-                        return Err(PolicyError::at_line(
-                            n,
-                            format!("version {} is not STSv1", shown(value)),
-                        ));
-                    }
-                    version = Some(n);
+                version = true;
+            }
+            "mode" => {
+                if value.is_empty() {
+                    return Err(PolicyError::at_line(n, "mode has no value"));
                 }
-            },
-            "mode" => match mode {
-                Some((first, _)) => {
-                    let (l, w, f) = again(first);
-                    warn(l, w, f);
+                let m = value
+                    .parse::<Mode>()
+                    .map_err(|e| PolicyError::at_line(n, e))?;
+                mode = Some(m);
+            }
+            "max_age" => {
+                let (secs, clamped) =
+                    parse_max_age(value).map_err(|e| PolicyError::at_line(n, e))?;
+                if clamped {
+                    warn(
+                        n,
+                        format!("max_age {value} exceeds {MAX_AGE_LIMIT}; {MAX_AGE_LIMIT} is used"),
+                        "use at most 31557600 (about a year)",
+                    );
                 }
-                None => {
-                    if value.is_empty() {
-                        return Err(PolicyError::at_line(n, "mode has no value"));
-                    }
-                    let m = value
-                        .parse::<Mode>()
-                        .map_err(|e| PolicyError::at_line(n, e))?;
-                    mode = Some((n, m));
-                }
-            },
-            "max_age" => match max_age {
-                Some((first, _)) => {
-                    let (l, w, f) = again(first);
-                    warn(l, w, f);
-                }
-                None => {
-                    let (secs, clamped) =
-                        parse_max_age(value).map_err(|e| PolicyError::at_line(n, e))?;
-                    if clamped {
-                        warn(
-                            n,
-                            format!(
-                                "max_age {value} exceeds {MAX_AGE_LIMIT}; {MAX_AGE_LIMIT} is used"
-                            ),
-                            "use at most 31557600 (about a year)",
-                        );
-                    }
-                    max_age = Some((n, secs));
-                }
-            },
+                max_age = Some(secs);
+            }
             _ => {
                 mx_lines += 1;
                 match lenient_pattern(value) {
@@ -502,11 +488,11 @@ pub fn parse_policy_lenient(body: &[u8]) -> Result<Parsed, PolicyError> {
             }
         }
     }
-    if version.is_none() {
+    if !version {
         return Err(PolicyError::new("missing version: STSv1"));
     }
-    let (_, mode) = mode.ok_or_else(|| PolicyError::new("missing mode"))?;
-    let (_, max_age) = max_age.ok_or_else(|| PolicyError::new("missing max_age"))?;
+    let mode = mode.ok_or_else(|| PolicyError::new("missing mode"))?;
+    let max_age = max_age.ok_or_else(|| PolicyError::new("missing max_age"))?;
     if mx.is_empty() && mode != Mode::None {
         return Err(PolicyError(if mx_lines == 0 {
             format!("mode {mode} needs at least one mx pattern")
@@ -533,11 +519,8 @@ fn lenient_pattern(value: &str) -> Result<(MxPattern, Option<String>), PolicyErr
         Some(rest) => ("*.", rest),
         None => ("", value),
     };
-    let trimmed = name.strip_suffix('.').unwrap_or(name);
-    if trimmed.is_empty() || trimmed.ends_with('.') {
-        return Err(original);
-    }
-    let ascii = match crate::domain::Domain::parse(trimmed) {
+    // Domain takes one trailing dot and U-labels, and refuses empty labels.
+    let ascii = match crate::domain::Domain::parse(name) {
         Ok(d) => d.into_string(),
         Err(_) => return Err(original),
     };
