@@ -809,3 +809,92 @@ fn mx_pointing_at_our_own_address_is_a_loop() {
     });
     assert!(mail.contains("Subject: skips-self"), "{mail}");
 }
+
+/// Damage found at start-up is named where an operator looks: a journal record that cannot be
+/// read appears in `moat queue list` with its queue id and sender, and a queued message file
+/// that cannot be read is listed and counted, so `list` and `count` agree.
+#[test]
+fn damaged_spool_entries_are_named_in_queue_list() {
+    // An MX that takes connections and never greets: the first delivery pass stays open, so
+    // the messages are still in their journal records when the server is killed.
+    let mx = std::net::TcpListener::bind(("127.0.18.72", 2525)).unwrap();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for s in mx.incoming().flatten() {
+            keep.lock().unwrap().push(s);
+        }
+    });
+    let dns = serve_zone(
+        "127.0.18.53",
+        "hold.test",
+        &[
+            Rr::Mx("hold.test", 10, "mx.hold.test"),
+            Rr::A("mx.hold.test", [127, 0, 18, 72]),
+        ],
+    );
+    let extra = format!(
+        "[relay]\ntrusted_networks = [\"127.0.0.0/8\"]\n\n[outbound]\nport = 2525\nnameservers = [\"{dns}\"]\n\n[queue]\nretry_schedule_secs = [3600]\n"
+    );
+    let mut m = Moat::start_with("127.0.18.71", &extra, "");
+    let ids: Vec<String> = (0..3)
+        .map(|i| {
+            submit(
+                &m,
+                "alice@moat.test",
+                &["x@hold.test"],
+                &format!("held {i}"),
+            )
+        })
+        .collect();
+    wait_for(
+        "three deliveries under way",
+        Duration::from_secs(20),
+        || (held.lock().unwrap().len() >= 3).then_some(()),
+    );
+    m.kill9();
+
+    // Flip a byte inside the second message's record.
+    let journal = m.data().join("spool").join("journal");
+    let mut damaged = false;
+    for entry in std::fs::read_dir(&journal).unwrap() {
+        let path = entry.unwrap().path();
+        let mut data = std::fs::read(&path).unwrap();
+        let scan = moat::queue::journal::scan(&data);
+        if let Some(r) = scan.records.iter().find(|r| r.id == ids[1]) {
+            let at = (r.offset + u64::from(r.len)) as usize - 5;
+            data[at] ^= 0x20;
+            std::fs::write(&path, &data).unwrap();
+            damaged = true;
+        }
+    }
+    assert!(damaged, "the second message's journal record was found");
+    // And a queued message file that does not parse.
+    let bogus = "0000000000000ABC";
+    assert!(moat::util::is_queue_id(bogus));
+    std::fs::write(m.data().join("spool").join("queue").join(bogus), b"garbage").unwrap();
+
+    m.spawn();
+    let (ok, list) = moat_cli(&m, &["queue", "list"]);
+    assert!(ok, "{list}");
+    assert!(list.contains(&ids[0]) && list.contains(&ids[2]), "{list}");
+    assert!(list.contains("1 damaged journal record(s)"), "{list}");
+    let lost_line = list
+        .lines()
+        .find(|l| l.contains(&ids[1]))
+        .unwrap_or_else(|| panic!("the lost id is named: {list}"));
+    assert!(lost_line.contains("from alice@moat.test"), "{lost_line}");
+    assert!(lost_line.contains("journal/seg-"), "{lost_line}");
+    assert!(
+        list.lines()
+            .any(|l| l.contains(bogus) && l.contains("unreadable")),
+        "{list}"
+    );
+    let (ok, count) = moat_cli(&m, &["queue", "count"]);
+    assert!(ok, "{count}");
+    assert_eq!(count.trim(), "3", "count: {count}");
+    assert!(
+        list.contains("\n3 message(s)\n"),
+        "list and count agree: {list}"
+    );
+}

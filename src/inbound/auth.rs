@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{Output, PasswordHash, PasswordHasher, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 
 /// Hashes a password for the users file.
 pub fn hash_password(password: &str) -> Result<String, String> {
@@ -66,9 +66,19 @@ pub fn valid_username(name: &str) -> bool {
     !name.is_empty() && name.len() <= 128 && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
 }
 
+/// Argon2 working memory (1 KiB blocks), kept by the [`HashPool`] and reused from one check
+/// to the next: allocating and freeing it per attempt leaves the freed memory with the
+/// allocator of whichever thread ran the hash, and 100 attempts grew the server by 600 MiB
+/// with only two running at a time.
+pub type HashMemory = Vec<Block>;
+
+/// The most memory a stored hash may ask for (64 MiB; `moat user add` makes 19 MiB ones). A
+/// costlier one never matches: the pool's bound is this times its permits.
+const MAX_HASH_BLOCKS: usize = 64 * 1024;
+
 /// Verifies credentials against the users file (re-read each time, so `moat user add`
-/// takes effect at once). Blocking: argon2 is deliberately slow.
-pub fn verify(path: &Path, username: &str, password: &str) -> bool {
+/// takes effect at once), hashing in `memory`. Blocking: argon2 is deliberately slow.
+pub fn verify(path: &Path, username: &str, password: &str, memory: &mut HashMemory) -> bool {
     let users = read_users(path).unwrap_or_default();
     let stored = users
         .iter()
@@ -80,10 +90,35 @@ pub fn verify(path: &Path, username: &str, password: &str) -> bool {
     let Ok(hash) = PasswordHash::new(&hash_text) else {
         return false;
     };
-    let ok = Argon2::default()
-        .verify_password(password.as_bytes(), &hash)
-        .is_ok();
+    let ok = matches_hash(password.as_bytes(), &hash, memory).unwrap_or(false);
     ok && stored.is_some()
+}
+
+/// Hashes `password` with the algorithm, version, parameters and salt of `hash` and compares
+/// the result in constant time. `None`: the stored hash is unusable.
+fn matches_hash(password: &[u8], hash: &PasswordHash<'_>, memory: &mut HashMemory) -> Option<bool> {
+    let algorithm = Algorithm::try_from(hash.algorithm).ok()?;
+    let version = match hash.version {
+        Some(v) => Version::try_from(v).ok()?,
+        None => Version::default(),
+    };
+    let params = Params::try_from(hash).ok()?;
+    let expected = hash.hash?;
+    let mut salt_buf = [0u8; 64];
+    let salt = hash.salt?.decode_b64(&mut salt_buf).ok()?;
+    let blocks = params.block_count();
+    if blocks > MAX_HASH_BLOCKS {
+        return None;
+    }
+    if memory.len() < blocks {
+        memory.resize(blocks, Block::default());
+    }
+    let mut out = vec![0u8; expected.len()];
+    Argon2::new(algorithm, version, params)
+        .hash_password_into_with_memory(password, salt, &mut out, &mut memory[..blocks])
+        .ok()?;
+    // `Output` compares in constant time.
+    Some(Output::new(&out).ok()? == expected)
 }
 
 /// Counts authentication failures per client address over a sliding window.
@@ -146,6 +181,8 @@ pub struct HashPool {
     per_address: usize,
     wait: Duration,
     running: Mutex<HashMap<IpAddr, usize>>,
+    /// Working memory of finished hashes, one per permit at most, for the next ones.
+    memory: Mutex<Vec<HashMemory>>,
 }
 
 /// A running hash's slot; dropping it frees the permit and the address's count.
@@ -153,6 +190,8 @@ pub struct HashPool {
 pub struct HashSlot<'a> {
     pool: &'a HashPool,
     ip: IpAddr,
+    /// The slot's working memory; lent out to the hashing thread and given back.
+    pub memory: HashMemory,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -169,6 +208,7 @@ impl HashPool {
             per_address: per_address.max(1),
             wait,
             running: Mutex::new(HashMap::new()),
+            memory: Mutex::new(Vec::new()),
         }
     }
 
@@ -188,6 +228,12 @@ impl HashPool {
             Ok(Ok(p)) => Some(HashSlot {
                 pool: self,
                 ip,
+                memory: self
+                    .memory
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pop()
+                    .unwrap_or_default(),
                 _permit: p,
             }),
             _ => {
@@ -210,6 +256,14 @@ impl HashPool {
 
 impl Drop for HashSlot<'_> {
     fn drop(&mut self) {
+        let memory = std::mem::take(&mut self.memory);
+        if !memory.is_empty() {
+            self.pool
+                .memory
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(memory);
+        }
         self.pool.release(self.ip);
     }
 }
@@ -244,11 +298,38 @@ mod tests {
     fn users_roundtrip_and_verify() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("users");
-        assert!(!verify(&path, "alice", "pw"), "no file, no users");
+        let mut memory = HashMemory::new();
+        assert!(
+            !verify(&path, "alice", "pw", &mut memory),
+            "no file, no users"
+        );
         write_users(&path, &[("alice".into(), hash_password("s3cret").unwrap())]).unwrap();
-        assert!(verify(&path, "alice", "s3cret"));
-        assert!(!verify(&path, "alice", "wrong"));
-        assert!(!verify(&path, "bob", "s3cret"));
+        assert!(verify(&path, "alice", "s3cret", &mut memory));
+        assert!(!verify(&path, "alice", "wrong", &mut memory));
+        assert!(!verify(&path, "bob", "s3cret", &mut memory));
+        // The memory is kept for the next check, at the hash's size.
+        assert_eq!(memory.len(), 19456);
+        // Other parameters and algorithms are honoured, in the same memory.
+        let other = Argon2::new(
+            Algorithm::Argon2i,
+            Version::V0x10,
+            Params::new(4096, 3, 2, Some(24)).unwrap(),
+        );
+        let salt = SaltString::generate(&mut OsRng);
+        let text = other.hash_password(b"pw2", &salt).unwrap().to_string();
+        write_users(&path, &[("bob".into(), text)]).unwrap();
+        assert!(verify(&path, "bob", "pw2", &mut memory));
+        assert!(!verify(&path, "bob", "pw3", &mut memory));
+        // A hash asking for more memory than the bound never matches.
+        let costly = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(66 * 1024, 1, 1, None).unwrap(),
+        );
+        let text = costly.hash_password(b"pw", &salt).unwrap().to_string();
+        write_users(&path, &[("carol".into(), text)]).unwrap();
+        assert!(!verify(&path, "carol", "pw", &mut memory));
+        assert_eq!(memory.len(), 19456);
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,

@@ -19,7 +19,7 @@ use super::auth::Authenticator;
 use super::received;
 use crate::config::{IpNet, Limits};
 use crate::metrics;
-use crate::queue::spool::Spool;
+use crate::queue::spool::{Incoming, Spool};
 use crate::smtp::session::{Action, AuthOutcome, ListenerRules, Peer, Rules, Session};
 use crate::util;
 
@@ -277,6 +277,9 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     let mut pending: Option<Action> = None;
     let ip = session.peer_ip();
     let write_limit = Duration::from_secs(shared.limits.command_timeout_secs);
+    // The spool file of a large message being received (see `Action::Spill`); dropping it
+    // removes the file.
+    let mut spill: Option<Incoming> = None;
     loop {
         let action = match pending.take() {
             Some(a) => Some(a),
@@ -288,6 +291,10 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         };
         match action {
             None => {
+                if spill.is_some() && !session.spill_open() {
+                    // Refused, reset or ended without being queued.
+                    spill = None;
+                }
                 if !write_out(s, session, write_limit).await || session.is_closed() {
                     return Next::Close;
                 }
@@ -331,24 +338,44 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     authenticate(shared, ip, username, password, &mut auth_failures).await;
                 pending = session.auth_result(outcome);
             }
+            Some(Action::Spill(chunk)) => {
+                let ok = spill_chunk(shared, session, &mut spill, chunk).await;
+                session.spilled(ok);
+            }
             Some(Action::Queue {
                 envelope,
                 body,
+                spilled,
                 trace,
             }) => {
-                let id = util::new_queue_id();
-                let now = util::unix_now();
-                let header = received::stamp(
-                    &trace,
-                    &shared.rules.hostname,
-                    &id,
-                    &envelope.recipients,
-                    &util::rfc5322_date(now),
-                );
-                let mut message = header.into_bytes();
-                message.extend_from_slice(&body);
                 let started = std::time::Instant::now();
-                let result = shared.spool.store(&id, now, &envelope, &message).await;
+                let (id, size, result) = match (spilled, spill.take()) {
+                    (true, Some(incoming)) => {
+                        let id = incoming.id().to_string();
+                        let size = incoming.len() as usize + body.len();
+                        (id, size, shared.spool.commit(incoming, body).await)
+                    }
+                    (true, None) => {
+                        let id = util::new_queue_id();
+                        let lost = std::io::Error::other("spooled content of the message is gone");
+                        (id, 0, Err(lost))
+                    }
+                    (false, _) => {
+                        let id = util::new_queue_id();
+                        let now = util::unix_now();
+                        let header = received::stamp(
+                            &trace,
+                            &shared.rules.hostname,
+                            &id,
+                            &envelope.recipients,
+                            &util::rfc5322_date(now),
+                        );
+                        let mut message = header.into_bytes();
+                        message.extend_from_slice(&body);
+                        let result = shared.spool.store(&id, now, &envelope, &message).await;
+                        (id, message.len(), result)
+                    }
+                };
                 match &result {
                     Ok(()) => {
                         metrics::global().observe_sync(started.elapsed());
@@ -358,7 +385,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                         );
                         tracing::info!(queue_id = %id, client = %trace.ip, protocol = %trace.protocol,
                             from = %envelope.sender, rcpts = envelope.recipients.len(),
-                            size = message.len(),
+                            size,
                             tls = trace.tls.as_ref().map_or("none", |t| t.version.as_str()),
                             cipher = trace.tls.as_ref().map_or("-", |t| t.cipher.as_str()),
                             "accepted");
@@ -372,6 +399,64 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 write_out(s, session, write_limit).await;
                 return Next::Close;
             }
+        }
+    }
+}
+
+/// Writes content handed out by the session to the message's spool file, beginning the file
+/// (envelope and our Received header first) on the first chunk. False when it could not be
+/// written; the session then refuses the message at its end.
+async fn spill_chunk(
+    shared: &Shared,
+    session: &Session,
+    spill: &mut Option<Incoming>,
+    chunk: Vec<u8>,
+) -> bool {
+    let start = match spill.take() {
+        Some(incoming) => Ok(incoming),
+        None => {
+            let Some((envelope, trace)) = session.pending_message() else {
+                return false;
+            };
+            let id = util::new_queue_id();
+            let now = util::unix_now();
+            let received = received::stamp(
+                &trace,
+                &shared.rules.hostname,
+                &id,
+                &envelope.recipients,
+                &util::rfc5322_date(now),
+            );
+            Err((id, now, envelope, received))
+        }
+    };
+    let spool = shared.spool.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        let mut incoming = match start {
+            Ok(incoming) => incoming,
+            Err((id, now, envelope, received)) => {
+                let mut incoming = spool.begin(&id, now, &envelope)?;
+                incoming.append(received.as_bytes())?;
+                incoming
+            }
+        };
+        incoming.append(&chunk)?;
+        Ok::<_, std::io::Error>(incoming)
+    })
+    .await;
+    match written {
+        Ok(Ok(incoming)) => {
+            *spill = Some(incoming);
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::error!(client = %session.peer_ip(), error = %e,
+                "spool write failed while receiving a message");
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "spool writer failed");
+            false
         }
     }
 }
@@ -390,16 +475,26 @@ async fn authenticate(
     }
     // Hashing is bounded (memory and CPU); an attempt that finds no capacity is refused for
     // now and counts toward the address's failures, so a flood of logins runs out of tries.
-    let Some(slot) = auth.pool.slot(ip).await else {
+    let Some(mut slot) = auth.pool.slot(ip).await else {
         auth.limiter.record_failure(ip);
         tracing::warn!(client = %ip, user = %username, "AUTH refused for now: too many logins being checked");
         return AuthOutcome::Busy;
     };
     let path = auth.users_file.clone();
     let user = username.clone();
-    let ok = tokio::task::spawn_blocking(move || super::auth::verify(&path, &user, &password))
-        .await
-        .unwrap_or(false);
+    let mut memory = std::mem::take(&mut slot.memory);
+    let checked = tokio::task::spawn_blocking(move || {
+        let ok = super::auth::verify(&path, &user, &password, &mut memory);
+        (ok, memory)
+    })
+    .await;
+    let ok = match checked {
+        Ok((ok, memory)) => {
+            slot.memory = memory;
+            ok
+        }
+        Err(_) => false,
+    };
     drop(slot);
     if ok {
         tracing::info!(client = %ip, user = %username, "AUTH succeeded");

@@ -337,11 +337,23 @@ pub(crate) async fn run(
                     "unknown state `{s}` (pending, deferred, delivered, failed)"
                 ));
             }
+            let filtered = domain.is_some() || state.is_some();
             let mut out = String::new();
             let mut n = 0;
+            let mut unreadable = Vec::new();
             for id in queue.spool.list().map_err(|e| e.to_string())? {
-                let Ok((m, st)) = load(queue, &id) else {
-                    continue;
+                let (m, st) = match load(queue, &id) {
+                    Ok(loaded) => loaded,
+                    // Removed since it was listed.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        // Counted as `count` counts it, and named, whatever the filter.
+                        if !filtered {
+                            n += 1;
+                        }
+                        unreadable.push(format!("{id}  unreadable: {e}\n"));
+                        continue;
+                    }
                 };
                 if domain.as_deref().is_some_and(|d| !has_domain(&m, d)) {
                     continue;
@@ -355,7 +367,36 @@ pub(crate) async fn run(
                 n += 1;
                 out.push_str(&describe(queue, &m, &st, now, false));
             }
+            if !unreadable.is_empty() {
+                out.push_str(&format!(
+                    "{} queued message(s) cannot be read (see the log):\n",
+                    unreadable.len()
+                ));
+                for line in &unreadable {
+                    out.push_str("  ");
+                    out.push_str(line);
+                }
+            }
             out.push_str(&format!("{n} message(s)\n"));
+            let lost = queue.spool.lost();
+            if !lost.is_empty() {
+                out.push_str(&format!(
+                    "{} damaged journal record(s) found at start-up; their messages are lost if \
+                     they were acknowledged (a copy of each segment is kept beside it as \
+                     <segment>.damaged-<time>):\n",
+                    lost.len()
+                ));
+                for l in &lost {
+                    out.push_str(&format!(
+                        "  {}  from {}  {} bytes  journal/{} at offset {}\n",
+                        l.id.as_deref().unwrap_or("(id unreadable)"),
+                        l.sender.as_deref().unwrap_or("(unreadable)"),
+                        l.size,
+                        l.segment,
+                        l.offset
+                    ));
+                }
+            }
             Ok(out)
         }
         "show" => {

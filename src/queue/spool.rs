@@ -66,6 +66,62 @@ pub struct Spooled {
     pub message: Vec<u8>,
 }
 
+/// A message being written to the spool as it arrives ([`Spool::begin`]). Dropped before
+/// [`Spool::commit`] succeeds, its file is removed: nothing in it was acknowledged (and a
+/// crash leaves it in `tmp/`, which is cleared at start-up).
+#[derive(Debug)]
+pub struct Incoming {
+    id: String,
+    path: PathBuf,
+    file: File,
+    /// Message bytes written (the envelope not counted).
+    len: u64,
+    committed: bool,
+}
+
+impl Incoming {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Message bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends message bytes (into the page cache; [`Spool::commit`] syncs). Blocking.
+    pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all(bytes)?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A journal record found damaged at start-up: its message cannot be read, and is lost if it
+/// was acknowledged. What could still be read of it, for the log and `moat queue list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lost {
+    pub id: Option<String>,
+    pub sender: Option<String>,
+    /// The payload length its header claims (envelope and message).
+    pub size: u32,
+    /// The journal segment file it was in (a copy is kept beside it as `<name>.damaged-<time>`).
+    pub segment: String,
+    pub offset: u64,
+}
+
 /// Where a queued message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Loc {
@@ -115,6 +171,8 @@ struct Inner {
     stateless: HashSet<String>,
     /// Segments with dead marks not yet synced.
     dirty: BTreeSet<u32>,
+    /// Damaged journal records found at start-up.
+    lost: Vec<Lost>,
 }
 
 enum Job {
@@ -351,6 +409,7 @@ impl Spool {
         let mut segs = BTreeMap::new();
         let mut dirty = BTreeSet::new();
         let mut names: Vec<(u32, PathBuf)> = Vec::new();
+        let mut lost = Vec::new();
         for entry in fs::read_dir(&journal_dir)? {
             let path = entry?.path();
             let name = path
@@ -366,7 +425,7 @@ impl Spool {
         }
         names.sort();
         for (n, path) in names {
-            match recover_segment(n, &path, &mut index) {
+            match recover_segment(n, &path, &mut index, &mut lost) {
                 Ok((segment, marked)) => {
                     if marked {
                         dirty.insert(n);
@@ -387,6 +446,7 @@ impl Spool {
             index,
             stateless: HashSet::new(),
             dirty,
+            lost,
         };
         // Spares beyond what is kept, left by a burst before the restart.
         let free: Vec<u32> = inner
@@ -512,6 +572,50 @@ impl Spool {
         tokio::task::spawn_blocking(move || write_synced(&path, &data))
             .await
             .map_err(io::Error::other)??;
+        self.publish_file(id).await
+    }
+
+    /// Starts a message that is written as it arrives, in a file of its own (`tmp/<id>`),
+    /// beginning with its envelope. Blocking (it creates and writes a file): call it from a
+    /// blocking thread, as [`Incoming::append`].
+    pub fn begin(&self, id: &str, arrived: u64, envelope: &Envelope) -> io::Result<Incoming> {
+        check_id(id)?;
+        let path = self.root.join("tmp").join(id);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let mut incoming = Incoming {
+            id: id.to_string(),
+            path,
+            file,
+            len: 0,
+            committed: false,
+        };
+        incoming.file.write_all(&encode_header(arrived, envelope))?;
+        Ok(incoming)
+    }
+
+    /// Appends the last part of a message begun with [`Spool::begin`] and makes it durable
+    /// as [`Spool::store`] does: synced, renamed into `queue/`, then loadable. On an error
+    /// nothing is queued and the file is removed.
+    pub async fn commit(&self, incoming: Incoming, tail: Vec<u8>) -> io::Result<()> {
+        let mut incoming = tokio::task::spawn_blocking(move || {
+            let mut incoming = incoming;
+            incoming.append(&tail)?;
+            incoming.file.sync_data()?;
+            Ok::<_, io::Error>(incoming)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        self.publish_file(&incoming.id).await?;
+        incoming.committed = true;
+        Ok(())
+    }
+
+    /// Moves a synced file from `tmp/` into `queue/` (the committer syncs the directory) and
+    /// indexes it.
+    async fn publish_file(&self, id: &str) -> io::Result<()> {
         let (done, wait) = oneshot::channel();
         self.committer
             .send(Job::Rename {
@@ -525,6 +629,11 @@ impl Spool {
         inner.index.insert(id.to_string(), Loc::File);
         inner.stateless.insert(id.to_string());
         Ok(())
+    }
+
+    /// Damaged journal records found when the spool was opened.
+    pub fn lost(&self) -> Vec<Lost> {
+        self.inner().lost.clone()
     }
 
     /// The payload bytes of a queued message.
@@ -731,6 +840,7 @@ fn recover_segment(
     n: u32,
     path: &Path,
     index: &mut HashMap<String, Loc>,
+    lost: &mut Vec<Lost>,
 ) -> io::Result<(Segment, bool)> {
     let file = OpenOptions::new().read(true).write(true).open(path)?;
     let data = fs::read(path)?;
@@ -758,6 +868,16 @@ fn recover_segment(
                 queue_id = d.id.as_deref().unwrap_or("(unreadable)"),
                 sender = d.sender.as_deref().unwrap_or("(unreadable)"), size = d.len,
                 "spool: a journal record is damaged or torn and cannot be read; if its message was acknowledged, it is lost");
+            lost.push(Lost {
+                id: d.id.clone(),
+                sender: d.sender.clone(),
+                size: d.len,
+                segment: path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                offset: d.offset,
+            });
         }
     }
     let damaged = damaged || scan.skipped > 0;
@@ -1272,6 +1392,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn messages_written_as_they_arrive() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("tmp");
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let id = crate::util::new_queue_id();
+        let mut incoming = spool.begin(&id, 7, &env()).unwrap();
+        incoming.append(b"Received: x\r\n").unwrap();
+        incoming.append(&vec![b'a'; 3 << 20]).unwrap();
+        assert_eq!(incoming.len(), (3 << 20) + 13);
+        assert!(spool.list().unwrap().is_empty(), "not queued before commit");
+        spool
+            .commit(incoming, b"\r\nend\r\n".to_vec())
+            .await
+            .unwrap();
+        assert!(std::fs::read_dir(&tmp).unwrap().next().is_none());
+        let m = spool.load(&id).unwrap();
+        assert_eq!(m.envelope, env());
+        assert_eq!(m.arrived, 7);
+        assert_eq!(m.message.len(), (3 << 20) + 13 + 7);
+        assert!(m.message.starts_with(b"Received: x\r\naaa"));
+        assert!(m.message.ends_with(b"a\r\nend\r\n"));
+        // Abandoned before commit: the file goes, nothing is queued.
+        let other = crate::util::new_queue_id();
+        let mut abandoned = spool.begin(&other, 8, &env()).unwrap();
+        abandoned.append(b"partial").unwrap();
+        assert!(tmp.join(&other).exists());
+        drop(abandoned);
+        assert!(!tmp.join(&other).exists());
+        assert_eq!(spool.list().unwrap(), vec![id.clone()]);
+        // What a crash leaves in tmp/ was never acknowledged, and the next start clears it.
+        let crashed = crate::util::new_queue_id();
+        let mut left = spool.begin(&crashed, 9, &env()).unwrap();
+        left.append(b"partial").unwrap();
+        std::mem::forget(left);
+        drop(spool);
+        let (spool, ids) = Spool::open(dir.path()).unwrap();
+        assert_eq!(ids, vec![id.clone()]);
+        assert!(!tmp.join(&crashed).exists());
+        assert_eq!(spool.load(&id).unwrap().message.len(), (3 << 20) + 20);
+    }
+
+    #[tokio::test]
     async fn store_load_remove_roundtrip() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, ids) = Spool::open(dir.path()).unwrap();
@@ -1569,6 +1731,11 @@ mod tests {
         // The records around the damaged one survive; the evidence is copied aside.
         let (_spool, listed) = Spool::open(dir.path()).unwrap();
         assert_eq!(listed, vec![ids[0].clone(), ids[2].clone()]);
+        let lost = _spool.lost();
+        assert_eq!(lost.len(), 1, "{lost:?}");
+        assert_eq!(lost[0].id.as_deref(), Some(ids[1].as_str()));
+        assert_eq!(lost[0].sender.as_deref(), Some(env().sender.as_str()));
+        assert_eq!(lost[0].offset, r.offset);
         let copies: Vec<_> = fs::read_dir(dir.path().join("journal"))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -36,10 +36,15 @@ pub struct DataReceiver {
     state: State,
     policy: BareNewline,
     max_size: usize,
-    /// Unstuffed content, `<CR><LF>` line endings.
+    /// Unstuffed content, `<CR><LF>` line endings: what has not been handed out by
+    /// [`DataReceiver::take_spill`].
     pub body: Vec<u8>,
+    /// Octets of content handed out by [`DataReceiver::take_spill`].
+    pub spilled: usize,
     /// Content exceeded `max_size`; the rest is counted but not stored.
     pub oversized: bool,
+    /// What was handed out could not be stored; the rest is read and dropped.
+    pub failed: bool,
     /// A bare `<CR>` or `<LF>` was seen.
     pub bare_newline: bool,
 }
@@ -51,16 +56,39 @@ impl DataReceiver {
             policy,
             max_size,
             body: Vec::new(),
+            spilled: 0,
             oversized: false,
+            failed: false,
             bare_newline: false,
         }
     }
 
+    /// Whether content has been handed out and is still wanted: its spool file must be kept.
+    pub fn spill_open(&self) -> bool {
+        self.spilled > 0 && !self.oversized && !self.failed
+    }
+
+    /// Once `at` octets of content are held, hands them out to be written to the spool, so
+    /// that a session holds at most about `at` octets however large the message.
+    pub fn take_spill(&mut self, at: usize) -> Option<Vec<u8>> {
+        if self.body.len() < at || self.oversized || self.failed {
+            return None;
+        }
+        self.spilled += self.body.len();
+        Some(std::mem::take(&mut self.body))
+    }
+
+    /// What was handed out could not be stored: drop the content and read the rest to its end.
+    pub fn spill_failed(&mut self) {
+        self.failed = true;
+        self.body = Vec::new();
+    }
+
     fn push(&mut self, bytes: &[u8]) {
-        if self.oversized {
+        if self.oversized || self.failed {
             return;
         }
-        if self.body.len() + bytes.len() > self.max_size {
+        if self.spilled + self.body.len() + bytes.len() > self.max_size {
             self.oversized = true;
             self.body = Vec::new();
             return;

@@ -160,10 +160,17 @@ pub enum Action {
     StartTls,
     /// Check the credentials, then call [`Session::auth_result`].
     Authenticate { username: String, password: String },
-    /// Make the message durable, then call [`Session::queued`].
+    /// Write this much of the message content to the spool (starting the message's spool
+    /// file on the first one, from [`Session::pending_message`]), then call
+    /// [`Session::spilled`]. Content past [`SPILL_AT`] is handed out this way as it arrives,
+    /// so that a session never holds a whole large message.
+    Spill(Vec<u8>),
+    /// Make the message durable, then call [`Session::queued`]. With `spilled`, `body` is
+    /// the rest after what [`Action::Spill`] handed out.
     Queue {
         envelope: Envelope,
         body: Vec<u8>,
+        spilled: bool,
         trace: Trace,
     },
     /// Flush output and close the connection.
@@ -200,6 +207,25 @@ enum Mode {
     Closed,
 }
 
+/// BDAT content: the part held, what was handed out to the spool, and line-ending checks.
+#[derive(Debug, Default)]
+struct BdatContent {
+    body: Vec<u8>,
+    spilled: usize,
+    checker: ChunkChecker,
+}
+
+impl BdatContent {
+    fn len(&self) -> usize {
+        self.spilled + self.body.len()
+    }
+}
+
+/// Message content beyond this is handed out to the spool as it arrives ([`Action::Spill`]);
+/// a message that never reaches it is stored in one piece (journal records hold messages up
+/// to this size, so nothing the journal would take is ever spilled).
+pub const SPILL_AT: usize = crate::queue::spool::LARGE;
+
 #[derive(Debug, Default)]
 struct Transaction {
     sender: String,
@@ -211,10 +237,36 @@ struct Transaction {
     envid: Option<String>,
     dsn: Vec<RcptDsn>,
     /// BDAT in progress: accumulated content and line-ending checks.
-    bdat: Option<(Vec<u8>, ChunkChecker)>,
+    bdat: Option<BdatContent>,
     /// Octets of BDAT content received so far (before any line-ending rewrite).
     bdat_octets: usize,
     bdat_failed: Option<&'static str>,
+}
+
+impl Transaction {
+    fn envelope(&self) -> Envelope {
+        Envelope {
+            sender: self.sender.clone(),
+            recipients: self.recipients.clone(),
+            smtputf8: self.smtputf8,
+            eight_bit: self.eight_bit,
+            ret_full: self.ret_full,
+            envid: self.envid.clone(),
+            dsn: self.dsn.clone(),
+        }
+    }
+
+    fn into_envelope(self) -> Envelope {
+        Envelope {
+            sender: self.sender,
+            recipients: self.recipients,
+            smtputf8: self.smtputf8,
+            eight_bit: self.eight_bit,
+            ret_full: self.ret_full,
+            envid: self.envid,
+            dsn: self.dsn,
+        }
+    }
 }
 
 /// Result of one call to [`Session::process`].
@@ -242,6 +294,8 @@ pub struct Session {
 }
 
 const BDAT_MAX_CHUNK_NOTE: &str = "5.3.4 Message size exceeds fixed maximum message size";
+const QUEUE_WRITE_FAILED: &str =
+    "451 4.3.0 Temporary failure writing to the queue, try again later";
 
 impl Session {
     pub fn new(rules: Arc<Rules>, listener: Arc<ListenerRules>, peer: Peer) -> Self {
@@ -367,7 +421,7 @@ impl Session {
                     None => {
                         return Progress {
                             consumed: input.len(),
-                            action: None,
+                            action: receiver.take_spill(SPILL_AT).map(Action::Spill),
                         };
                     }
                 },
@@ -378,6 +432,13 @@ impl Session {
                     let done = *remaining == 0;
                     self.bdat_chunk(&rest[..take]);
                     pos += take;
+                    if let Some(chunk) = self.take_bdat_spill() {
+                        // The mode stays `Bdat`; a finished chunk is answered on the next call.
+                        return Progress {
+                            consumed: pos,
+                            action: Some(Action::Spill(chunk)),
+                        };
+                    }
                     if done {
                         self.mode = Mode::Command;
                         if let Some(a) = self.bdat_done(last) {
@@ -923,6 +984,12 @@ impl Session {
     }
 
     fn data_done(&mut self, receiver: DataReceiver) -> Option<Action> {
+        if receiver.failed {
+            self.tx = None;
+            // Our failure, not the client's: not counted towards max_errors.
+            self.reply(QUEUE_WRITE_FAILED);
+            return None;
+        }
         if receiver.oversized {
             self.tx = None;
             return self.error("552 5.3.4 Message size exceeds fixed maximum message size");
@@ -931,7 +998,57 @@ impl Session {
             self.tx = None;
             return self.error("550 5.6.2 Bare <LF> or <CR> in message content is not allowed (RFC 5321 section 2.3.8)");
         }
-        self.finish_message(receiver.body)
+        let spilled = receiver.spilled > 0;
+        self.finish_message(receiver.body, spilled)
+    }
+
+    /// BDAT content to hand out to the spool, once enough is held.
+    fn take_bdat_spill(&mut self) -> Option<Vec<u8>> {
+        let content = self.tx.as_mut()?.bdat.as_mut()?;
+        if content.body.len() < SPILL_AT {
+            return None;
+        }
+        content.spilled += content.body.len();
+        Some(std::mem::take(&mut content.body))
+    }
+
+    /// Whether content of the current message has been handed out ([`Action::Spill`]) and
+    /// is still wanted. When it turns false before an [`Action::Queue`] (the message was
+    /// refused, reset or abandoned), the connection layer drops the spool file it began.
+    pub fn spill_open(&self) -> bool {
+        match &self.mode {
+            Mode::Data(receiver) => receiver.spill_open(),
+            _ => self
+                .tx
+                .as_ref()
+                .and_then(|tx| tx.bdat.as_ref())
+                .is_some_and(|c| c.spilled > 0),
+        }
+    }
+
+    /// The connection layer wrote (`ok`) or failed to write what [`Action::Spill`] handed
+    /// out. On a failure the rest of the content is read and dropped, and the message is
+    /// answered `451 4.3.0` at its end.
+    pub fn spilled(&mut self, ok: bool) {
+        if ok {
+            return;
+        }
+        match &mut self.mode {
+            Mode::Data(receiver) => receiver.spill_failed(),
+            _ => {
+                if let Some(tx) = self.tx.as_mut() {
+                    tx.bdat = None;
+                    tx.bdat_failed.get_or_insert(QUEUE_WRITE_FAILED);
+                }
+            }
+        }
+    }
+
+    /// The envelope and trace of the message being received, for the spool file that
+    /// [`Action::Spill`] begins; `None` outside a transaction.
+    pub fn pending_message(&self) -> Option<(Envelope, Trace)> {
+        let tx = self.tx.as_ref()?;
+        Some((tx.envelope(), self.trace(tx.smtputf8)))
     }
 
     /// Checks a BDAT chunk size before the parser sees it (it would wrap a size that does not
@@ -975,7 +1092,7 @@ impl Session {
                 Some(tx) if tx.recipients.is_empty() => Some("554 5.5.1 No valid recipients"),
                 Some(tx) => {
                     if tx.bdat.is_none() {
-                        tx.bdat = Some((Vec::new(), ChunkChecker::default()));
+                        tx.bdat = Some(BdatContent::default());
                     }
                     None
                 }
@@ -1004,18 +1121,18 @@ impl Session {
         if tx.bdat_failed.is_some() {
             return;
         }
-        let Some((body, checker)) = tx.bdat.as_mut() else {
+        let Some(content) = tx.bdat.as_mut() else {
             return;
         };
         tx.bdat_octets += chunk.len();
-        if body.len() + chunk.len() > max {
+        if content.len() + chunk.len() > max {
             tx.bdat_failed = Some(BDAT_MAX_CHUNK_NOTE);
             tx.bdat = None;
             return;
         }
-        checker.append(chunk, body, policy);
+        content.checker.append(chunk, &mut content.body, policy);
         // Normalizing bare line endings can grow the content past the chunk's size.
-        if body.len() > max {
+        if content.len() > max {
             tx.bdat_failed = Some(BDAT_MAX_CHUNK_NOTE);
             tx.bdat = None;
         }
@@ -1035,6 +1152,11 @@ impl Session {
             if f == BDAT_MAX_CHUNK_NOTE {
                 return self.error("552 5.3.4 Message size exceeds fixed maximum message size");
             }
+            if f == QUEUE_WRITE_FAILED {
+                // Our failure, not the client's: not counted towards max_errors.
+                self.reply(f);
+                return None;
+            }
             return self.error(f);
         }
         if !last {
@@ -1043,26 +1165,38 @@ impl Session {
             return None;
         }
         let policy = self.listener.bare_newline;
-        let Some((mut body, mut checker)) = tx.bdat.take() else {
+        let Some(mut content) = tx.bdat.take() else {
             return self.error("503 5.5.1 Need MAIL command");
         };
-        checker.finish(&mut body, policy);
-        if body.len() > self.rules.max_message_size {
+        content.checker.finish(&mut content.body, policy);
+        if content.len() > self.rules.max_message_size {
             self.tx = None;
             return self.error("552 5.3.4 Message size exceeds fixed maximum message size");
         }
-        if checker.bare_newline && policy == BareNewline::Reject {
+        if content.checker.bare_newline && policy == BareNewline::Reject {
             self.tx = None;
             return self.error("550 5.6.2 Bare <LF> or <CR> in message content is not allowed (RFC 5321 section 2.3.8)");
         }
-        self.finish_message(body)
+        self.finish_message(content.body, content.spilled > 0)
     }
 
-    fn finish_message(&mut self, body: Vec<u8>) -> Option<Action> {
+    fn finish_message(&mut self, body: Vec<u8>, spilled: bool) -> Option<Action> {
         let tx = self.tx.take()?;
+        let trace = self.trace(tx.smtputf8);
+        self.mode = Mode::Waiting;
+        Some(Action::Queue {
+            envelope: tx.into_envelope(),
+            body,
+            spilled,
+            trace,
+        })
+    }
+
+    /// How the message came: HELO name, address, RFC 3848 protocol, TLS and login.
+    fn trace(&self, smtputf8: bool) -> Trace {
         let (helo, extended) = self.helo.clone().unwrap_or_default();
         let mut protocol = String::new();
-        if tx.smtputf8 {
+        if smtputf8 {
             protocol.push_str("UTF8SMTP");
         } else if extended {
             protocol.push_str("ESMTP");
@@ -1079,26 +1213,13 @@ impl Session {
             // RFC 3848 only defines the ESMTP forms.
             protocol.insert(0, 'E');
         }
-        self.mode = Mode::Waiting;
-        Some(Action::Queue {
-            envelope: Envelope {
-                sender: tx.sender,
-                recipients: tx.recipients,
-                smtputf8: tx.smtputf8,
-                eight_bit: tx.eight_bit,
-                ret_full: tx.ret_full,
-                envid: tx.envid,
-                dsn: tx.dsn,
-            },
-            body,
-            trace: Trace {
-                helo,
-                ip: self.peer.ip,
-                protocol,
-                tls: self.peer.tls.clone(),
-                auth_user: self.auth_user.clone(),
-            },
-        })
+        Trace {
+            helo,
+            ip: self.peer.ip,
+            protocol,
+            tls: self.peer.tls.clone(),
+            auth_user: self.auth_user.clone(),
+        }
     }
 
     /// The connection layer spooled (or failed to spool) the message.
@@ -1111,7 +1232,7 @@ impl Session {
             }
             Err(_) => {
                 // Our failure, not the client's: not counted towards max_errors.
-                self.reply("451 4.3.0 Temporary failure writing to the queue, try again later");
+                self.reply(QUEUE_WRITE_FAILED);
                 None
             }
         }

@@ -129,9 +129,20 @@ fn b64(s: &str) -> String {
 /// An action the harness saw (and completed, unless configured not to).
 #[derive(Debug)]
 enum Done {
-    StartTls { discarded: Vec<u8> },
-    Auth { username: String, password: String },
+    StartTls {
+        discarded: Vec<u8>,
+    },
+    Auth {
+        username: String,
+        password: String,
+    },
     Queue(Box<(Envelope, Vec<u8>, Trace)>),
+    /// Content handed out with `Action::Spill`: its length, and whether the session had its
+    /// envelope ready for the spool file.
+    Spill {
+        len: usize,
+        pending: bool,
+    },
     Close,
 }
 
@@ -148,6 +159,10 @@ struct H {
     auth_outcome: Option<AuthOutcome>,
     /// Make every spool attempt fail with this cause.
     queue_error: Option<String>,
+    /// Fail writing handed-out content after this many chunks.
+    spill_fails_after: Option<usize>,
+    /// Content handed out so far for the current message, as the spool file holds it.
+    spilled: Vec<u8>,
     next_id: u32,
     /// Largest caller buffer seen after a `process` call.
     max_buffered: usize,
@@ -166,6 +181,8 @@ impl H {
             auto_tls: true,
             auth_outcome: None,
             queue_error: None,
+            spill_fails_after: None,
+            spilled: Vec::new(),
             next_id: 0,
             max_buffered: 0,
         }
@@ -229,13 +246,38 @@ impl H {
                     self.done.push(Done::Auth { username, password });
                     next = self.s.auth_result(outcome);
                 }
+                Action::Spill(chunk) => {
+                    let pending = self.s.pending_message().is_some();
+                    let chunks = self
+                        .done
+                        .iter()
+                        .filter(|d| matches!(d, Done::Spill { .. }))
+                        .count();
+                    self.done.push(Done::Spill {
+                        len: chunk.len(),
+                        pending,
+                    });
+                    let ok = self.spill_fails_after.is_none_or(|n| chunks < n);
+                    if ok {
+                        self.spilled.extend_from_slice(&chunk);
+                    }
+                    self.s.spilled(ok);
+                }
                 Action::Queue {
                     envelope,
                     body,
+                    spilled,
                     trace,
                 } => {
+                    let mut whole = std::mem::take(&mut self.spilled);
+                    assert_eq!(
+                        spilled,
+                        !whole.is_empty(),
+                        "spilled flag and handed-out content"
+                    );
+                    whole.extend_from_slice(&body);
                     self.done
-                        .push(Done::Queue(Box::new((envelope, body, trace))));
+                        .push(Done::Queue(Box::new((envelope, whole, trace))));
                     let result = match &self.queue_error {
                         Some(e) => Err(e.clone()),
                         None => {
@@ -2233,6 +2275,7 @@ fn fuzz_session(seed: u64, listener: ListenerRules, peer: Peer, seen: &mut Seen)
                             _ => AuthOutcome::Success("user".to_string()),
                         })
                     }
+                    Action::Spill(chunk) => panic!("seed {seed}: spilled {}", chunk.len()),
                     Action::Queue { body, .. } => {
                         seen.queue += 1;
                         assert!(body.len() <= 200, "seed {seed}: body of {}", body.len());
@@ -2355,6 +2398,7 @@ fn random_bytes_byte_by_byte() {
                 Some(Action::Authenticate { .. }) => {
                     s.auth_result(AuthOutcome::Failure);
                 }
+                Some(Action::Spill(_)) => s.spilled(true),
                 Some(Action::Queue { .. }) => {
                     s.queued(Ok("Q".into()));
                 }
@@ -2404,4 +2448,181 @@ fn sender_rule_requires_client_certificate() {
         out.ends_with("250 2.1.0 Sender <a@certified.test> OK\r\n"),
         "{out}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Large messages: content past SPILL_AT is handed out as it arrives
+
+const BIG_LIMIT: usize = 8 * SPILL_AT;
+
+fn big_session() -> H {
+    let mut r = rules();
+    r.max_message_size = BIG_LIMIT;
+    let mut h = H::with(r, mx(), peer());
+    h.ehlo();
+    h.send("MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.test>\r\n");
+    h
+}
+
+/// `n` octets of message, in lines of 78 characters and CRLF (some starting with a dot).
+fn big_body(n: usize) -> Vec<u8> {
+    let mut body = Vec::with_capacity(n + 80);
+    let mut line = 0usize;
+    while body.len() < n {
+        if line.is_multiple_of(7) {
+            body.push(b'.');
+        }
+        body.extend(std::iter::repeat_n(b'a' + (line % 26) as u8, 77));
+        body.extend_from_slice(b"\r\n");
+        line += 1;
+    }
+    body
+}
+
+/// Sends `wire` in reads of 64 KiB, as the connection layer does, and returns the replies.
+fn send_in_reads(h: &mut H, wire: &[u8]) -> String {
+    let mut out = String::new();
+    for part in wire.chunks(64 << 10) {
+        out.push_str(&h.send_bytes(part));
+    }
+    out
+}
+
+fn spills(h: &H) -> Vec<(usize, bool)> {
+    h.done
+        .iter()
+        .filter_map(|d| match d {
+            Done::Spill { len, pending } => Some((*len, *pending)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn large_data_is_handed_out_as_it_arrives() {
+    let mut h = big_session();
+    let body = big_body(3 * SPILL_AT + 12345);
+    assert!(h.send("DATA\r\n").starts_with("354"));
+    let wire = crate::smtp::data::encode_for_data(&body);
+    assert_eq!(
+        send_in_reads(&mut h, &wire),
+        "250 2.0.0 Ok: queued as Q1\r\n"
+    );
+    let spills = spills(&h);
+    assert!(spills.len() >= 2, "{spills:?}");
+    for (len, pending) in &spills {
+        // Never more held than one read past the threshold.
+        assert!(*len >= SPILL_AT && *len < SPILL_AT + (64 << 10), "{len}");
+        assert!(pending, "the envelope is known when content is handed out");
+    }
+    assert_eq!(h.queued()[0].1, &body[..], "content reassembled intact");
+    assert!(!h.s.spill_open());
+}
+
+#[test]
+fn small_messages_are_never_handed_out() {
+    let mut h = big_session();
+    let body = big_body(SPILL_AT - 200);
+    h.send("DATA\r\n");
+    let wire = crate::smtp::data::encode_for_data(&body);
+    assert_eq!(
+        send_in_reads(&mut h, &wire),
+        "250 2.0.0 Ok: queued as Q1\r\n"
+    );
+    assert!(spills(&h).is_empty());
+    assert_eq!(h.queued()[0].1, &body[..]);
+}
+
+#[test]
+fn large_bdat_is_handed_out_as_it_arrives() {
+    let mut h = big_session();
+    let body = big_body(3 * SPILL_AT + 999);
+    let (first, second) = body.split_at(SPILL_AT + SPILL_AT / 2);
+    let mut wire = format!("BDAT {}\r\n", first.len()).into_bytes();
+    wire.extend_from_slice(first);
+    wire.extend_from_slice(format!("BDAT {} LAST\r\n", second.len()).as_bytes());
+    wire.extend_from_slice(second);
+    let out = send_in_reads(&mut h, &wire);
+    assert_eq!(
+        out,
+        format!(
+            "250 2.0.0 {} octets received\r\n250 2.0.0 Ok: queued as Q1\r\n",
+            first.len()
+        )
+    );
+    let spills = spills(&h);
+    assert!(spills.len() >= 2, "{spills:?}");
+    assert!(
+        spills
+            .iter()
+            .all(|(len, p)| *len < SPILL_AT + (64 << 10) && *p)
+    );
+    assert_eq!(h.queued()[0].1, &body[..]);
+}
+
+#[test]
+fn oversized_after_handing_out_closes_the_spill() {
+    let mut h = big_session();
+    h.send("DATA\r\n");
+    let wire = crate::smtp::data::encode_for_data(&big_body(BIG_LIMIT + 100));
+    let (head, rest) = wire.split_at(2 * SPILL_AT);
+    send_in_reads(&mut h, head);
+    assert!(h.s.spill_open(), "content handed out and still wanted");
+    let out = send_in_reads(&mut h, rest);
+    assert_eq!(
+        out,
+        "552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+    );
+    assert!(!h.s.spill_open(), "the spool file is to be dropped");
+    assert!(h.queued().is_empty());
+    assert!(spills(&h).iter().map(|s| s.0).sum::<usize>() <= BIG_LIMIT);
+}
+
+#[test]
+fn a_failed_spill_refuses_the_message_with_451_and_the_session_goes_on() {
+    let mut h = big_session();
+    h.spill_fails_after = Some(1);
+    h.send("DATA\r\n");
+    let wire = crate::smtp::data::encode_for_data(&big_body(3 * SPILL_AT));
+    let out = send_in_reads(&mut h, &wire);
+    assert_eq!(
+        out,
+        "451 4.3.0 Temporary failure writing to the queue, try again later\r\n"
+    );
+    assert!(!h.s.spill_open());
+    assert!(h.queued().is_empty());
+    // Nothing is handed out after the failure, and the next message is taken.
+    assert_eq!(spills(&h).len(), 2);
+    h.spill_fails_after = None;
+    h.spilled.clear();
+    h.send("MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
+    assert_eq!(h.send("hello\r\n.\r\n"), "250 2.0.0 Ok: queued as Q1\r\n");
+}
+
+#[test]
+fn a_failed_bdat_spill_answers_451() {
+    let mut h = big_session();
+    h.spill_fails_after = Some(0);
+    let chunk = big_body(SPILL_AT + 10);
+    let mut wire = format!("BDAT {} LAST\r\n", chunk.len()).into_bytes();
+    wire.extend_from_slice(&chunk);
+    assert_eq!(
+        send_in_reads(&mut h, &wire),
+        "451 4.3.0 Temporary failure writing to the queue, try again later\r\n"
+    );
+    assert!(!h.s.spill_open());
+    assert!(h.queued().is_empty());
+}
+
+#[test]
+fn reset_during_bdat_closes_the_spill() {
+    let mut h = big_session();
+    let chunk = big_body(SPILL_AT + 10);
+    let mut wire = format!("BDAT {}\r\n", chunk.len()).into_bytes();
+    wire.extend_from_slice(&chunk);
+    send_in_reads(&mut h, &wire);
+    assert!(h.s.spill_open());
+    assert_eq!(h.send("RSET\r\n"), "250 2.0.0 Ok\r\n");
+    assert!(!h.s.spill_open());
+    assert!(h.s.pending_message().is_none());
 }

@@ -539,6 +539,40 @@ impl Client {
         }
     }
 
+    /// Connects from `local` (another loopback address acting as another client host)
+    /// without reading anything.
+    pub fn connect_raw_from(local: std::net::IpAddr, addr: SocketAddr) -> Client {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let s = rt
+            .block_on(async {
+                let sock = tokio::net::TcpSocket::new_v4()?;
+                sock.bind(SocketAddr::new(local, 0))?;
+                sock.connect(addr).await
+            })
+            .unwrap_or_else(|e| panic!("connect {local} -> {addr}: {e}"));
+        let s = s.into_std().unwrap();
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Client {
+            reader: BufReader::new(Stream::Plain(s)),
+            peer_cert: None,
+            tls_version: None,
+        }
+    }
+
+    /// Implicit TLS from `local`: handshake first, then the greeting.
+    pub fn connect_tls_from(local: std::net::IpAddr, addr: SocketAddr, sni: &str) -> Client {
+        let mut c = Client::connect_raw_from(local, addr);
+        c.handshake(sni, &[&rustls::version::TLS13, &rustls::version::TLS12])
+            .unwrap();
+        let r = c.read_reply();
+        assert_eq!(r.code, 220, "greeting: {r}");
+        c
+    }
+
     /// Implicit TLS: handshake first, then the greeting.
     pub fn connect_tls(addr: SocketAddr, sni: &str) -> Client {
         let mut c = Client::connect_raw(addr);
