@@ -8,6 +8,7 @@
 #   BENCH_MESSAGES  messages per cell (10000)        BENCH_SIZE      body bytes (4096)
 #   BENCH_SESSIONS  session counts ("1 10 50")       BENCH_PATHS     "plain tls"
 #   BENCH_REPEAT    runs per cell, median kept (1)   BENCH_IDLE      idle TLS connections (1000)
+#   BENCH_LARGE_SESSIONS / BENCH_LARGE_SIZE  sessions held inside a large DATA (40, 8 MiB; 0: skip)
 #   BENCH_MOAT_LOG  Moat's MOAT_LOG filter (info)    BENCH_KEEP=1    keep the work dir
 #   BENCH_TLS_ARGS  extra loadgen options, e.g. "--x25519-only"
 #   BENCH_WORKERS   worker threads of Moat (`worker_threads`) and of both sinks; default: one
@@ -48,6 +49,7 @@ SESSIONS=${BENCH_SESSIONS:-"1 10 50"}
 PATHS=${BENCH_PATHS:-"plain tls"}
 REPEAT=${BENCH_REPEAT:-1}
 IDLE=${BENCH_IDLE:-1000}
+LARGE_SESSIONS=${BENCH_LARGE_SESSIONS:-40} LARGE_SIZE=${BENCH_LARGE_SIZE:-8388608}
 MOAT_LOG_FILTER=${BENCH_MOAT_LOG:-info}
 TLS_ARGS=${BENCH_TLS_ARGS:-}
 WORKERS=${BENCH_WORKERS:-0}
@@ -431,6 +433,23 @@ if ((IDLE > 0)); then
     grep -q ' x ' "$idle_out" && grep '^loadgen: [0-9]* x' "$idle_out" >&2
 fi
 
+# ---------------------------------------------------------------- large DATA memory
+# Sessions inside a large DATA: what each costs the server (Pss, so Postfix's processes share
+# their libraries once). Moat writes content past 1 MiB to the spool as it arrives.
+LARGE_RESULT="skipped"
+if ((LARGE_SESSIONS > 0)); then
+    log "large: $LARGE_SESSIONS sessions each inside a DATA of $LARGE_SIZE octets"
+    moat_large=$(python3 "$ROOT/scripts/large_data_rss.py" "$MOAT_IP:$MOAT_PORT" --pid "$MOAT_PID" \
+        --sessions "$LARGE_SESSIONS" --size "$LARGE_SIZE") || die "large DATA against Moat failed"
+    pf_large=$(python3 "$ROOT/scripts/large_data_rss.py" "$PF_IP:$PF_PORT" --pid "$PF_MASTER" --children \
+        --sessions "$LARGE_SESSIONS" --size "$LARGE_SIZE") || die "large DATA against Postfix failed"
+    per() { sed -n 's/.*per_session_kib=\([0-9-]*\).*/\1/p' <<<"$1"; }
+    LARGE_RESULT="Pss per session inside a DATA of $((LARGE_SIZE >> 20)) MiB ($LARGE_SESSIONS sessions): Moat $(per "$moat_large") KiB, Postfix $(per "$pf_large") KiB (Moat: $moat_large; Postfix: $pf_large)"
+    log "$LARGE_RESULT"
+    wait_drained moat || log "warning: Moat queue not drained after the large messages"
+    wait_drained pf || log "warning: Postfix queue not drained after the large messages"
+fi
+
 # ---------------------------------------------------------------- throughput
 declare -A RATE CPU NOTE
 problems=()
@@ -486,6 +505,7 @@ for path in $PATHS; do
 done
 echo
 echo "Idle: $IDLE_RESULT"
+echo "Large DATA: $LARGE_RESULT"
 echo "ceilings = examples/tls_sink.rs under the same load: dsink writes and syncs each message (group commit) and nothing else, sink keeps nothing"
 echo "other CPU during run = machine CPU used by neither that server nor its load client, in % of $NCPU cores (a few % is the kernel: writeback, journal)"
 echo "uptime now: $(uptime)"

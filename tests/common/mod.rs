@@ -28,6 +28,9 @@ pub struct Moat {
     pub config: PathBuf,
     /// The running child's output files (from where this child started writing).
     output: Option<ChildOutput>,
+    /// A command that runs the server (its path and arguments are appended), e.g. one that
+    /// mounts a small file system for the spool first. Empty: the server itself.
+    pub launcher: Vec<String>,
 }
 
 /// Where a spawned server's stdout and stderr go (files in a directory of the test's own),
@@ -213,19 +216,25 @@ impl Moat {
     }
 
     pub fn start_with(ip: &str, extra: &str, limits: &str) -> Moat {
+        let mut m = Moat::configured(ip, extra, limits);
+        m.spawn();
+        m
+    }
+
+    /// Writes the config and data directory as [`Moat::start_with`] does, without starting.
+    pub fn configured(ip: &str, extra: &str, limits: &str) -> Moat {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let config = dir.path().join("moat.toml");
         std::fs::write(&config, config_text(ip, &data, extra, limits)).unwrap();
-        let mut m = Moat {
+        Moat {
             child: None,
             dir,
             ip: ip.to_string(),
             config,
             output: None,
-        };
-        m.spawn();
-        m
+            launcher: Vec::new(),
+        }
     }
 
     pub fn data(&self) -> PathBuf {
@@ -242,7 +251,14 @@ impl Moat {
     /// stderr. The log (stderr) is `moat.log`, stdout `moat.out`, both appended across restarts.
     pub fn spawn(&mut self) {
         let out = ChildOutput::new(self.dir.path(), "moat");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_moat"));
+        let mut cmd = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(env!("CARGO_BIN_EXE_moat"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_moat")),
+        };
         cmd.arg("serve")
             .arg("--config")
             .arg(&self.config)
