@@ -5,11 +5,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::dns::{Rr, serve_zone};
@@ -17,85 +15,15 @@ use common::*;
 
 const MX_IP: &str = "127.0.18.82";
 
-/// An MX that takes connections and never greets, until released: delivery passes stay open.
-struct HoldingMx {
-    stop: Arc<AtomicBool>,
-    held: Arc<Mutex<Vec<TcpStream>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl HoldingMx {
-    fn start() -> HoldingMx {
-        let listener = std::net::TcpListener::bind((MX_IP, SMTP)).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let held = Arc::new(Mutex::new(Vec::new()));
-        let (s, h) = (stop.clone(), held.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((c, _)) => h.lock().unwrap().push(c),
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        });
-        HoldingMx {
-            stop,
-            held,
-            thread: Some(thread),
-        }
-    }
-
-    /// Closes every held connection and the listening socket.
-    fn release(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-        self.held.lock().unwrap().clear();
-    }
-}
-
-fn read_reply(tcp: &mut TcpStream) -> String {
-    let mut got = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        match tcp.read(&mut b) {
-            Ok(1) => got.push(b[0]),
-            _ => panic!(
-                "connection closed after {:?}",
-                String::from_utf8_lossy(&got)
-            ),
-        }
-        if got.ends_with(b"\r\n") {
-            let text = String::from_utf8_lossy(&got).to_string();
-            let last = text
-                .trim_end()
-                .rsplit("\r\n")
-                .next()
-                .unwrap_or("")
-                .to_string();
-            if last.as_bytes().get(3) == Some(&b' ') {
-                return last;
-            }
-        }
-    }
-}
-
-fn cmd(tcp: &mut TcpStream, line: &str) -> String {
-    tcp.write_all(format!("{line}\r\n").as_bytes()).unwrap();
-    read_reply(tcp)
-}
-
 /// Sends one message of about `size` octets with `subject`; returns the final reply.
 fn send(m: &Moat, subject: &str, size: usize) -> String {
     let mut tcp = TcpStream::connect(m.addr(SMTP)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    assert!(read_reply(&mut tcp).starts_with("220 "));
-    assert!(cmd(&mut tcp, "EHLO client.test").starts_with("250 "));
-    assert!(cmd(&mut tcp, "MAIL FROM:<alice@moat.test>").starts_with("250 "));
-    assert!(cmd(&mut tcp, "RCPT TO:<x@hold.test>").starts_with("250 "));
-    assert!(cmd(&mut tcp, "DATA").starts_with("354 "));
+    assert!(raw_reply(&mut tcp).starts_with("220 "));
+    assert!(raw_cmd(&mut tcp, "EHLO client.test").starts_with("250 "));
+    assert!(raw_cmd(&mut tcp, "MAIL FROM:<alice@moat.test>").starts_with("250 "));
+    assert!(raw_cmd(&mut tcp, "RCPT TO:<x@hold.test>").starts_with("250 "));
+    assert!(raw_cmd(&mut tcp, "DATA").starts_with("354 "));
     let mut wire = format!("Subject: {subject}\r\n\r\n").into_bytes();
     let line = [b'z'; 76];
     while wire.len() < size {
@@ -104,8 +32,8 @@ fn send(m: &Moat, subject: &str, size: usize) -> String {
     }
     wire.extend_from_slice(b".\r\n");
     tcp.write_all(&wire).unwrap();
-    let reply = read_reply(&mut tcp);
-    let _ = cmd(&mut tcp, "QUIT");
+    let reply = raw_reply(&mut tcp);
+    let _ = raw_cmd(&mut tcp, "QUIT");
     reply
 }
 
@@ -117,7 +45,7 @@ fn inside(pid: u32, path: &Path) -> PathBuf {
 
 #[test]
 fn a_full_spool_refuses_with_451_and_loses_nothing() {
-    let mx = HoldingMx::start();
+    let mx = HoldingMx::start(MX_IP);
     let dns = serve_zone(
         "127.0.18.54",
         "hold.test",

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -69,45 +69,14 @@ struct InData {
     rest: Vec<u8>,
 }
 
-fn read_reply(tcp: &mut TcpStream) -> String {
-    let mut got = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        match tcp.read(&mut b) {
-            Ok(1) => got.push(b[0]),
-            _ => panic!(
-                "connection closed after {:?}",
-                String::from_utf8_lossy(&got)
-            ),
-        }
-        if got.ends_with(b"\r\n") {
-            let text = String::from_utf8_lossy(&got).to_string();
-            let last = text
-                .trim_end()
-                .rsplit("\r\n")
-                .next()
-                .unwrap_or("")
-                .to_string();
-            if last.as_bytes().get(3) == Some(&b' ') {
-                return last;
-            }
-        }
-    }
-}
-
-fn cmd(tcp: &mut TcpStream, line: &str) -> String {
-    tcp.write_all(format!("{line}\r\n").as_bytes()).unwrap();
-    read_reply(tcp)
-}
-
 fn start_data(m: &Moat, rcpt: &str, wire: &[u8], first: usize) -> InData {
     let mut tcp = TcpStream::connect(m.addr(SMTP)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    assert!(read_reply(&mut tcp).starts_with("220 "));
-    assert!(cmd(&mut tcp, "EHLO client.test").starts_with("250 "));
-    assert!(cmd(&mut tcp, "MAIL FROM:<big@client.test>").starts_with("250 "));
-    assert!(cmd(&mut tcp, &format!("RCPT TO:<{rcpt}>")).starts_with("250 "));
-    assert!(cmd(&mut tcp, "DATA").starts_with("354 "));
+    assert!(raw_reply(&mut tcp).starts_with("220 "));
+    assert!(raw_cmd(&mut tcp, "EHLO client.test").starts_with("250 "));
+    assert!(raw_cmd(&mut tcp, "MAIL FROM:<big@client.test>").starts_with("250 "));
+    assert!(raw_cmd(&mut tcp, &format!("RCPT TO:<{rcpt}>")).starts_with("250 "));
+    assert!(raw_cmd(&mut tcp, "DATA").starts_with("354 "));
     tcp.write_all(&wire[..first]).unwrap();
     InData {
         tcp,
@@ -150,7 +119,7 @@ fn parallel_large_data_sessions_hold_little_memory() {
     let mut c = start_data(&m, "big@moat.test", &dot_stuffed(&warm), 0);
     c.tcp.write_all(&c.rest).unwrap();
     c.tcp.write_all(b".\r\n").unwrap();
-    assert!(read_reply(&mut c.tcp).starts_with("250 2.0.0"));
+    assert!(raw_reply(&mut c.tcp).starts_with("250 2.0.0"));
     let got = m.wait_mailbox("big", 1);
     let (_, content) = got[0]
         .split_once("Subject: large 0\r\n")
@@ -195,7 +164,7 @@ fn parallel_large_data_sessions_hold_little_memory() {
         c.tcp.write_all(b".\r\n").unwrap();
     }
     for c in &mut clients {
-        let r = read_reply(&mut c.tcp);
+        let r = raw_reply(&mut c.tcp);
         assert!(r.starts_with("250 2.0.0"), "{r}");
     }
     wait_for("tmp/ to empty", Duration::from_secs(20), || {
@@ -226,15 +195,15 @@ fn parallel_large_bdat_sessions_hold_little_memory() {
     for _ in 0..SESSIONS {
         let mut tcp = TcpStream::connect(m.addr(SMTP)).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        assert!(read_reply(&mut tcp).starts_with("220 "));
-        assert!(cmd(&mut tcp, "EHLO client.test").starts_with("250 "));
-        assert!(cmd(&mut tcp, "MAIL FROM:<big@client.test>").starts_with("250 "));
-        assert!(cmd(&mut tcp, "RCPT TO:<x@sink.test>").starts_with("250 "));
+        assert!(raw_reply(&mut tcp).starts_with("220 "));
+        assert!(raw_cmd(&mut tcp, "EHLO client.test").starts_with("250 "));
+        assert!(raw_cmd(&mut tcp, "MAIL FROM:<big@client.test>").starts_with("250 "));
+        assert!(raw_cmd(&mut tcp, "RCPT TO:<x@sink.test>").starts_with("250 "));
         // One chunk whole, then most of a second one.
         tcp.write_all(format!("BDAT {CHUNK}\r\n").as_bytes())
             .unwrap();
         tcp.write_all(&content).unwrap();
-        assert!(read_reply(&mut tcp).starts_with("250 2.0.0"));
+        assert!(raw_reply(&mut tcp).starts_with("250 2.0.0"));
         tcp.write_all(format!("BDAT {CHUNK} LAST\r\n").as_bytes())
             .unwrap();
         tcp.write_all(&content[..CHUNK - 1000]).unwrap();
@@ -256,7 +225,7 @@ fn parallel_large_bdat_sessions_hold_little_memory() {
     );
     for tcp in &mut clients {
         tcp.write_all(&content[CHUNK - 1000..]).unwrap();
-        let r = read_reply(tcp);
+        let r = raw_reply(tcp);
         assert!(r.starts_with("250 2.0.0 Ok: queued"), "{r}");
     }
 }

@@ -817,14 +817,7 @@ fn mx_pointing_at_our_own_address_is_a_loop() {
 fn damaged_spool_entries_are_named_in_queue_list() {
     // An MX that takes connections and never greets: the first delivery pass stays open, so
     // the messages are still in their journal records when the server is killed.
-    let mx = std::net::TcpListener::bind(("127.0.18.72", 2525)).unwrap();
-    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let keep = held.clone();
-    std::thread::spawn(move || {
-        for s in mx.incoming().flatten() {
-            keep.lock().unwrap().push(s);
-        }
-    });
+    let mx = HoldingMx::start("127.0.18.72");
     let dns = serve_zone(
         "127.0.18.53",
         "hold.test",
@@ -850,7 +843,7 @@ fn damaged_spool_entries_are_named_in_queue_list() {
     wait_for(
         "three deliveries under way",
         Duration::from_secs(20),
-        || (held.lock().unwrap().len() >= 3).then_some(()),
+        || (mx.held() >= 3).then_some(()),
     );
     m.kill9();
 

@@ -361,15 +361,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                         (id, 0, Err(lost))
                     }
                     (false, _) => {
-                        let id = util::new_queue_id();
-                        let now = util::unix_now();
-                        let header = received::stamp(
-                            &trace,
-                            &shared.rules.hostname,
-                            &id,
-                            &envelope.recipients,
-                            &util::rfc5322_date(now),
-                        );
+                        let (id, now, header) = new_message(shared, &envelope, &trace);
                         let mut message = header.into_bytes();
                         message.extend_from_slice(&body);
                         let result = shared.spool.store(&id, now, &envelope, &message).await;
@@ -403,6 +395,24 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// A new message's queue id, arrival time and our Received header for it.
+fn new_message(
+    shared: &Shared,
+    envelope: &crate::smtp::session::Envelope,
+    trace: &crate::smtp::session::Trace,
+) -> (String, u64, String) {
+    let id = util::new_queue_id();
+    let now = util::unix_now();
+    let received = received::stamp(
+        trace,
+        &shared.rules.hostname,
+        &id,
+        &envelope.recipients,
+        &util::rfc5322_date(now),
+    );
+    (id, now, received)
+}
+
 /// Writes content handed out by the session to the message's spool file, beginning the file
 /// (envelope and our Received header first) on the first chunk. False when it could not be
 /// written; the session then refuses the message at its end.
@@ -418,15 +428,7 @@ async fn spill_chunk(
             let Some((envelope, trace)) = session.pending_message() else {
                 return false;
             };
-            let id = util::new_queue_id();
-            let now = util::unix_now();
-            let received = received::stamp(
-                &trace,
-                &shared.rules.hostname,
-                &id,
-                &envelope.recipients,
-                &util::rfc5322_date(now),
-            );
+            let (id, now, received) = new_message(shared, &envelope, &trace);
             Err((id, now, envelope, received))
         }
     };

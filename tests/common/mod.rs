@@ -951,3 +951,80 @@ pub fn moat_cli(m: &Moat, args: &[&str]) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+
+/// Reads one reply on a plain socket (the last line of a multi-line one).
+pub fn raw_reply(tcp: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match tcp.read(&mut b) {
+            Ok(1) => got.push(b[0]),
+            _ => panic!(
+                "connection closed after {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+        if got.ends_with(b"\r\n") {
+            let text = String::from_utf8_lossy(&got).to_string();
+            let last = text
+                .trim_end()
+                .rsplit("\r\n")
+                .next()
+                .unwrap_or("")
+                .to_string();
+            if last.as_bytes().get(3) == Some(&b' ') {
+                return last;
+            }
+        }
+    }
+}
+
+/// Sends a command line on a plain socket and reads its reply.
+pub fn raw_cmd(tcp: &mut TcpStream, line: &str) -> String {
+    tcp.write_all(format!("{line}\r\n").as_bytes()).unwrap();
+    raw_reply(tcp)
+}
+
+/// An MX that takes connections and never greets, until released: delivery passes stay open.
+pub struct HoldingMx {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    held: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HoldingMx {
+    pub fn start(ip: &str) -> HoldingMx {
+        let listener = std::net::TcpListener::bind((ip, SMTP)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, h) = (stop.clone(), held.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((c, _)) => h.lock().unwrap().push(c),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        HoldingMx {
+            stop,
+            held,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections taken so far.
+    pub fn held(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+
+    /// Closes every held connection and the listening socket.
+    pub fn release(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.held.lock().unwrap().clear();
+    }
+}
