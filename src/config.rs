@@ -132,7 +132,7 @@ fn default_sts_max_age() -> u32 {
     604_800
 }
 
-/// Outbound TLS requirement for recipient domains (DESIGN §5).
+/// Outbound TLS requirement for recipient domains (docs/ARCHITECTURE.md, "Outbound TLS requirement").
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsPolicyConfig {

@@ -1,6 +1,7 @@
 //! Moat: a mail transfer agent built around transport security.
 //!
-//! See `DESIGN.md` in the shared folder for the architecture; each module's docs describe its room.
+//! `docs/ARCHITECTURE.md` describes the architecture (data flow, rooms, invariants, the TLS
+//! requirement, status codes); each module's docs describe its room.
 
 #![forbid(unsafe_code)]
 

@@ -122,7 +122,7 @@ fuzz_target!(|data: &[u8]| {
                     };
                     pending = s.auth_result(outcome);
                 }
-                Some(Action::Spill(chunk)) => {
+                Some(Action::Spill { chunk, .. }) => {
                     // Content is handed out only past SPILL_AT (1 MiB), far above the
                     // fuzzed size limit: content past the limit must never be kept.
                     panic!("{} octets handed out past a 4096-octet limit", chunk.len());

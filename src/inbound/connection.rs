@@ -338,7 +338,12 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     authenticate(shared, ip, username, password, &mut auth_failures).await;
                 pending = session.auth_result(outcome);
             }
-            Some(Action::Spill(chunk)) => {
+            Some(Action::Spill { chunk, first }) => {
+                if first {
+                    // A file an earlier message began and never queued goes now, even when
+                    // that message was refused within the same read as this one began.
+                    spill = None;
+                }
                 let ok = spill_chunk(shared, session, &mut spill, chunk).await;
                 session.spilled(ok);
             }

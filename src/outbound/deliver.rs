@@ -1,6 +1,6 @@
 //! One delivery attempt to one destination: route (MX or fixed relay), connect to each
 //! host and address in order, run the SMTP client with the TLS level the policy demands,
-//! and classify every failure into a cause with its enhanced status code (DESIGN §4).
+//! and classify every failure into a cause with its enhanced status code (docs/ARCHITECTURE.md, "Status codes").
 //!
 //! Under `encrypt` or `verify`, a missing STARTTLS, a failed handshake or a failed
 //! certificate check moves on to the next host and finally defers; it never falls back to

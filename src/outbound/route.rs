@@ -116,7 +116,7 @@ impl RouteError {
         }
     }
 
-    /// The enhanced status code (RFC 3463; DESIGN §4).
+    /// The enhanced status code (RFC 3463; docs/ARCHITECTURE.md, "Status codes").
     pub fn enhanced_code(&self) -> &'static str {
         match self {
             RouteError::InvalidDomain { .. } | RouteError::NoSuchDomain { .. } => "5.1.2",

@@ -1,5 +1,5 @@
 //! Outbound TLS: the policy levels, the connector that runs the client handshake after
-//! STARTTLS, and the classification of what the peer's certificate proved (DESIGN §5).
+//! STARTTLS, and the classification of what the peer's certificate proved (docs/ARCHITECTURE.md, "Outbound TLS requirement").
 //!
 //! # Levels
 //!
@@ -205,7 +205,7 @@ pub struct TlsRequirement {
     pub pins: Vec<Pin>,
     /// A private CA for this destination, trusted in addition to the system roots.
     pub extra_roots: Option<Arc<RootCertStore>>,
-    /// Set by an MTA-STS `enforce` policy: failures carry 4.7.5/5.7.5 (DESIGN §4).
+    /// Set by an MTA-STS `enforce` policy: failures carry 4.7.5/5.7.5 (RFC 8461 §4.2; docs/ARCHITECTURE.md).
     pub mta_sts: bool,
 }
 
@@ -352,7 +352,7 @@ pub struct TlsOutcome {
 /// Why a handshake did not produce a usable session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TlsFailure {
-    /// The certificate did not meet the requirement (DESIGN §4: 4.7.320 / 5.7.320).
+    /// The certificate did not meet the requirement (4.7.320 / 5.7.320, as Exchange Online; docs/ARCHITECTURE.md).
     Certificate(CertFailure),
     /// Any other handshake failure, in words that name it: an alert from the server, no
     /// common protocol version or cipher, a peer that does not speak TLS, a connection closed
@@ -917,7 +917,7 @@ impl fmt::Display for UntrustedChain {
 }
 
 // What is wrong with a certificate, and what the server must do about it: the words of
-// `CertFailure::Other`, one per cause (DESIGN §5; issue 11 §2).
+// `CertFailure::Other`, one per cause, each with its own wording in logs and DSNs.
 const BAD_SIGNATURE: &str = "a signature in the certificate chain does not verify (a corrupted \
     or forged certificate, or one from a different CA with the same name); the server must send \
     a chain in which each certificate is signed by the next";

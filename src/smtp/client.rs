@@ -8,7 +8,7 @@
 //!
 //! With PIPELINING, MAIL, every RCPT and DATA go out in one write (RFC 2920); the message and
 //! its terminating dot go out in one write too (a split write stalls about 40 ms against
-//! Postfix/OpenSSL; see INTEROP-NOTES). One recipient's rejection never fails the others.
+//! Postfix/OpenSSL, which `tests/interop/` runs against). One recipient's rejection never fails the others.
 
 use std::collections::VecDeque;
 use std::time::Duration;

@@ -70,12 +70,14 @@ impl DataReceiver {
 
     /// Once `at` octets of content are held, hands them out to be written to the spool, so
     /// that a session holds at most about `at` octets however large the message.
-    pub fn take_spill(&mut self, at: usize) -> Option<Vec<u8>> {
+    /// Returns the content and whether it is the message's first chunk.
+    pub fn take_spill(&mut self, at: usize) -> Option<(Vec<u8>, bool)> {
         if self.body.len() < at || self.oversized || self.failed {
             return None;
         }
+        let first = self.spilled == 0;
         self.spilled += self.body.len();
-        Some(std::mem::take(&mut self.body))
+        Some((std::mem::take(&mut self.body), first))
     }
 
     /// What was handed out could not be stored: drop the content and read the rest to its end.

@@ -164,7 +164,9 @@ pub enum Action {
     /// file on the first one, from [`Session::pending_message`]), then call
     /// [`Session::spilled`]. Content past [`SPILL_AT`] is handed out this way as it arrives,
     /// so that a session never holds a whole large message.
-    Spill(Vec<u8>),
+    /// `first`: the message's first chunk, which begins a new spool file (whatever file an
+    /// earlier, refused message left open is dropped).
+    Spill { chunk: Vec<u8>, first: bool },
     /// Make the message durable, then call [`Session::queued`]. With `spilled`, `body` is
     /// the rest after what [`Action::Spill`] handed out.
     Queue {
@@ -421,7 +423,9 @@ impl Session {
                     None => {
                         return Progress {
                             consumed: input.len(),
-                            action: receiver.take_spill(SPILL_AT).map(Action::Spill),
+                            action: receiver
+                                .take_spill(SPILL_AT)
+                                .map(|(chunk, first)| Action::Spill { chunk, first }),
                         };
                     }
                 },
@@ -432,11 +436,11 @@ impl Session {
                     let done = *remaining == 0;
                     self.bdat_chunk(&rest[..take]);
                     pos += take;
-                    if let Some(chunk) = self.take_bdat_spill() {
+                    if let Some((chunk, first)) = self.take_bdat_spill() {
                         // The mode stays `Bdat`; a finished chunk is answered on the next call.
                         return Progress {
                             consumed: pos,
-                            action: Some(Action::Spill(chunk)),
+                            action: Some(Action::Spill { chunk, first }),
                         };
                     }
                     if done {
@@ -1003,13 +1007,14 @@ impl Session {
     }
 
     /// BDAT content to hand out to the spool, once enough is held.
-    fn take_bdat_spill(&mut self) -> Option<Vec<u8>> {
+    fn take_bdat_spill(&mut self) -> Option<(Vec<u8>, bool)> {
         let content = self.tx.as_mut()?.bdat.as_mut()?;
         if content.body.len() < SPILL_AT {
             return None;
         }
+        let first = content.spilled == 0;
         content.spilled += content.body.len();
-        Some(std::mem::take(&mut content.body))
+        Some((std::mem::take(&mut content.body), first))
     }
 
     /// Whether content of the current message has been handed out ([`Action::Spill`]) and

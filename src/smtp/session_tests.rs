@@ -246,7 +246,11 @@ impl H {
                     self.done.push(Done::Auth { username, password });
                     next = self.s.auth_result(outcome);
                 }
-                Action::Spill(chunk) => {
+                Action::Spill { chunk, first } => {
+                    if first {
+                        // As the connection layer: a new spool file for a new message.
+                        self.spilled.clear();
+                    }
                     let pending = self.s.pending_message().is_some();
                     let chunks = self
                         .done
@@ -2275,7 +2279,7 @@ fn fuzz_session(seed: u64, listener: ListenerRules, peer: Peer, seen: &mut Seen)
                             _ => AuthOutcome::Success("user".to_string()),
                         })
                     }
-                    Action::Spill(chunk) => panic!("seed {seed}: spilled {}", chunk.len()),
+                    Action::Spill { chunk, .. } => panic!("seed {seed}: spilled {}", chunk.len()),
                     Action::Queue { body, .. } => {
                         seen.queue += 1;
                         assert!(body.len() <= 200, "seed {seed}: body of {}", body.len());
@@ -2398,7 +2402,7 @@ fn random_bytes_byte_by_byte() {
                 Some(Action::Authenticate { .. }) => {
                     s.auth_result(AuthOutcome::Failure);
                 }
-                Some(Action::Spill(_)) => s.spilled(true),
+                Some(Action::Spill { .. }) => s.spilled(true),
                 Some(Action::Queue { .. }) => {
                     s.queued(Ok("Q".into()));
                 }
@@ -2625,4 +2629,33 @@ fn reset_during_bdat_closes_the_spill() {
     assert_eq!(h.send("RSET\r\n"), "250 2.0.0 Ok\r\n");
     assert!(!h.s.spill_open());
     assert!(h.s.pending_message().is_none());
+}
+
+#[test]
+fn a_refused_spilled_message_never_leaks_into_the_next_in_the_same_read() {
+    let mut h = big_session();
+    // Message 1 spills, then carries a bare LF and is refused at its end; in the same read
+    // message 2 begins and reaches the spill threshold before its end.
+    assert!(h.send("DATA\r\n").starts_with("354"));
+    let one = crate::smtp::data::encode_for_data(&big_body(2 * SPILL_AT));
+    send_in_reads(&mut h, &one[..SPILL_AT + 200_000]);
+    assert!(h.s.spill_open(), "message 1 handed out content");
+    let mut wire =
+        b"\r\nbare\nlf\r\n.\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n"
+            .to_vec();
+    let second = big_body(2 * SPILL_AT + 77);
+    let encoded = crate::smtp::data::encode_for_data(&second);
+    let (start, rest) = encoded.split_at(SPILL_AT + 100_000);
+    wire.extend_from_slice(start);
+    let out = h.send_bytes(&wire);
+    assert!(out.contains("550 5.6.2"), "{out}");
+    let spills_so_far = spills(&h).len();
+    assert!(
+        spills_so_far >= 2,
+        "message 2 handed out content in the same read"
+    );
+    let out = send_in_reads(&mut h, rest);
+    assert_eq!(out, "250 2.0.0 Ok: queued as Q1\r\n");
+    assert_eq!(h.queued().len(), 1);
+    assert_eq!(h.queued()[0].1, &second[..], "only message 2's content");
 }

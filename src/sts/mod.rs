@@ -16,7 +16,7 @@
 //! file and a rename), so it survives restarts. Concurrent deliveries to one domain fetch once.
 //!
 //! Enforcement ([`Applied::requirement`]): `enforce` acts as `verify` restricted to the policy's
-//! MX patterns (DESIGN §5); failures carry 4.4.8/5.4.8 and 4.7.5/5.7.5 (DESIGN §4).
+//! MX patterns (RFC 8461 §4.1); failures carry 4.4.8/5.4.8 and 4.7.5/5.7.5 (docs/ARCHITECTURE.md).
 //! `testing` delivers as usual and reports what would have failed. `none` is no policy.
 
 pub mod check;

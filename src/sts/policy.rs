@@ -18,7 +18,8 @@ use std::str::FromStr;
 /// Largest `max_age` a policy may declare, in seconds (RFC 8461 §3.2: about one year).
 pub const MAX_AGE_LIMIT: u32 = 31_557_600;
 
-/// Largest policy body accepted, in bytes (DESIGN.md §6).
+/// Largest policy body accepted, in bytes (64 KiB: a policy is a few lines, and a bounded
+/// fetch resists a hostile policy host).
 pub const MAX_POLICY_BYTES: usize = 65_536;
 
 /// Longest domain name, in characters, without a trailing dot.
