@@ -6,7 +6,6 @@
 mod common;
 
 use std::io::Write;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,12 +16,7 @@ const MX_IP: &str = "127.0.18.82";
 
 /// Sends one message of about `size` octets with `subject`; returns the final reply.
 fn send(m: &Moat, subject: &str, size: usize) -> String {
-    let mut tcp = TcpStream::connect(m.addr(SMTP)).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    assert!(raw_reply(&mut tcp).starts_with("220 "));
-    assert!(raw_cmd(&mut tcp, "EHLO client.test").starts_with("250 "));
-    assert!(raw_cmd(&mut tcp, "MAIL FROM:<alice@moat.test>").starts_with("250 "));
-    assert!(raw_cmd(&mut tcp, "RCPT TO:<x@hold.test>").starts_with("250 "));
+    let mut tcp = raw_envelope(m.addr(SMTP), "alice@moat.test", "x@hold.test");
     assert!(raw_cmd(&mut tcp, "DATA").starts_with("354 "));
     let mut wire = format!("Subject: {subject}\r\n\r\n").into_bytes();
     let line = [b'z'; 76];
@@ -54,9 +48,7 @@ fn a_full_spool_refuses_with_451_and_loses_nothing() {
             Rr::A("mx.hold.test", [127, 0, 18, 82]),
         ],
     );
-    let extra = format!(
-        "[relay]\ntrusted_networks = [\"127.0.0.0/8\"]\n\n[outbound]\nport = 2525\nnameservers = [\"{dns}\"]\n\n[queue]\nretry_schedule_secs = [3600]\n"
-    );
+    let extra = relay_config(dns);
     let mut m = Moat::configured("127.0.18.81", &extra, "max_message_size = 31457280");
     let spool = m.data().join("spool");
     std::fs::create_dir_all(&spool).unwrap();

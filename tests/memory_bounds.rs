@@ -70,12 +70,7 @@ struct InData {
 }
 
 fn start_data(m: &Moat, rcpt: &str, wire: &[u8], first: usize) -> InData {
-    let mut tcp = TcpStream::connect(m.addr(SMTP)).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    assert!(raw_reply(&mut tcp).starts_with("220 "));
-    assert!(raw_cmd(&mut tcp, "EHLO client.test").starts_with("250 "));
-    assert!(raw_cmd(&mut tcp, "MAIL FROM:<big@client.test>").starts_with("250 "));
-    assert!(raw_cmd(&mut tcp, &format!("RCPT TO:<{rcpt}>")).starts_with("250 "));
+    let mut tcp = raw_envelope(m.addr(SMTP), "big@client.test", rcpt);
     assert!(raw_cmd(&mut tcp, "DATA").starts_with("354 "));
     tcp.write_all(&wire[..first]).unwrap();
     InData {
@@ -193,12 +188,7 @@ fn parallel_large_bdat_sessions_hold_little_memory() {
     content.truncate(CHUNK);
     let mut clients = Vec::new();
     for _ in 0..SESSIONS {
-        let mut tcp = TcpStream::connect(m.addr(SMTP)).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        assert!(raw_reply(&mut tcp).starts_with("220 "));
-        assert!(raw_cmd(&mut tcp, "EHLO client.test").starts_with("250 "));
-        assert!(raw_cmd(&mut tcp, "MAIL FROM:<big@client.test>").starts_with("250 "));
-        assert!(raw_cmd(&mut tcp, "RCPT TO:<x@sink.test>").starts_with("250 "));
+        let mut tcp = raw_envelope(m.addr(SMTP), "big@client.test", "x@sink.test");
         // One chunk whole, then most of a second one.
         tcp.write_all(format!("BDAT {CHUNK}\r\n").as_bytes())
             .unwrap();

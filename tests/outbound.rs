@@ -826,9 +826,7 @@ fn damaged_spool_entries_are_named_in_queue_list() {
             Rr::A("mx.hold.test", [127, 0, 18, 72]),
         ],
     );
-    let extra = format!(
-        "[relay]\ntrusted_networks = [\"127.0.0.0/8\"]\n\n[outbound]\nport = 2525\nnameservers = [\"{dns}\"]\n\n[queue]\nretry_schedule_secs = [3600]\n"
-    );
+    let extra = relay_config(dns);
     let mut m = Moat::start_with("127.0.18.71", &extra, "");
     let ids: Vec<String> = (0..3)
         .map(|i| {

@@ -1028,3 +1028,23 @@ impl HoldingMx {
         self.held.lock().unwrap().clear();
     }
 }
+
+/// A plain connection to `addr` with EHLO, MAIL and RCPT done (each must be positive), ready
+/// for DATA or BDAT.
+pub fn raw_envelope(addr: SocketAddr, from: &str, rcpt: &str) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    assert!(raw_reply(&mut tcp).starts_with("220 "));
+    assert!(raw_cmd(&mut tcp, "EHLO client.test").starts_with("250 "));
+    assert!(raw_cmd(&mut tcp, &format!("MAIL FROM:<{from}>")).starts_with("250 "));
+    assert!(raw_cmd(&mut tcp, &format!("RCPT TO:<{rcpt}>")).starts_with("250 "));
+    tcp
+}
+
+/// Config that relays loopback clients to MX hosts found through `dns` on port 2525 and
+/// retries only hourly (so nothing is retried within a test unless asked).
+pub fn relay_config(dns: SocketAddr) -> String {
+    format!(
+        "[relay]\ntrusted_networks = [\"127.0.0.0/8\"]\n\n[outbound]\nport = 2525\nnameservers = [\"{dns}\"]\n\n[queue]\nretry_schedule_secs = [3600]\n"
+    )
+}
