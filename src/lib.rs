@@ -13,6 +13,7 @@ pub mod http;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod policy;
 pub mod probe;
 pub mod queue;
 pub mod report;

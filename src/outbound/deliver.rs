@@ -16,11 +16,16 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::route::{Hop, resolve_route};
+use rustls::RootCertStore;
+
 use super::tls::{Connector, TlsFailure, TlsLevel, TlsOutcome, TlsRequirement, Verification};
 use crate::dns::Resolver;
+use crate::policy::cause::{Cause, StsProblem};
+use crate::policy::{DomainDecision, Facts, HostVerdict, TlsPolicy};
 use crate::smtp::client::{
     Client, ClientParams, Event, Outgoing, RcptOutcome, SessionError, StartTls,
 };
+use crate::smtp::session::Envelope;
 
 /// Where a destination's mail goes.
 #[derive(Debug, Clone)]
@@ -213,7 +218,9 @@ impl PoolInner {
 /// Why a recipient was not delivered this time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
-    /// Enhanced status code, `4.x.y` while retrying makes sense, `5.x.y` when it does not.
+    pub cause: Cause,
+    /// Enhanced status code, `4.x.y` while retrying makes sense, `5.x.y` when it does not:
+    /// the cause's own, or the remote's for [`Cause::Remote`].
     pub status: String,
     pub permanent: bool,
     /// A transport-security failure (TLS required but not achieved): 24 h lifetime.
@@ -249,43 +256,80 @@ enum HostResult {
     RetryPlain(Failure),
 }
 
-pub(crate) fn failure(
-    status: &str,
-    security: bool,
-    remote: Option<String>,
-    reason: String,
-) -> Failure {
+/// A failure with `cause`'s own code and security class.
+pub(crate) fn failure(cause: Cause, remote: Option<String>, reason: String) -> Failure {
     Failure {
-        permanent: status.starts_with('5'),
-        status: status.to_string(),
-        security,
+        cause,
+        permanent: cause.is_permanent(),
+        status: cause.code(false).unwrap_or("4.0.0").to_string(),
+        security: cause.security(),
         remote,
         reason,
     }
 }
 
-/// Delivers `msg` to `domain`; one result per recipient of `msg`, in order.
-///
-/// `sts` is the domain's MTA-STS policy, if it has one (only consulted for MX delivery); `req`
-/// already includes what it demands (see [`crate::sts::Applied::requirement`]).
+/// A refusal in the remote server's words: its code (or the class's default) is the status.
+fn remote_failure(enhanced: Option<&str>, permanent: bool, host: &str, reason: String) -> Failure {
+    let fallback = if permanent { "5.0.0" } else { "4.0.0" };
+    Failure {
+        cause: Cause::Remote,
+        permanent,
+        status: enhanced.unwrap_or(fallback).to_string(),
+        security: false,
+        remote: Some(host.to_string()),
+        reason,
+    }
+}
+
+/// Gathers the facts of a delivery to `domain` (the rules, and for MX delivery the domain's
+/// MTA-STS policy from the cache or a fetch) and asks the policy room for the decision.
+pub async fn decide(
+    rules: &TlsPolicy,
+    sts: Option<&crate::sts::Sts>,
+    domain: &str,
+    hop: &NextHop,
+    envelope: &Envelope,
+) -> DomainDecision {
+    let applied = match (sts, hop) {
+        (Some(s), NextHop::Mx) => s.policy_for(domain).await,
+        _ => None,
+    };
+    let sts_roots = |rule: Option<&Arc<RootCertStore>>| match sts {
+        Some(s) => s.roots_for(rule),
+        None => rule.cloned(),
+    };
+    crate::policy::decide(&Facts {
+        rules,
+        sender: &envelope.sender,
+        domain,
+        recipients: &envelope.recipients,
+        mta_sts: applied.as_ref(),
+        sts_roots: &sts_roots,
+        requiretls: false,
+    })
+}
+
+/// Delivers `msg` to `domain` under `decision`; one result per recipient of `msg`, in order.
 pub async fn deliver(
     out: &Outbound,
     queue_id: &str,
     domain: &str,
     hop: &NextHop,
-    req: &TlsRequirement,
-    sts: Option<&crate::sts::Applied>,
+    decision: &DomainDecision,
     msg: Outgoing,
 ) -> Vec<RcptResult> {
     let n = msg.recipients.len();
     let all = |f: Failure| vec![RcptResult::NotDelivered(f); n];
-    let sts = sts.filter(|_| matches!(hop, NextHop::Mx));
+    let req = &decision.requirement;
+    let sts = decision
+        .mta_sts
+        .as_ref()
+        .filter(|_| matches!(hop, NextHop::Mx));
     let mut hosts: Vec<Hop> = match hop {
         NextHop::Mx => match resolve_route(&out.resolver, domain, &out.our_names).await {
             Ok(h) => h,
             Err(e) => {
-                let status = e.enhanced_code();
-                return all(failure(status, false, None, e.reply()));
+                return all(failure(e.cause(), None, e.reply()));
             }
         },
         NextHop::Relay { host, .. } => match host.parse::<IpAddr>() {
@@ -301,26 +345,31 @@ pub async fn deliver(
                     addrs,
                 }],
                 Err(e) => {
-                    let status = if e.is_temporary() { "4.4.312" } else { "5.4.4" };
-                    return all(failure(
-                        status,
-                        false,
-                        None,
-                        format!("relay host {host}: {e}"),
-                    ));
+                    let cause = if e.is_temporary() {
+                        Cause::DnsFailure
+                    } else {
+                        Cause::NoMailHost
+                    };
+                    return all(failure(cause, None, format!("relay host {host}: {e}")));
                 }
             },
         },
     };
-    // RFC 8461 §4.1: under enforce only MX hosts the policy names are tried; under testing
-    // the others are tried too and the mismatch is reported.
+    // The policy judges each MX host (RFC 8461 §4.1: under enforce only MX hosts the policy
+    // names are tried; under testing the others are tried too and the mismatch is reported).
     let mut sts_notes: Vec<String> = Vec::new();
     if let Some(p) = sts {
+        let verdicts: Vec<HostVerdict> = hosts.iter().map(|h| decision.for_host(&h.host)).collect();
         let unmatched: Vec<String> = hosts
             .iter()
-            .filter(|h| !p.entry.policy.matches_mx(&h.host))
-            .map(|h| h.host.clone())
+            .zip(&verdicts)
+            .filter(|(_, v)| **v != HostVerdict::Use { note: None })
+            .map(|(h, _)| h.host.clone())
             .collect();
+        let skip = verdicts.iter().find_map(|v| match v {
+            HostVerdict::Skip(c) => Some(*c),
+            HostVerdict::Use { .. } => None,
+        });
         if !unmatched.is_empty() {
             let patterns: Vec<&str> = p.entry.policy.mx.iter().map(|m| m.as_str()).collect();
             let what = format!(
@@ -328,9 +377,12 @@ pub async fn deliver(
                 unmatched.join(", "),
                 patterns.join(", ")
             );
-            match p.mode() {
-                crate::sts::policy::Mode::Enforce => {
-                    hosts.retain(|h| p.entry.policy.matches_mx(&h.host));
+            match skip {
+                Some(cause) => {
+                    let mut keep = verdicts
+                        .iter()
+                        .map(|v| matches!(v, HostVerdict::Use { .. }));
+                    hosts.retain(|_| keep.next().unwrap_or(true));
                     if hosts.is_empty() {
                         // A host the policy allows may exist but have had no usable address:
                         // that is a DNS failure, not a policy mismatch.
@@ -340,8 +392,7 @@ pub async fn deliver(
                                 .find(|(_, h)| !h.is_empty() && p.entry.policy.matches_mx(h))
                         {
                             return all(failure(
-                                "4.4.312",
-                                false,
+                                Cause::DnsFailure,
                                 Some(h.clone()),
                                 format!(
                                     "{h}, the MX host of {domain} that its MTA-STS policy allows, has no usable address (DNS lookup failed); {}",
@@ -351,8 +402,7 @@ pub async fn deliver(
                         }
                         tracing::warn!(queue_id, domain, policy = %p.describe(), %what, "MTA-STS: no MX host matches");
                         return all(failure(
-                            "4.4.8",
-                            true,
+                            cause,
                             None,
                             format!(
                                 "MX hosts of {domain} failed MTA-STS validation: {what}; {}",
@@ -361,7 +411,7 @@ pub async fn deliver(
                         ));
                     }
                 }
-                _ => {
+                None => {
                     tracing::warn!(queue_id, domain, policy = %p.describe(), %what,
                         "MTA-STS testing: enforce would skip these MX hosts");
                     sts_notes.push(format!("would skip {}", unmatched.join(", ")));
@@ -382,8 +432,7 @@ pub async fn deliver(
         && hosts.iter().all(|h| h.addrs.iter().all(ours))
     {
         return all(failure(
-            "5.4.6",
-            false,
+            Cause::MailLoop,
             Some(h.host.clone()),
             format!(
                 "mail for {domain} loops back to myself: {} resolves to this server's own address {ip}:{port}",
@@ -404,6 +453,7 @@ pub async fn deliver(
             let who = Attempt {
                 queue_id,
                 domain,
+                why: &decision.why,
                 host: &h.host,
                 addr,
                 implicit_tls,
@@ -466,8 +516,13 @@ pub async fn deliver(
             }
         }
     }
-    let mut last = last
-        .unwrap_or_else(|| failure("4.4.4", false, None, format!("no usable host for {domain}")));
+    let mut last = last.unwrap_or_else(|| {
+        failure(
+            Cause::NoUsableHost,
+            None,
+            format!("no usable host for {domain}"),
+        )
+    });
     if let Some(p) = sts {
         last.reason = format!("{}; {}", last.reason, p.describe());
     }
@@ -541,28 +596,22 @@ fn rcpt_result(
             tls: classes.0,
             auth: classes.1,
         },
-        RcptOutcome::Refused(r) => {
-            let fallback = if r.is_permanent() { "5.0.0" } else { "4.0.0" };
-            let status = r.enhanced().unwrap_or(fallback).to_string();
-            RcptResult::NotDelivered(Failure {
-                permanent: r.is_permanent(),
-                status,
-                security: false,
-                remote: Some(host.to_string()),
-                reason: format!("{host} said: {}", r.one_line()),
-            })
-        }
+        RcptOutcome::Refused(r) => RcptResult::NotDelivered(remote_failure(
+            r.enhanced(),
+            r.is_permanent(),
+            host,
+            format!("{host} said: {}", r.one_line()),
+        )),
         RcptOutcome::NotSent {
             permanent,
             enhanced,
             text,
-        } => RcptResult::NotDelivered(Failure {
+        } => RcptResult::NotDelivered(remote_failure(
+            Some(enhanced),
             permanent,
-            status: enhanced.to_string(),
-            security: false,
-            remote: Some(host.to_string()),
-            reason: format!("{host}: {text}"),
-        }),
+            host,
+            format!("{host}: {text}"),
+        )),
     }
 }
 
@@ -570,6 +619,8 @@ fn rcpt_result(
 struct Attempt<'a> {
     queue_id: &'a str,
     domain: &'a str,
+    /// Why the requirement is what it is (the policy room's words).
+    why: &'a crate::policy::Why,
     host: &'a str,
     addr: SocketAddr,
     implicit_tls: bool,
@@ -602,7 +653,7 @@ async fn attempt(
         ),
     };
     tracing::info!(queue_id = who.queue_id, domain = who.domain, host = who.host, ip = %who.addr,
-        level = req.level.as_str(), mta_sts = req.mta_sts, %tls, %outcome, "delivery attempt");
+        level = req.level.as_str(), mta_sts = req.mta_sts, %tls, %outcome, why = %who.why, "delivery attempt");
     result
 }
 
@@ -660,16 +711,14 @@ async fn attempt_inner(
     let mut tcp = match timeout(out.connect_timeout, TcpStream::connect(addr)).await {
         Err(_) => {
             return HostResult::Failed(failure(
-                "4.4.315",
-                false,
+                Cause::ConnectionTimedOut,
                 remote,
                 format!("connection to {host} [{addr}] timed out"),
             ));
         }
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
             return HostResult::Failed(failure(
-                "4.4.316",
-                false,
+                Cause::ConnectionRefused,
                 remote,
                 format!(
                     "connection to {host} [{addr}] refused (nothing listening, or the port is blocked by a firewall)"
@@ -678,8 +727,7 @@ async fn attempt_inner(
         }
         Ok(Err(e)) => {
             return HostResult::Failed(failure(
-                "4.4.1",
-                false,
+                Cause::ConnectFailed,
                 remote,
                 format!("cannot connect to {host} [{addr}]: {e}"),
             ));
@@ -780,8 +828,7 @@ async fn over_tls(
         }
         Step::Failed(f) => HostResult::Failed(session_failure(f, host)),
         Step::StartTls => HostResult::Failed(failure(
-            "4.4.2",
-            false,
+            Cause::ConnectionLost,
             Some(host.to_string()),
             "STARTTLS inside TLS".into(),
         )),
@@ -835,8 +882,7 @@ fn tls_summary(o: &TlsOutcome) -> String {
 fn tls_failure(e: &TlsFailure, host: &str, req: &TlsRequirement) -> Failure {
     if req.mta_sts {
         return failure(
-            "4.7.5",
-            true,
+            Cause::StsValidation(e.sts_problem()),
             Some(host.to_string()),
             format!(
                 "Remote certificate failed MTA-STS validation. Reason: {} ({host}: {e})",
@@ -844,18 +890,25 @@ fn tls_failure(e: &TlsFailure, host: &str, req: &TlsRequirement) -> Failure {
             ),
         );
     }
-    let status = e.enhanced_code(false);
-    let why = if req.level >= TlsLevel::Encrypt {
+    let required = req.level >= TlsLevel::Encrypt;
+    let why = if required {
         "; TLS is required for this destination"
     } else {
         ""
     };
-    failure(
-        status,
-        req.level >= TlsLevel::Encrypt,
-        Some(host.to_string()),
-        format!("TLS with {host} failed: {e}{why}"),
-    )
+    let cause = match e {
+        TlsFailure::Certificate(c) => Cause::Certificate(c.problem()),
+        _ => Cause::TlsHandshake,
+    };
+    Failure {
+        // Under `may` (an implicit-TLS relay) TLS was not a requirement of ours.
+        security: required,
+        ..failure(
+            cause,
+            Some(host.to_string()),
+            format!("TLS with {host} failed: {e}{why}"),
+        )
+    }
 }
 
 /// A failure before TLS: under MTA-STS enforce a missing or refused STARTTLS is a 4.7.5.
@@ -867,8 +920,7 @@ fn before_tls_failure(e: SessionError, host: &str, req: &TlsRequirement) -> Fail
                 _ => format!("{host} did not offer STARTTLS"),
             };
             failure(
-                "4.7.5",
-                true,
+                Cause::StsValidation(StsProblem::StartTls),
                 Some(host.to_string()),
                 format!(
                     "Remote certificate failed MTA-STS validation. Reason: starttls not offered ({detail})"
@@ -883,58 +935,42 @@ fn session_failure(e: SessionError, host: &str) -> Failure {
     let remote = Some(host.to_string());
     match e {
         SessionError::StartTlsNotOffered => failure(
-            "4.4.317",
-            true,
+            Cause::StartTlsNotOffered,
             remote,
             format!(
                 "{host} did not offer STARTTLS, and the policy requires TLS; its administrator must enable STARTTLS on that mail server"
             ),
         ),
         SessionError::StartTlsRefused(r) => failure(
-            "4.4.317",
-            true,
+            Cause::StartTlsNotOffered,
             remote,
             format!("{host} refused STARTTLS ({r}), and the policy requires TLS"),
         ),
-        SessionError::Greeting(r) | SessionError::Hello(r) => {
-            let status = r.enhanced().map(str::to_string).unwrap_or_else(|| {
-                if r.is_permanent() {
-                    "5.0.0".into()
-                } else {
-                    "4.0.0".into()
-                }
-            });
-            Failure {
-                permanent: r.is_permanent(),
-                security: false,
-                status,
-                remote,
-                reason: format!("{host} said: {}", r.one_line()),
-            }
-        }
+        SessionError::Greeting(r) | SessionError::Hello(r) => remote_failure(
+            r.enhanced(),
+            r.is_permanent(),
+            host,
+            format!("{host} said: {}", r.one_line()),
+        ),
         SessionError::Closed(Some(r)) => failure(
-            "4.4.2",
-            false,
+            Cause::ConnectionLost,
             remote,
             format!("{host} closed the connection: {}", r.one_line()),
         ),
         SessionError::Closed(None) => failure(
-            "4.4.2",
-            false,
+            Cause::ConnectionLost,
             remote,
             format!("{host} closed the connection unexpectedly"),
         ),
         SessionError::AuthWithoutTls => failure(
-            "4.7.0",
-            true,
+            Cause::RelayAuthWithoutTls,
             remote,
             format!(
                 "{host}: TLS could not be established, and the relay credentials are never sent in the clear"
             ),
         ),
         SessionError::AuthNotOffered => failure(
-            "4.7.0",
-            false,
+            Cause::RelayAuthNotOffered,
             remote,
             format!(
                 "{host} offers neither AUTH PLAIN nor AUTH LOGIN, but credentials are configured for it"
@@ -942,20 +978,17 @@ fn session_failure(e: SessionError, host: &str) -> Failure {
         ),
         // A configuration problem on one side or the other: retried, not bounced at once.
         SessionError::AuthFailed(r) => failure(
-            "4.7.8",
-            false,
+            Cause::RelayAuthRefused,
             remote,
             format!("{host} refused the relay credentials: {}", r.one_line()),
         ),
         SessionError::ResetRefused(r) => failure(
-            "4.5.0",
-            false,
+            Cause::Protocol,
             remote,
             format!("{host} refused RSET: {}", r.one_line()),
         ),
         SessionError::Protocol(m) => failure(
-            "4.5.0",
-            false,
+            Cause::Protocol,
             remote,
             format!("{host}: protocol error: {m}"),
         ),

@@ -117,6 +117,20 @@ impl RouteError {
     }
 
     /// The enhanced status code (RFC 3463; docs/ARCHITECTURE.md, "Status codes").
+    /// The cause, for the queue and the DSN.
+    pub fn cause(&self) -> crate::policy::cause::Cause {
+        use crate::policy::cause::Cause;
+        match self {
+            RouteError::InvalidDomain { .. } | RouteError::NoSuchDomain { .. } => {
+                Cause::NoSuchDomain
+            }
+            RouteError::NullMx { .. } => Cause::NullMx,
+            RouteError::MxLoop { .. } => Cause::MailLoop,
+            RouteError::NoMailHost { .. } | RouteError::NoAddress { .. } => Cause::NoMailHost,
+            RouteError::Dns { .. } => Cause::DnsFailure,
+        }
+    }
+
     pub fn enhanced_code(&self) -> &'static str {
         match self {
             RouteError::InvalidDomain { .. } | RouteError::NoSuchDomain { .. } => "5.1.2",

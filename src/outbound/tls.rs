@@ -54,49 +54,8 @@ use crate::util::rfc5322_date;
 /// The default limit for one TLS handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How much transport security a destination gets; ordered, so "at least" is `>=`.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    serde::Deserialize,
-    serde::Serialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum TlsLevel {
-    /// Never STARTTLS.
-    None,
-    /// Opportunistic: TLS when offered, any certificate, plaintext otherwise.
-    #[default]
-    May,
-    /// TLS required, certificate not checked (but pins, when given, must match).
-    Encrypt,
-    /// TLS required, chain to a trusted root and the name must match.
-    Verify,
-}
-
-impl TlsLevel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TlsLevel::None => "none",
-            TlsLevel::May => "may",
-            TlsLevel::Encrypt => "encrypt",
-            TlsLevel::Verify => "verify",
-        }
-    }
-}
-
-impl fmt::Display for TlsLevel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use crate::policy::cause::{CertProblem, StsProblem};
+pub use crate::policy::{TlsLevel, TlsRequirement};
 
 /// A certificate pin: SHA-256 of the end-entity certificate's DER, or of its
 /// SubjectPublicKeyInfo (survives renewal with the same key).
@@ -194,31 +153,6 @@ fn sha256(data: &[u8]) -> [u8; 32] {
     out
 }
 
-/// What one destination requires of the TLS session.
-#[derive(Debug, Clone, Default)]
-pub struct TlsRequirement {
-    pub level: TlsLevel,
-    /// Names the certificate must carry instead of the MX host name (exact host names; the
-    /// certificate may use a `*.` wildcard for them). Empty: the MX host name.
-    pub match_names: Vec<String>,
-    /// Any match accepts; see the module documentation for how pins combine with the level.
-    pub pins: Vec<Pin>,
-    /// A private CA for this destination, trusted in addition to the system roots.
-    pub extra_roots: Option<Arc<RootCertStore>>,
-    /// Set by an MTA-STS `enforce` policy: failures carry 4.7.5/5.7.5 (RFC 8461 §4.2; docs/ARCHITECTURE.md).
-    pub mta_sts: bool,
-}
-
-impl TlsRequirement {
-    /// A requirement with only a level.
-    pub fn level(level: TlsLevel) -> TlsRequirement {
-        TlsRequirement {
-            level,
-            ..TlsRequirement::default()
-        }
-    }
-}
-
 /// Why a certificate was not good enough, in terms a person can act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CertFailure {
@@ -245,6 +179,21 @@ pub enum CertFailure {
     /// distrusted certificate, …), as a sentence saying what is wrong and what the server
     /// must do.
     Other(String),
+}
+
+impl CertFailure {
+    /// The kind of problem, for causes and metrics.
+    pub fn problem(&self) -> CertProblem {
+        match self {
+            CertFailure::Expired { .. } => CertProblem::Expired,
+            CertFailure::NotYetValid { .. } => CertProblem::NotYetValid,
+            CertFailure::UntrustedIssuer(_) => CertProblem::Untrusted,
+            CertFailure::NameMismatch { .. } => CertProblem::NameMismatch,
+            CertFailure::PinMismatch => CertProblem::PinMismatch,
+            CertFailure::Revoked => CertProblem::Revoked,
+            CertFailure::Other(_) => CertProblem::Other,
+        }
+    }
 }
 
 impl fmt::Display for CertFailure {
@@ -363,6 +312,15 @@ pub enum TlsFailure {
 }
 
 impl TlsFailure {
+    /// What failed, in the terms of an MTA-STS `Reason:`.
+    pub fn sts_problem(&self) -> StsProblem {
+        match self {
+            TlsFailure::Certificate(c) => StsProblem::Certificate(c.problem()),
+            TlsFailure::Handshake(_) => StsProblem::Handshake,
+            TlsFailure::Timeout => StsProblem::Timeout,
+        }
+    }
+
     /// The enhanced status code for this failure, the one place it is decided: certificate
     /// problems are `4.7.320`/`5.7.320` (Exchange Online's "certificate validation failed"),
     /// every other handshake failure `4.7.0`/`5.7.0` (RFC 3463 "other security status").

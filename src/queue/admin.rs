@@ -288,9 +288,37 @@ fn describe(queue: &Queue, m: &Spooled, st: &MessageState, now: u64, detail: boo
                     )
                 })
                 .unwrap_or_default();
+            // The decision a delivery would make now, from the cached policy (no lookups).
+            let applied = match queue.routes.get(&lower) {
+                None => queue
+                    .sts
+                    .as_ref()
+                    .and_then(|s| s.entry(&lower))
+                    .map(|entry| crate::sts::Applied {
+                        domain: lower.clone(),
+                        entry,
+                        source: "cached".into(),
+                    }),
+                Some(_) => None,
+            };
+            let rules = queue.tls_policy();
+            let sts_roots = |r: Option<&std::sync::Arc<rustls::RootCertStore>>| match &queue.sts {
+                Some(s) => s.roots_for(r),
+                None => r.cloned(),
+            };
+            let decision = crate::policy::decide(&crate::policy::Facts {
+                rules: &rules,
+                sender: &m.envelope.sender,
+                domain: &lower,
+                recipients: &m.envelope.recipients,
+                mta_sts: applied.as_ref(),
+                sts_roots: &sts_roots,
+                requiretls: false,
+            });
             s.push_str(&format!(
-                "  {d}: route {route}, TLS policy {}{sts}\n",
-                queue.tls_policy().for_domain(&lower).level.as_str()
+                "  {d}: route {route}, TLS policy {}, because {}{sts}\n",
+                decision.requirement.level.as_str(),
+                decision.why
             ));
         }
         let header_end = m
@@ -446,6 +474,7 @@ pub(crate) async fn run(
                     }
                     r.state = RcptState::Failed;
                     r.status = "5.0.0".into();
+                    r.cause = Some(crate::policy::cause::Cause::Administrator);
                     r.reason = if r.reason.is_empty() {
                         "returned to the sender by the administrator".into()
                     } else {

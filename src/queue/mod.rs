@@ -22,9 +22,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::config::QueueConfig;
-use crate::domain::{Domain, DomainPattern};
 use crate::outbound::deliver::{self, NextHop, Outbound, RcptResult};
-use crate::outbound::tls::TlsRequirement;
+use crate::policy::cause::Cause;
 use crate::report::{AuthClass, DeliveryEvent, Outcome, TlsClass};
 use crate::smtp::client::Outgoing;
 use crate::smtp::session::Envelope;
@@ -45,72 +44,7 @@ pub enum Route {
     },
 }
 
-/// TLS requirements per recipient domain pattern (exact or `*.suffix`; first match wins) and
-/// per sender domain pattern.
-#[derive(Debug, Default)]
-pub struct TlsPolicy {
-    pub rules: Vec<(DomainPattern, TlsRequirement)>,
-    pub sender_rules: Vec<(DomainPattern, TlsRequirement)>,
-    pub default: TlsRequirement,
-    /// See `OutboundConfig::opportunistic_for_unmatched`.
-    pub opportunistic_for_unmatched: bool,
-}
-
-/// The first rule whose pattern matches `domain` (canonicalised first, so a rule written with
-/// U-labels covers mail addressed with A-labels and the reverse).
-fn find<'a>(
-    rules: &'a [(DomainPattern, TlsRequirement)],
-    domain: &str,
-) -> Option<&'a TlsRequirement> {
-    let domain = Domain::parse(domain).ok()?;
-    rules
-        .iter()
-        .find(|(p, _)| p.matches(&domain))
-        .map(|(_, r)| r)
-}
-
-/// The canonical domain of an address ([`crate::domain`]; empty when it has none).
-pub(crate) fn domain_of(addr: &str) -> String {
-    addr.rsplit_once('@')
-        .map(|(_, d)| crate::domain::canonical_or_lower(d))
-        .unwrap_or_default()
-}
-
-impl TlsPolicy {
-    /// The rule for a recipient domain alone.
-    pub fn for_domain(&self, domain: &str) -> &TlsRequirement {
-        find(&self.rules, domain).unwrap_or(&self.default)
-    }
-
-    /// The requirement for `domain` within a message from `sender` to `recipients`: the domain's
-    /// own rule, raised (never lowered) by a sender rule and, when
-    /// `opportunistic_for_unmatched` is off, by the strictest rule any recipient matched.
-    pub fn for_message(&self, domain: &str, sender: &str, recipients: &[String]) -> TlsRequirement {
-        let own = self.for_domain(domain).clone();
-        let mut floor = find(&self.sender_rules, &domain_of(sender));
-        if !self.opportunistic_for_unmatched {
-            for r in recipients {
-                if let Some(req) = find(&self.rules, &domain_of(r))
-                    && floor.is_none_or(|f| req.level > f.level)
-                {
-                    floor = Some(req);
-                }
-            }
-        }
-        match floor {
-            // A rule written for another domain lends its level (and private CA), not its
-            // names or pins, which describe that domain's servers.
-            Some(f) if f.level > own.level => TlsRequirement {
-                level: f.level,
-                match_names: Vec::new(),
-                pins: Vec::new(),
-                extra_roots: f.extra_roots.clone(),
-                mta_sts: false,
-            },
-            _ => own,
-        }
-    }
-}
+pub use crate::policy::{TlsPolicy, domain_of};
 
 /// Everything delivery needs.
 #[derive(Debug)]
@@ -211,6 +145,7 @@ impl Queue {
                         tracing::info!(queue_id = id, to = %rcpt, relay = %remote, %reply, "delivered");
                         r.state = RcptState::Delivered;
                         r.status = "2.0.0".into();
+                        r.cause = None;
                         r.remote = Some(remote);
                         r.reason = reply;
                     }
@@ -220,6 +155,7 @@ impl Queue {
                         r.remote = f.remote.clone();
                         r.reason = f.reason.clone();
                         r.status = f.status.clone();
+                        r.cause = Some(f.cause);
                         let lifetime = if f.security {
                             self.config.security_lifetime_secs
                         } else {
@@ -230,7 +166,7 @@ impl Queue {
                             r.state = RcptState::Failed;
                         } else if age >= lifetime {
                             r.state = RcptState::Failed;
-                            r.status = permanent_form(&f.status);
+                            r.status = permanent_form(f.cause, &f.status);
                             r.reason = format!(
                                 "{} (gave up after {} of retrying)",
                                 f.reason,
@@ -249,7 +185,7 @@ impl Queue {
                         } else {
                             Outcome::Deferred
                         };
-                        let cause = format!("{} {}", r.status, short_cause(&r.status, &f.reason));
+                        let cause = format!("{} {}", r.status, short_cause(f.cause, &f.reason));
                         events.push(event(
                             &msg,
                             i,
@@ -490,14 +426,12 @@ impl Queue {
                             reply: path.display().to_string(),
                         },
                         Ok(Err(e)) => RcptResult::NotDelivered(deliver::failure(
-                            "4.3.0",
-                            false,
+                            Cause::LocalDelivery,
                             None,
                             format!("local delivery failed: {e}"),
                         )),
                         Err(e) => RcptResult::NotDelivered(deliver::failure(
-                            "4.3.0",
-                            false,
+                            Cause::LocalDelivery,
                             None,
                             format!("local delivery task failed: {e}"),
                         )),
@@ -562,28 +496,12 @@ impl Queue {
             Err(_) => Arc::new(tokio::sync::Semaphore::new(self.config.max_per_destination)),
         };
         let _permit = slots.acquire_owned().await;
-        let mut req =
-            self.tls_policy()
-                .for_message(domain, &msg.envelope.sender, &msg.envelope.recipients);
-        let sts = match (&self.sts, &hop) {
-            (Some(sts), NextHop::Mx) => sts.policy_for(domain).await,
-            _ => None,
-        };
-        if let (Some(p), Some(s)) = (&sts, &self.sts) {
-            req = p.requirement(&req, s);
-        }
-        tracing::debug!(queue_id = %msg.id, domain, level = req.level.as_str(),
-            mta_sts = sts.as_ref().map(|p| p.describe()).unwrap_or_default(), "TLS requirement");
-        deliver::deliver(
-            &self.outbound,
-            &msg.id,
-            domain,
-            &hop,
-            &req,
-            sts.as_ref(),
-            out,
-        )
-        .await
+        let rules = self.tls_policy();
+        let decision =
+            deliver::decide(&rules, self.sts.as_deref(), domain, &hop, &msg.envelope).await;
+        tracing::debug!(queue_id = %msg.id, domain, level = decision.requirement.level.as_str(),
+            why = %decision.why, "TLS requirement");
+        deliver::deliver(&self.outbound, &msg.id, domain, &hop, &decision, out).await
     }
 }
 
@@ -623,25 +541,13 @@ fn event(
     }
 }
 
-/// A few words for a failure's status code (the report and metrics group by these).
-fn short_cause(status: &str, reason: &str) -> String {
-    let tail = status.get(1..).unwrap_or("");
-    let words = match tail {
-        ".4.316" => "connection refused",
-        ".4.315" => "connection timed out",
-        ".4.312" => "DNS failure",
-        ".4.317" => "STARTTLS not offered",
-        ".7.320" => "certificate validation failed",
-        ".4.8" => "MX not in MTA-STS policy",
-        ".7.5" => "certificate failed MTA-STS validation",
-        ".1.10" => "null MX",
-        ".4.6" => "mail loop",
-        _ => "",
-    };
+/// A few words for a failure (the report and metrics group by these): the cause's own, or
+/// for a remote refusal the start of its reply, without host-specific detail after a colon.
+fn short_cause(cause: Cause, reason: &str) -> String {
+    let words = cause.words();
     if !words.is_empty() {
         return words.to_string();
     }
-    // Otherwise the start of the reason, without host-specific detail after a colon.
     let first: String = reason
         .split([':', ';'])
         .next()
@@ -652,8 +558,12 @@ fn short_cause(status: &str, reason: &str) -> String {
     first.trim().to_string()
 }
 
-/// `4.x.y` becomes `5.x.y` once retrying has ended.
-fn permanent_form(status: &str) -> String {
+/// The code once retrying has ended: the cause's permanent form, or for a remote's code
+/// `4.x.y` becomes `5.x.y`.
+fn permanent_form(cause: Cause, status: &str) -> String {
+    if let Some(code) = cause.code(true) {
+        return code.to_string();
+    }
     match status.strip_prefix('4') {
         Some(rest) => format!("5{rest}"),
         None => status.to_string(),
@@ -664,49 +574,7 @@ fn permanent_form(status: &str) -> String {
 fn explain(rcpt: &str, r: &state::RcptStatus) -> String {
     let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d);
     let host = r.remote.as_deref().unwrap_or(domain);
-    let code = r.status.as_str();
-    if code.ends_with(".4.8") {
-        format!(
-            "None of the MX hosts of {domain} is named in its MTA-STS policy, so the policy forbids delivering to them. The administrator of {domain} must list its MX hosts in the policy (mx: lines) or correct the MX records."
-        )
-    } else if code.ends_with(".7.5") {
-        format!(
-            "{host} failed the TLS check that the MTA-STS policy of {domain} demands ({}). Its administrator must offer STARTTLS with a certificate for {host} from a trusted CA that has not expired.",
-            r.reason
-                .split("Reason: ")
-                .nth(1)
-                .and_then(|x| x.split(" (").next())
-                .unwrap_or("TLS failed")
-        )
-    } else if code.ends_with(".4.317") {
-        format!(
-            "{host} did not offer STARTTLS; the policy for {domain} requires TLS. Its administrator must enable STARTTLS on that mail server."
-        )
-    } else if code.ends_with(".7.320") {
-        format!(
-            "The certificate of {host} failed validation and the policy for {domain} requires a valid one. Its administrator must install a valid certificate for {host}."
-        )
-    } else if code.ends_with(".4.316") {
-        format!(
-            "{host} refused the connection. Its administrator must make sure the mail server runs and its SMTP port is open."
-        )
-    } else if code.ends_with(".4.315") {
-        format!(
-            "Connecting to {host} timed out. Its administrator must make sure its SMTP port is reachable."
-        )
-    } else if code.ends_with(".4.312") {
-        format!(
-            "The DNS records of {domain} could not be looked up. Its administrator must fix the domain's DNS."
-        )
-    } else if code == "5.1.10" {
-        format!("{domain} publishes a null MX: it accepts no mail.")
-    } else if code.starts_with("5.7") && r.security {
-        format!(
-            "TLS with {host} failed and the policy for {domain} requires it. Its administrator must fix TLS on {host}."
-        )
-    } else {
-        format!("{host} did not accept the message for {rcpt}.")
-    }
+    r.cause.unwrap_or(Cause::Remote).explain(rcpt, domain, host)
 }
 
 /// Dispatches due messages, at most `max_concurrent_deliveries` at a time.
@@ -783,93 +651,14 @@ async fn scheduler(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbound::tls::TlsLevel;
-
-    fn pat(s: &str) -> DomainPattern {
-        DomainPattern::parse(s).unwrap()
-    }
-
-    fn policy(split: bool) -> TlsPolicy {
-        TlsPolicy {
-            rules: vec![
-                (
-                    pat("strict.test"),
-                    TlsRequirement {
-                        level: TlsLevel::Verify,
-                        match_names: vec!["mx.strict.test".into()],
-                        ..Default::default()
-                    },
-                ),
-                (pat("*.enc.test"), TlsRequirement::level(TlsLevel::Encrypt)),
-            ],
-            sender_rules: vec![(pat("bank.test"), TlsRequirement::level(TlsLevel::Encrypt))],
-            default: TlsRequirement::level(TlsLevel::May),
-            opportunistic_for_unmatched: split,
-        }
-    }
-
-    #[test]
-    fn message_level_policy() {
-        let rcpts = vec!["a@strict.test".to_string(), "b@other.test".to_string()];
-        let p = policy(true);
-        assert_eq!(
-            p.for_message("other.test", "x@me.test", &rcpts).level,
-            TlsLevel::May
-        );
-        assert_eq!(
-            p.for_message("strict.test", "x@me.test", &rcpts)
-                .match_names,
-            vec!["mx.strict.test"]
-        );
-        let p = policy(false);
-        let lifted = p.for_message("other.test", "x@me.test", &rcpts);
-        assert_eq!(lifted.level, TlsLevel::Verify);
-        assert!(
-            lifted.match_names.is_empty(),
-            "names of another domain's rule are not lent"
-        );
-        // Sender rules lift every recipient, whatever the switch says; never lower.
-        let p = policy(true);
-        assert_eq!(
-            p.for_message("other.test", "x@bank.test", &rcpts).level,
-            TlsLevel::Encrypt
-        );
-        assert_eq!(
-            p.for_message("strict.test", "x@bank.test", &rcpts).level,
-            TlsLevel::Verify
-        );
-        // One form everywhere: a rule written with U-labels covers A-label recipients and
-        // the reverse, and the ideographic full stop separates labels.
-        let p = TlsPolicy {
-            rules: vec![
-                (pat("bücher.test"), TlsRequirement::level(TlsLevel::Verify)),
-                (
-                    pat("*.xn--caf-dma.test"),
-                    TlsRequirement::level(TlsLevel::Encrypt),
-                ),
-            ],
-            ..policy(true)
-        };
-        assert_eq!(p.for_domain("xn--bcher-kva.test").level, TlsLevel::Verify);
-        assert_eq!(p.for_domain("BÜCHER.test").level, TlsLevel::Verify);
-        assert_eq!(p.for_domain("bücher。test").level, TlsLevel::Verify);
-        assert_eq!(p.for_domain("mx.café.test").level, TlsLevel::Encrypt);
-        let idn = vec!["a@xn--bcher-kva.test".to_string()];
-        assert_eq!(
-            p.for_message(&domain_of(&idn[0]), "x@me.test", &idn).level,
-            TlsLevel::Verify
-        );
-        let p = policy(true);
-        let one = vec!["c@mx.enc.test".to_string()];
-        assert_eq!(
-            p.for_message("mx.enc.test", "x@me.test", &one).level,
-            TlsLevel::Encrypt
-        );
-    }
 
     #[test]
     fn permanent_forms() {
-        assert_eq!(permanent_form("4.4.317"), "5.4.317");
-        assert_eq!(permanent_form("5.1.1"), "5.1.1");
+        assert_eq!(
+            permanent_form(Cause::StartTlsNotOffered, "4.4.317"),
+            "5.4.317"
+        );
+        assert_eq!(permanent_form(Cause::Remote, "5.1.1"), "5.1.1");
+        assert_eq!(permanent_form(Cause::Remote, "4.2.2"), "5.2.2");
     }
 }

@@ -6,6 +6,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
 
+use crate::policy::cause::Cause;
+
 /// Where one recipient stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RcptState {
@@ -50,6 +52,8 @@ pub struct RcptStatus {
     pub security: bool,
     /// Enhanced status code of the last outcome, e.g. `4.4.317`.
     pub status: String,
+    /// Why the last attempt failed (`None` while pending and once delivered).
+    pub cause: Option<Cause>,
     /// Host that gave the last outcome, if any.
     pub remote: Option<String>,
     /// The cause in words (or the remote reply verbatim).
@@ -68,6 +72,7 @@ impl RcptStatus {
             next_attempt: 0,
             security: false,
             status: String::new(),
+            cause: None,
             remote: None,
             reason: String::new(),
             notified: false,
@@ -82,7 +87,10 @@ pub struct MessageState {
     pub rcpts: Vec<RcptStatus>,
 }
 
-const MAGIC: &str = "MOAT-STATE 1";
+/// Version 2 added the cause label after the flags; version 1 files are read too (their
+/// cause is recovered from the status code: [`Cause::from_legacy_status`]).
+const MAGIC: &str = "MOAT-STATE 2";
+const MAGIC_V1: &str = "MOAT-STATE 1";
 
 fn clean(s: &str) -> String {
     s.chars()
@@ -114,12 +122,13 @@ impl MessageState {
         let mut s = format!("{MAGIC}\n");
         for (i, r) in self.rcpts.iter().enumerate() {
             s.push_str(&format!(
-                "{i}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                "{i}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
                 r.state.as_str(),
                 r.attempts,
                 r.next_attempt,
                 u8::from(r.security),
                 u8::from(r.notified) | (u8::from(r.warned) << 1),
+                r.cause.map_or_else(|| "-".to_string(), |c| c.label()),
                 if r.status.is_empty() {
                     "-".to_string()
                 } else {
@@ -134,15 +143,19 @@ impl MessageState {
 
     fn decode(text: &str, recipients: usize) -> Option<MessageState> {
         let mut lines = text.lines();
-        if lines.next()? != MAGIC {
-            return None;
-        }
+        let v1 = match lines.next()? {
+            MAGIC => false,
+            MAGIC_V1 => true,
+            _ => return None,
+        };
         let mut st = MessageState::new(recipients);
         for line in lines {
-            let f: Vec<&str> = line.splitn(9, '\t').collect();
-            if f.len() != 9 {
+            let n = if v1 { 9 } else { 10 };
+            let mut f: Vec<&str> = line.splitn(n, '\t').collect();
+            if f.len() != n {
                 return None;
             }
+            let cause = if v1 { None } else { Some(f.remove(6)) };
             let i: usize = f[0].parse().ok()?;
             let r = st.rcpts.get_mut(i)?;
             r.state = RcptState::parse(f[1])?;
@@ -159,6 +172,16 @@ impl MessageState {
             };
             r.remote = (f[7] != "-").then(|| f[7].to_string());
             r.reason = f[8].to_string();
+            r.cause = match cause {
+                Some("-") => None,
+                // A label from a newer version: its code still says enough.
+                Some(l) => Some(
+                    Cause::from_label(l)
+                        .unwrap_or_else(|| Cause::from_legacy_status(&r.status, &r.reason)),
+                ),
+                None if r.status.is_empty() || r.state == RcptState::Delivered => None,
+                None => Some(Cause::from_legacy_status(&r.status, &r.reason)),
+            };
         }
         Some(st)
     }
@@ -207,6 +230,7 @@ mod tests {
             next_attempt: 500,
             security: true,
             status: "4.4.317".into(),
+            cause: Some(Cause::StartTlsNotOffered),
             remote: Some("mx.far.test".into()),
             reason: "STARTTLS\tnot\noffered".into(),
             notified: false,
@@ -225,5 +249,32 @@ mod tests {
         assert_eq!(missing, MessageState::new(2));
         std::fs::write(dir.path().join("0000000000000003"), "junk").unwrap();
         assert!(MessageState::load(dir.path(), "0000000000000003", 1).is_err());
+        assert_eq!(back.rcpts[1].cause, Some(Cause::StartTlsNotOffered));
+        assert_eq!(back.rcpts[0].cause, None);
+    }
+
+    #[test]
+    fn version_1_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let v1 = "MOAT-STATE 1\n0\tdeferred\t3\t900\t1\t0\t5.7.5\tmx.far.test\tRemote certificate failed MTA-STS validation. Reason: expired (x)\n1\tdelivered\t1\t0\t0\t0\t2.0.0\tmx.far.test\t250 ok\n";
+        std::fs::write(dir.path().join("0000000000000004"), v1).unwrap();
+        let st = MessageState::load(dir.path(), "0000000000000004", 2).unwrap();
+        use crate::policy::cause::{CertProblem, StsProblem};
+        assert_eq!(
+            st.rcpts[0].cause,
+            Some(Cause::StsValidation(StsProblem::Certificate(
+                CertProblem::Expired
+            )))
+        );
+        assert_eq!(st.rcpts[0].attempts, 3);
+        assert_eq!(st.rcpts[1].cause, None);
+        // Saved again, it is a version 2 file that reads back the same.
+        st.save(dir.path(), "0000000000000004").unwrap();
+        let text = std::fs::read_to_string(dir.path().join("0000000000000004")).unwrap();
+        assert!(text.starts_with("MOAT-STATE 2\n"), "{text}");
+        assert_eq!(
+            MessageState::load(dir.path(), "0000000000000004", 2).unwrap(),
+            st
+        );
     }
 }

@@ -15,7 +15,7 @@
 //! The cache is kept in memory and in `<data>/sts/<domain>.json` (written through a temporary
 //! file and a rename), so it survives restarts. Concurrent deliveries to one domain fetch once.
 //!
-//! Enforcement ([`Applied::requirement`]): `enforce` acts as `verify` restricted to the policy's
+//! Enforcement ([`crate::policy::decide`]): `enforce` acts as `verify` restricted to the policy's
 //! MX patterns (RFC 8461 §4.1); failures carry 4.4.8/5.4.8 and 4.7.5/5.7.5 (docs/ARCHITECTURE.md).
 //! `testing` delivers as usual and reports what would have failed. `none` is no policy.
 
@@ -37,7 +37,7 @@ use self::fetch::{FetchError, Fetcher};
 use self::policy::{
     Mode, Policy, PolicyError, parse_policy, parse_policy_lenient, parse_txt_records,
 };
-use crate::outbound::tls::{CertFailure, TlsFailure, TlsLevel, TlsRequirement};
+use crate::outbound::tls::{CertFailure, TlsFailure};
 use crate::util::unix_now;
 
 /// A cached policy.
@@ -89,29 +89,6 @@ impl Applied {
             self.source
         )
     }
-
-    /// The requirement for a delivery under this policy, from the one explicit rules gave.
-    /// Under `enforce` the stricter wins: at least `verify` against the MX host name with the
-    /// rule's and the policy's trust anchors; a rule's pins still apply, but names a rule
-    /// configured instead of the MX host give way to the MX host (RFC 8461 §4.2 requires it).
-    /// Under `testing` delivery follows the rules; when they demand no authentication, the
-    /// policy's trust anchors are added so the report says what enforce would have done.
-    pub fn requirement(&self, base: &TlsRequirement, sts: &Sts) -> TlsRequirement {
-        match self.entry.policy.mode {
-            Mode::Enforce => TlsRequirement {
-                level: base.level.max(TlsLevel::Verify),
-                match_names: Vec::new(),
-                pins: base.pins.clone(),
-                extra_roots: sts.roots_for(base.extra_roots.as_ref()),
-                mta_sts: true,
-            },
-            Mode::Testing if base.level < TlsLevel::Encrypt => TlsRequirement {
-                extra_roots: sts.roots_for(base.extra_roots.as_ref()),
-                ..base.clone()
-            },
-            Mode::Testing | Mode::None => base.clone(),
-        }
-    }
 }
 
 fn merge_roots(
@@ -141,15 +118,7 @@ pub fn tls_reason(f: &TlsFailure) -> String {
 
 /// `expired`, `untrusted`, `name mismatch`, …
 pub fn cert_reason(c: &CertFailure) -> &'static str {
-    match c {
-        CertFailure::Expired { .. } => "expired",
-        CertFailure::NotYetValid { .. } => "not yet valid",
-        CertFailure::UntrustedIssuer(_) => "untrusted",
-        CertFailure::NameMismatch { .. } => "name mismatch",
-        CertFailure::PinMismatch => "pin mismatch",
-        CertFailure::Revoked => "revoked",
-        CertFailure::Other(_) => "invalid certificate",
-    }
+    c.problem().words()
 }
 
 /// Counters for the metrics endpoint.
@@ -593,7 +562,7 @@ fn load_cache(dir: &Path, cache: &mut HashMap<String, Arc<Entry>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbound::tls::{Connector, Pin};
+    use crate::outbound::tls::{Connector, Pin, TlsLevel, TlsRequirement};
     use crate::sts::policy::MxPattern;
 
     fn roots() -> Arc<RootCertStore> {
@@ -635,6 +604,25 @@ mod tests {
         }
     }
 
+    /// The policy room's requirement under `a`, with `base` as what the rules give.
+    fn requirement(a: &Applied, base: &TlsRequirement, s: &Sts) -> TlsRequirement {
+        let rules = crate::policy::TlsPolicy {
+            default: base.clone(),
+            ..Default::default()
+        };
+        let roots = |r: Option<&Arc<RootCertStore>>| s.roots_for(r);
+        crate::policy::decide(&crate::policy::Facts {
+            rules: &rules,
+            sender: "",
+            domain: &a.domain,
+            recipients: &[],
+            mta_sts: Some(a),
+            sts_roots: &roots,
+            requiretls: false,
+        })
+        .requirement
+    }
+
     #[test]
     fn enforce_is_at_least_verify_and_keeps_pins_and_anchors() {
         let (rule_ca, sts_ca) = (roots(), roots());
@@ -647,7 +635,7 @@ mod tests {
             extra_roots: Some(rule_ca.clone()),
             mta_sts: false,
         };
-        let r = applied(Mode::Enforce).requirement(&rule, &s);
+        let r = requirement(&applied(Mode::Enforce), &rule, &s);
         assert_eq!(r.level, TlsLevel::Verify);
         assert!(r.mta_sts);
         assert!(r.match_names.is_empty(), "the MX host name must be checked");
@@ -655,10 +643,14 @@ mod tests {
         let merged = r.extra_roots.clone().unwrap();
         assert_eq!(merged.len(), 2);
         // The merged store keeps one identity, so sessions can be reused.
-        let again = applied(Mode::Enforce).requirement(&rule, &s);
+        let again = requirement(&applied(Mode::Enforce), &rule, &s);
         assert!(Arc::ptr_eq(&merged, &again.extra_roots.unwrap()));
         // A rule without a CA gets the policy's anchors as they are.
-        let plain = applied(Mode::Enforce).requirement(&TlsRequirement::level(TlsLevel::May), &s);
+        let plain = requirement(
+            &applied(Mode::Enforce),
+            &TlsRequirement::level(TlsLevel::May),
+            &s,
+        );
         assert!(Arc::ptr_eq(&plain.extra_roots.unwrap(), &sts_ca));
     }
 
@@ -666,20 +658,24 @@ mod tests {
     fn testing_and_none_do_not_change_delivery() {
         let s = sts(Some(roots()), None);
         let verify = TlsRequirement::level(TlsLevel::Verify);
-        let t = applied(Mode::Testing).requirement(&verify, &s);
+        let t = requirement(&applied(Mode::Testing), &verify, &s);
         assert_eq!(t.level, TlsLevel::Verify);
         assert!(!t.mta_sts);
         assert!(
             t.extra_roots.is_none(),
             "an enforced rule keeps its own anchors"
         );
-        let may = applied(Mode::Testing).requirement(&TlsRequirement::level(TlsLevel::May), &s);
+        let may = requirement(
+            &applied(Mode::Testing),
+            &TlsRequirement::level(TlsLevel::May),
+            &s,
+        );
         assert_eq!(may.level, TlsLevel::May);
         assert!(
             may.extra_roots.is_some(),
             "testing reports against the policy's anchors"
         );
-        let none = applied(Mode::None).requirement(&verify, &s);
+        let none = requirement(&applied(Mode::None), &verify, &s);
         assert_eq!(none.level, TlsLevel::Verify);
         assert!(!none.mta_sts);
     }

@@ -1,0 +1,765 @@
+//! The outbound TLS decision, in one room: what each MX host of a delivery must prove, and why.
+//!
+//! [`decide`] is a pure function. Its input, [`Facts`], is what is known about one delivery
+//! before routing: the sender and recipients, the `[[tls_policy]]` rules ([`TlsPolicy`]), the
+//! recipient domain's MTA-STS policy as the cache holds it, and the message's REQUIRETLS flag
+//! (recorded only, for now). Its output, a [`DomainDecision`], gives per MX host
+//! ([`DomainDecision::for_host`]) either the [`TlsRequirement`] to meet and the [`Why`] behind
+//! it, or a reason not to use that host at all. `outbound` gathers the facts (DNS, the MTA-STS
+//! cache) before, and executes the decision after; `queue` only schedules. Logs, `queue show`,
+//! DSNs, metrics and the report page all print the same [`Why`].
+//!
+//! Precedence, strongest first (docs/ARCHITECTURE.md, "Outbound TLS requirement"):
+//!
+//! 1. MTA-STS `enforce` (RFC 8461 §4): at least `verify` against the MX host name, only to MX
+//!    hosts its patterns name. A rule's pins still apply and its private CA is trusted too;
+//!    names a rule gave instead of the MX host give way to it (RFC 8461 §4.2).
+//! 2. `[[tls_policy]]` rules: the recipient domain's own rule, raised (never lowered) by a
+//!    sender-domain rule and, unless `opportunistic_for_unmatched`, by the strictest rule another
+//!    recipient of the same message matched. A rule written for another domain lends its level
+//!    and private CA, not its names or pins.
+//! 3. Opportunistic (`may`): TLS when offered, any certificate.
+//!
+//! MTA-STS `testing` changes nothing about delivery: under a rule that asks for no
+//! authentication, its trust anchors are added so the log can say what `enforce` would have
+//! done.
+//!
+//! Why a delivery failed is a [`cause::Cause`].
+
+pub mod cause;
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+
+use crate::domain::{Domain, DomainPattern};
+use crate::outbound::tls::Pin;
+use crate::sts::Applied;
+use crate::sts::policy::Mode;
+
+/// How much transport security a destination gets; ordered, so "at least" is `>=`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Deserialize,
+    serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsLevel {
+    /// Never STARTTLS.
+    None,
+    /// Opportunistic: TLS when offered, any certificate, plaintext otherwise.
+    #[default]
+    May,
+    /// TLS required, certificate not checked (but pins, when given, must match).
+    Encrypt,
+    /// TLS required, chain to a trusted root and the name must match.
+    Verify,
+}
+
+impl TlsLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsLevel::None => "none",
+            TlsLevel::May => "may",
+            TlsLevel::Encrypt => "encrypt",
+            TlsLevel::Verify => "verify",
+        }
+    }
+}
+
+impl fmt::Display for TlsLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What one destination requires of the TLS session.
+#[derive(Debug, Clone, Default)]
+pub struct TlsRequirement {
+    pub level: TlsLevel,
+    /// Names the certificate must carry instead of the MX host name (exact host names; the
+    /// certificate may use a `*.` wildcard for them). Empty: the MX host name.
+    pub match_names: Vec<String>,
+    /// Any match accepts; see the module documentation for how pins combine with the level.
+    pub pins: Vec<Pin>,
+    /// A private CA for this destination, trusted in addition to the system roots.
+    pub extra_roots: Option<Arc<RootCertStore>>,
+    /// Set by an MTA-STS `enforce` policy: failures carry 4.7.5/5.7.5 (RFC 8461 §4.2; docs/ARCHITECTURE.md).
+    pub mta_sts: bool,
+}
+
+impl TlsRequirement {
+    /// A requirement with only a level.
+    pub fn level(level: TlsLevel) -> TlsRequirement {
+        TlsRequirement {
+            level,
+            ..TlsRequirement::default()
+        }
+    }
+}
+
+/// TLS requirements per recipient domain pattern (exact or `*.suffix`; first match wins) and
+/// per sender domain pattern: the `[[tls_policy]]` rules.
+#[derive(Debug, Default)]
+pub struct TlsPolicy {
+    pub rules: Vec<(DomainPattern, TlsRequirement)>,
+    pub sender_rules: Vec<(DomainPattern, TlsRequirement)>,
+    pub default: TlsRequirement,
+    /// See `OutboundConfig::opportunistic_for_unmatched`.
+    pub opportunistic_for_unmatched: bool,
+}
+
+/// The first rule whose pattern matches `domain` (canonicalised first, so a rule written with
+/// U-labels covers mail addressed with A-labels and the reverse).
+fn find<'a>(
+    rules: &'a [(DomainPattern, TlsRequirement)],
+    domain: &str,
+) -> Option<(&'a DomainPattern, &'a TlsRequirement)> {
+    let domain = Domain::parse(domain).ok()?;
+    rules
+        .iter()
+        .find(|(p, _)| p.matches(&domain))
+        .map(|(p, r)| (p, r))
+}
+
+/// The canonical domain of an address ([`crate::domain`]; empty when it has none).
+pub fn domain_of(addr: &str) -> String {
+    addr.rsplit_once('@')
+        .map(|(_, d)| crate::domain::canonical_or_lower(d))
+        .unwrap_or_default()
+}
+
+impl TlsPolicy {
+    /// The rule for a recipient domain alone.
+    pub fn for_domain(&self, domain: &str) -> &TlsRequirement {
+        find(&self.rules, domain).map_or(&self.default, |(_, r)| r)
+    }
+
+    /// The requirement for `domain` within a message from `sender` to `recipients` under the
+    /// rules alone (no MTA-STS); see [`decide`] for the whole decision.
+    pub fn for_message(&self, domain: &str, sender: &str, recipients: &[String]) -> TlsRequirement {
+        self.by_rules(domain, sender, recipients).0
+    }
+
+    /// The rules' requirement and which rule set it.
+    fn by_rules(&self, domain: &str, sender: &str, recipients: &[String]) -> (TlsRequirement, Why) {
+        let own = find(&self.rules, domain);
+        let sender_domain = domain_of(sender);
+        let mut floor = find(&self.sender_rules, &sender_domain).map(|(p, r)| {
+            (
+                RuleMatch {
+                    pattern: p.to_string(),
+                    by: MatchedBy::Sender(sender_domain.clone()),
+                },
+                r,
+            )
+        });
+        if !self.opportunistic_for_unmatched {
+            for rcpt in recipients {
+                let d = domain_of(rcpt);
+                if let Some((p, req)) = find(&self.rules, &d)
+                    && floor.as_ref().is_none_or(|(_, f)| req.level > f.level)
+                {
+                    floor = Some((
+                        RuleMatch {
+                            pattern: p.to_string(),
+                            by: MatchedBy::OtherRecipient(d),
+                        },
+                        req,
+                    ));
+                }
+            }
+        }
+        let own_level = own.map_or(self.default.level, |(_, r)| r.level);
+        match floor {
+            // A rule written for another domain lends its level (and private CA), not its
+            // names or pins, which describe that domain's servers.
+            Some((m, f)) if f.level > own_level => {
+                let mut why = Why::new(Source::Rule(m));
+                if let Some((p, r)) = own {
+                    why.notes.push(format!(
+                        "raises the recipient domain's rule \"{p}\" ({})",
+                        r.level
+                    ));
+                }
+                (
+                    TlsRequirement {
+                        level: f.level,
+                        match_names: Vec::new(),
+                        pins: Vec::new(),
+                        extra_roots: f.extra_roots.clone(),
+                        mta_sts: false,
+                    },
+                    why,
+                )
+            }
+            _ => match own {
+                Some((p, r)) => (
+                    r.clone(),
+                    Why::new(Source::Rule(RuleMatch {
+                        pattern: p.to_string(),
+                        by: MatchedBy::Recipient,
+                    })),
+                ),
+                None => (self.default.clone(), Why::new(Source::Default)),
+            },
+        }
+    }
+}
+
+/// How a rule came to apply to a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MatchedBy {
+    /// Its pattern matches the recipient domain.
+    Recipient,
+    /// Its sender pattern matches the sender's domain (given).
+    Sender(String),
+    /// It matches another recipient domain (given) of the same message, and
+    /// `opportunistic_for_unmatched` is off.
+    OtherRecipient(String),
+}
+
+/// A `[[tls_policy]]` rule that applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleMatch {
+    /// The pattern as the rule's list gives it, canonical (`*.bank.test`).
+    pub pattern: String,
+    pub by: MatchedBy,
+}
+
+/// Which source set a requirement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A `[[tls_policy]]` rule.
+    Rule(RuleMatch),
+    /// The recipient domain's MTA-STS `enforce` policy (described as `MTA-STS enforce (id …,
+    /// cached)`).
+    MtaSts(String),
+    /// No rule and no policy: opportunistic TLS.
+    Default,
+}
+
+impl Source {
+    /// `rule`, `mta-sts` or `opportunistic`: a metric label and a log field.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Source::Rule(_) => "rule",
+            Source::MtaSts(_) => "mta-sts",
+            Source::Default => "opportunistic",
+        }
+    }
+}
+
+/// Why a host gets its requirement: the source that set it, and what else shaped it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Why {
+    pub source: Source,
+    /// Other facts that shaped the requirement, in words (a rule that raised it, pins kept, a
+    /// testing policy that only reports).
+    pub notes: Vec<String>,
+}
+
+impl Why {
+    fn new(source: Source) -> Why {
+        Why {
+            source,
+            notes: Vec::new(),
+        }
+    }
+}
+
+impl fmt::Display for Why {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Source::Rule(m) => {
+                write!(f, "rule \"{}\"", m.pattern)?;
+                match &m.by {
+                    MatchedBy::Recipient => f.write_str(" (recipient domain)")?,
+                    MatchedBy::Sender(d) => write!(f, " (sender domain {d})")?,
+                    MatchedBy::OtherRecipient(d) => write!(
+                        f,
+                        " (another recipient's domain, {d}; opportunistic_for_unmatched is off)"
+                    )?,
+                }
+            }
+            Source::MtaSts(d) => f.write_str(d)?,
+            Source::Default => f.write_str("opportunistic (no rule or policy)")?,
+        }
+        for n in &self.notes {
+            write!(f, "; {n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Merges a rule's private CA (if any) with the MTA-STS trust anchors into one store.
+pub type RootsMerge<'a> = dyn Fn(Option<&Arc<RootCertStore>>) -> Option<Arc<RootCertStore>> + 'a;
+
+/// What is known about one delivery to one recipient domain, before routing.
+pub struct Facts<'a> {
+    pub rules: &'a TlsPolicy,
+    pub sender: &'a str,
+    /// The recipient domain (canonical).
+    pub domain: &'a str,
+    /// Every recipient of the message (other domains' rules may raise the level).
+    pub recipients: &'a [String],
+    /// The domain's MTA-STS policy, if the cache or a fetch gave one (MX delivery only).
+    pub mta_sts: Option<&'a Applied>,
+    /// The trust anchors for a host under an MTA-STS policy, given a rule's private CA: the
+    /// rule's and the policy's as one store (memoised by the caller, so a merged store keeps
+    /// one identity for session reuse).
+    pub sts_roots: &'a RootsMerge<'a>,
+    /// The message asked for REQUIRETLS (RFC 8689); recorded, not yet acted on.
+    pub requiretls: bool,
+}
+
+/// The decision for one recipient domain; [`DomainDecision::for_host`] judges each MX host.
+#[derive(Debug, Clone)]
+pub struct DomainDecision {
+    /// What every usable host must meet.
+    pub requirement: TlsRequirement,
+    pub why: Why,
+    /// The policy whose MX patterns restrict (enforce) or are reported on (testing).
+    pub mta_sts: Option<Applied>,
+    pub requiretls: bool,
+}
+
+/// The judgement for one MX host.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostVerdict {
+    /// Deliver to it under this requirement. `note` says what a testing policy would have
+    /// done differently.
+    Use { note: Option<String> },
+    /// Do not try it.
+    Skip(cause::Cause),
+}
+
+/// The decision (pure; see the module documentation for the precedence).
+pub fn decide(facts: &Facts<'_>) -> DomainDecision {
+    let (base, mut why) = facts
+        .rules
+        .by_rules(facts.domain, facts.sender, facts.recipients);
+    let requirement = match facts.mta_sts {
+        Some(p) if p.mode() == Mode::Enforce => {
+            let mut sts_why = Why::new(Source::MtaSts(p.describe()));
+            if !matches!(why.source, Source::Default) {
+                let kept = if base.pins.is_empty() {
+                    ""
+                } else {
+                    ", its pins kept"
+                };
+                let names = if base.match_names.is_empty() {
+                    ""
+                } else {
+                    ", its names giving way to the MX host name (RFC 8461 §4.2)"
+                };
+                sts_why
+                    .notes
+                    .push(format!("also {} at {}{kept}{names}", why, base.level));
+            }
+            why = sts_why;
+            TlsRequirement {
+                level: base.level.max(TlsLevel::Verify),
+                match_names: Vec::new(),
+                pins: base.pins.clone(),
+                extra_roots: (facts.sts_roots)(base.extra_roots.as_ref()),
+                mta_sts: true,
+            }
+        }
+        Some(p) if p.mode() == Mode::Testing => {
+            why.notes.push(format!("{} reports only", p.describe()));
+            if base.level < TlsLevel::Encrypt {
+                TlsRequirement {
+                    extra_roots: (facts.sts_roots)(base.extra_roots.as_ref()),
+                    ..base
+                }
+            } else {
+                base
+            }
+        }
+        _ => base,
+    };
+    DomainDecision {
+        requirement,
+        why,
+        mta_sts: facts.mta_sts.cloned(),
+        requiretls: facts.requiretls,
+    }
+}
+
+impl DomainDecision {
+    /// The judgement for MX host `host` (RFC 8461 §4.1: under `enforce` only hosts the policy
+    /// names are used; under `testing` the others are used and the mismatch reported).
+    pub fn for_host(&self, host: &str) -> HostVerdict {
+        match &self.mta_sts {
+            Some(p) if !p.entry.policy.matches_mx(host) => match p.mode() {
+                Mode::Enforce => HostVerdict::Skip(cause::Cause::StsMxMismatch),
+                Mode::Testing => HostVerdict::Use {
+                    note: Some(format!("would skip {host}")),
+                },
+                Mode::None => HostVerdict::Use { note: None },
+            },
+            _ => HostVerdict::Use { note: None },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sts::Entry;
+    use crate::sts::policy::parse_policy;
+
+    fn pat(s: &str) -> DomainPattern {
+        DomainPattern::parse(s).unwrap()
+    }
+
+    fn level(s: &str) -> TlsLevel {
+        match s {
+            "none" => TlsLevel::None,
+            "may" => TlsLevel::May,
+            "encrypt" => TlsLevel::Encrypt,
+            "verify" => TlsLevel::Verify,
+            _ => panic!("{s}"),
+        }
+    }
+
+    fn applied(mode: &str) -> Applied {
+        let text = if mode == "none" {
+            "version: STSv1\nmode: none\nmax_age: 86400\n".to_string()
+        } else {
+            format!("version: STSv1\nmode: {mode}\nmx: mx.dest.test\nmax_age: 86400\n")
+        };
+        Applied {
+            domain: "dest.test".into(),
+            entry: Arc::new(Entry {
+                id: "20261203000000Z".into(),
+                policy: parse_policy(text.as_bytes()).unwrap(),
+                fetched: 0,
+                text,
+            }),
+            source: "cached".into(),
+        }
+    }
+
+    /// The decision for mail to `rcpt@dest.test` in a message that also goes to
+    /// `x@other.test` (whose rule is `verify`), under a rule for dest.test at `rule`
+    /// ("-": none) and an MTA-STS policy in `sts` mode ("-": none published).
+    fn run(rule: &str, sts: &str, opp: bool, roots: &Arc<RootCertStore>) -> DomainDecision {
+        let mut rules = vec![(pat("other.test"), TlsRequirement::level(TlsLevel::Verify))];
+        if rule != "-" {
+            rules.insert(0, (pat("dest.test"), TlsRequirement::level(level(rule))));
+        }
+        let rules = TlsPolicy {
+            rules,
+            sender_rules: Vec::new(),
+            default: TlsRequirement::level(TlsLevel::May),
+            opportunistic_for_unmatched: opp,
+        };
+        let policy = (sts != "-").then(|| applied(sts));
+        let merge = |_: Option<&Arc<RootCertStore>>| Some(roots.clone());
+        let recipients = ["rcpt@dest.test".to_string(), "x@other.test".to_string()];
+        decide(&Facts {
+            rules: &rules,
+            sender: "s@sender.test",
+            domain: "dest.test",
+            recipients: &recipients,
+            mta_sts: policy.as_ref(),
+            sts_roots: &merge,
+            requiretls: false,
+        })
+    }
+
+    /// Every combination of the sources there are today: the recipient domain's rule level
+    /// (or no rule) x the MTA-STS mode (or no policy) x `opportunistic_for_unmatched`, with
+    /// another recipient under a `verify` rule. Columns: rule, MTA-STS, opportunistic for
+    /// unmatched -> level, source (`rule:own` / `rule:other` / `mta-sts` / `opportunistic`),
+    /// MTA-STS codes on failure, trust anchors from the policy added (`sts`) or not (`-`).
+    /// DANE adds its column with DANE.
+    #[test]
+    fn decision_table() {
+        #[rustfmt::skip]
+        let table: &[(&str, &str, bool, &str, &str, bool, &str)] = &[
+        ("-", "-", true, "may", "opportunistic", false, "-"),
+        ("-", "-", false, "verify", "rule:other", false, "-"),
+        ("-", "none", true, "may", "opportunistic", false, "-"),
+        ("-", "none", false, "verify", "rule:other", false, "-"),
+        ("-", "testing", true, "may", "opportunistic", false, "sts"),
+        ("-", "testing", false, "verify", "rule:other", false, "-"),
+        ("-", "enforce", true, "verify", "mta-sts", true, "sts"),
+        ("-", "enforce", false, "verify", "mta-sts", true, "sts"),
+        ("none", "-", true, "none", "rule:own", false, "-"),
+        ("none", "-", false, "verify", "rule:other", false, "-"),
+        ("none", "none", true, "none", "rule:own", false, "-"),
+        ("none", "none", false, "verify", "rule:other", false, "-"),
+        ("none", "testing", true, "none", "rule:own", false, "sts"),
+        ("none", "testing", false, "verify", "rule:other", false, "-"),
+        ("none", "enforce", true, "verify", "mta-sts", true, "sts"),
+        ("none", "enforce", false, "verify", "mta-sts", true, "sts"),
+        ("may", "-", true, "may", "rule:own", false, "-"),
+        ("may", "-", false, "verify", "rule:other", false, "-"),
+        ("may", "none", true, "may", "rule:own", false, "-"),
+        ("may", "none", false, "verify", "rule:other", false, "-"),
+        ("may", "testing", true, "may", "rule:own", false, "sts"),
+        ("may", "testing", false, "verify", "rule:other", false, "-"),
+        ("may", "enforce", true, "verify", "mta-sts", true, "sts"),
+        ("may", "enforce", false, "verify", "mta-sts", true, "sts"),
+        ("encrypt", "-", true, "encrypt", "rule:own", false, "-"),
+        ("encrypt", "-", false, "verify", "rule:other", false, "-"),
+        ("encrypt", "none", true, "encrypt", "rule:own", false, "-"),
+        ("encrypt", "none", false, "verify", "rule:other", false, "-"),
+        ("encrypt", "testing", true, "encrypt", "rule:own", false, "-"),
+        ("encrypt", "testing", false, "verify", "rule:other", false, "-"),
+        ("encrypt", "enforce", true, "verify", "mta-sts", true, "sts"),
+        ("encrypt", "enforce", false, "verify", "mta-sts", true, "sts"),
+        ("verify", "-", true, "verify", "rule:own", false, "-"),
+        ("verify", "-", false, "verify", "rule:own", false, "-"),
+        ("verify", "none", true, "verify", "rule:own", false, "-"),
+        ("verify", "none", false, "verify", "rule:own", false, "-"),
+        ("verify", "testing", true, "verify", "rule:own", false, "-"),
+        ("verify", "testing", false, "verify", "rule:own", false, "-"),
+        ("verify", "enforce", true, "verify", "mta-sts", true, "sts"),
+        ("verify", "enforce", false, "verify", "mta-sts", true, "sts"),
+        ];
+        assert_eq!(table.len(), 5 * 4 * 2);
+        let roots = Arc::new(RootCertStore::empty());
+        for &(rule, sts, opp, want_level, want_source, want_sts, want_roots) in table {
+            let row = format!("rule {rule}, MTA-STS {sts}, opportunistic_for_unmatched {opp}");
+            let d = run(rule, sts, opp, &roots);
+            assert_eq!(d.requirement.level, level(want_level), "{row}: {}", d.why);
+            let source = match &d.why.source {
+                Source::Rule(RuleMatch {
+                    by: MatchedBy::Recipient,
+                    ..
+                }) => "rule:own",
+                Source::Rule(RuleMatch {
+                    by: MatchedBy::OtherRecipient(d),
+                    ..
+                }) if d == "other.test" => "rule:other",
+                Source::Rule(_) => "rule:?",
+                Source::MtaSts(_) => "mta-sts",
+                Source::Default => "opportunistic",
+            };
+            assert_eq!(source, want_source, "{row}: {}", d.why);
+            assert_eq!(d.requirement.mta_sts, want_sts, "{row}");
+            let got_roots = match &d.requirement.extra_roots {
+                Some(r) if Arc::ptr_eq(r, &roots) => "sts",
+                Some(_) => "other",
+                None => "-",
+            };
+            assert_eq!(got_roots, want_roots, "{row}");
+            // The why names its source in words every output can print.
+            let text = d.why.to_string();
+            match source {
+                "mta-sts" => assert!(
+                    text.starts_with("MTA-STS enforce (id 20261203000000Z"),
+                    "{text}"
+                ),
+                "rule:own" => assert!(
+                    text.starts_with("rule \"dest.test\" (recipient domain)"),
+                    "{text}"
+                ),
+                "rule:other" => assert!(
+                    text.contains("rule \"other.test\" (another recipient's domain"),
+                    "{text}"
+                ),
+                _ => assert!(text.starts_with("opportunistic"), "{text}"),
+            }
+            if sts == "testing" {
+                assert!(
+                    text.contains("MTA-STS testing (id 20261203000000Z, cached) reports only"),
+                    "{row}: {text}"
+                );
+            }
+            // Hosts: enforce skips an MX host its patterns do not name, testing reports it.
+            let verdict = d.for_host("mx.elsewhere.test");
+            let want = match sts {
+                "enforce" => HostVerdict::Skip(cause::Cause::StsMxMismatch),
+                "testing" => HostVerdict::Use {
+                    note: Some("would skip mx.elsewhere.test".into()),
+                },
+                _ => HostVerdict::Use { note: None },
+            };
+            assert_eq!(verdict, want, "{row}");
+            assert_eq!(
+                d.for_host("mx.dest.test"),
+                HostVerdict::Use { note: None },
+                "{row}"
+            );
+        }
+    }
+
+    #[test]
+    fn enforce_keeps_a_rules_pins_and_drops_its_names() {
+        let pin = Pin::Cert([7; 32]);
+        let rules = TlsPolicy {
+            rules: vec![(
+                pat("dest.test"),
+                TlsRequirement {
+                    level: TlsLevel::Encrypt,
+                    match_names: vec!["relay.dest.test".into()],
+                    pins: vec![pin],
+                    ..TlsRequirement::default()
+                },
+            )],
+            ..TlsPolicy::default()
+        };
+        let policy = applied("enforce");
+        let none = |r: Option<&Arc<RootCertStore>>| r.cloned();
+        let d = decide(&Facts {
+            rules: &rules,
+            sender: "",
+            domain: "dest.test",
+            recipients: &["a@dest.test".to_string()],
+            mta_sts: Some(&policy),
+            sts_roots: &none,
+            requiretls: false,
+        });
+        assert_eq!(d.requirement.level, TlsLevel::Verify);
+        assert_eq!(d.requirement.pins, vec![pin]);
+        assert!(d.requirement.match_names.is_empty());
+        let why = d.why.to_string();
+        assert!(
+            why.contains("also rule \"dest.test\" (recipient domain) at encrypt, its pins kept, its names giving way to the MX host name"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_rule_for_another_domain_lends_only_its_level_and_ca() {
+        let ca = Arc::new(RootCertStore::empty());
+        let rules = TlsPolicy {
+            rules: vec![(pat("dest.test"), TlsRequirement::level(TlsLevel::Encrypt))],
+            sender_rules: vec![(
+                pat("bank.test"),
+                TlsRequirement {
+                    level: TlsLevel::Verify,
+                    match_names: vec!["mx.bank.test".into()],
+                    pins: vec![Pin::Spki([1; 32])],
+                    extra_roots: Some(ca.clone()),
+                    mta_sts: false,
+                },
+            )],
+            ..TlsPolicy::default()
+        };
+        let none = |r: Option<&Arc<RootCertStore>>| r.cloned();
+        let d = decide(&Facts {
+            rules: &rules,
+            sender: "pay@BANK.test",
+            domain: "dest.test",
+            recipients: &["a@dest.test".to_string()],
+            mta_sts: None,
+            sts_roots: &none,
+            requiretls: false,
+        });
+        assert_eq!(d.requirement.level, TlsLevel::Verify);
+        assert!(d.requirement.pins.is_empty() && d.requirement.match_names.is_empty());
+        assert!(
+            d.requirement
+                .extra_roots
+                .as_ref()
+                .is_some_and(|r| Arc::ptr_eq(r, &ca))
+        );
+        assert_eq!(
+            d.why.to_string(),
+            "rule \"bank.test\" (sender domain bank.test); raises the recipient domain's rule \"dest.test\" (encrypt)"
+        );
+        assert_eq!(d.why.source.label(), "rule");
+    }
+}
+
+#[cfg(test)]
+mod rules_tests {
+    use super::*;
+
+    fn pat(s: &str) -> DomainPattern {
+        DomainPattern::parse(s).unwrap()
+    }
+
+    fn policy(split: bool) -> TlsPolicy {
+        TlsPolicy {
+            rules: vec![
+                (
+                    pat("strict.test"),
+                    TlsRequirement {
+                        level: TlsLevel::Verify,
+                        match_names: vec!["mx.strict.test".into()],
+                        ..Default::default()
+                    },
+                ),
+                (pat("*.enc.test"), TlsRequirement::level(TlsLevel::Encrypt)),
+            ],
+            sender_rules: vec![(pat("bank.test"), TlsRequirement::level(TlsLevel::Encrypt))],
+            default: TlsRequirement::level(TlsLevel::May),
+            opportunistic_for_unmatched: split,
+        }
+    }
+
+    #[test]
+    fn message_level_policy() {
+        let rcpts = vec!["a@strict.test".to_string(), "b@other.test".to_string()];
+        let p = policy(true);
+        assert_eq!(
+            p.for_message("other.test", "x@me.test", &rcpts).level,
+            TlsLevel::May
+        );
+        assert_eq!(
+            p.for_message("strict.test", "x@me.test", &rcpts)
+                .match_names,
+            vec!["mx.strict.test"]
+        );
+        let p = policy(false);
+        let lifted = p.for_message("other.test", "x@me.test", &rcpts);
+        assert_eq!(lifted.level, TlsLevel::Verify);
+        assert!(
+            lifted.match_names.is_empty(),
+            "names of another domain's rule are not lent"
+        );
+        // Sender rules lift every recipient, whatever the switch says; never lower.
+        let p = policy(true);
+        assert_eq!(
+            p.for_message("other.test", "x@bank.test", &rcpts).level,
+            TlsLevel::Encrypt
+        );
+        assert_eq!(
+            p.for_message("strict.test", "x@bank.test", &rcpts).level,
+            TlsLevel::Verify
+        );
+        // One form everywhere: a rule written with U-labels covers A-label recipients and
+        // the reverse, and the ideographic full stop separates labels.
+        let p = TlsPolicy {
+            rules: vec![
+                (pat("bücher.test"), TlsRequirement::level(TlsLevel::Verify)),
+                (
+                    pat("*.xn--caf-dma.test"),
+                    TlsRequirement::level(TlsLevel::Encrypt),
+                ),
+            ],
+            ..policy(true)
+        };
+        assert_eq!(p.for_domain("xn--bcher-kva.test").level, TlsLevel::Verify);
+        assert_eq!(p.for_domain("BÜCHER.test").level, TlsLevel::Verify);
+        assert_eq!(p.for_domain("bücher。test").level, TlsLevel::Verify);
+        assert_eq!(p.for_domain("mx.café.test").level, TlsLevel::Encrypt);
+        let idn = vec!["a@xn--bcher-kva.test".to_string()];
+        assert_eq!(
+            p.for_message(&domain_of(&idn[0]), "x@me.test", &idn).level,
+            TlsLevel::Verify
+        );
+        let p = policy(true);
+        let one = vec!["c@mx.enc.test".to_string()];
+        assert_eq!(
+            p.for_message("mx.enc.test", "x@me.test", &one).level,
+            TlsLevel::Encrypt
+        );
+    }
+}
