@@ -101,6 +101,7 @@ fn decision(
         mta_sts: Some(applied),
         sts_roots: &roots,
         requiretls: false,
+        dane_unavailable: None,
     })
     .requirement
 }
@@ -346,6 +347,7 @@ fn serve_dns(policy_ip: [u8; 4], mx_ip: [u8; 4]) -> Res<SocketAddr> {
         origin.clone(),
         ZoneType::Primary,
         AxfrPolicy::Deny,
+        None,
     );
     let ns = dns_name(&format!("ns.{ORIGIN}"))?;
     let soa = SOA::new(

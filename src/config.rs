@@ -47,6 +47,8 @@ pub struct Config {
     #[serde(default)]
     pub mta_sts: MtaStsConfig,
     #[serde(default)]
+    pub dane: DaneConfig,
+    #[serde(default)]
     pub admin: AdminConfig,
     /// The file this config was read from (set by [`Config::load`]; used by reload).
     #[serde(skip)]
@@ -103,6 +105,35 @@ impl Default for MtaStsConfig {
     }
 }
 
+/// DANE when sending (RFC 7672): DNSSEC validation in-process, TLSA lookups per MX host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaneConfig {
+    /// Authenticate MX hosts by their DNSSEC-validated TLSA records when they publish them.
+    pub enabled: bool,
+    /// DNSKEY records (`NAME TTL IN DNSKEY 257 3 ALG KEY`) to validate from instead of the
+    /// root's built-in trust anchors.
+    pub trust_anchor_file: Option<PathBuf>,
+    /// A name that must validate (its SOA) for DANE to be used: the self-check.
+    pub check_secure: String,
+    /// A name signed wrongly on purpose that validation must refuse; empty: not checked.
+    pub check_bogus: String,
+    /// How often the self-check runs.
+    pub check_interval_secs: u64,
+}
+
+impl Default for DaneConfig {
+    fn default() -> Self {
+        DaneConfig {
+            enabled: true,
+            trust_anchor_file: None,
+            check_secure: ".".into(),
+            check_bogus: "dnssec-failed.org".into(),
+            check_interval_secs: 3600,
+        }
+    }
+}
+
 /// One published policy, served at `https://mta-sts.<domain>/.well-known/mta-sts.txt`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -153,6 +184,19 @@ pub struct TlsPolicyConfig {
     /// Extra trusted CA certificates (PEM) for this destination, e.g. a private CA.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// `"off"` stops DANE for these recipient domains (an emergency switch for a domain
+    /// whose TLSA records are wrong; every use is logged). Default `"on"`.
+    #[serde(default)]
+    pub dane: DaneSwitch,
+}
+
+/// A rule's `dane` setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DaneSwitch {
+    #[default]
+    On,
+    Off,
 }
 
 /// Retry schedule and lifetimes of queued mail.

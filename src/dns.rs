@@ -31,8 +31,12 @@ use hickory_resolver::config::{
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError as HickoryDnsError, NetError};
+use hickory_resolver::proto::dnssec::{DnssecSummary, Proof, TrustAnchors};
 use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::rr::{Name, RData};
+use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
+
+use crate::dane::tlsa::Tlsa;
+use crate::policy::{Dnssec, TlsaLookup};
 
 /// Default time to wait for one answer from one nameserver.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -52,6 +56,10 @@ pub enum RecordKind {
     Address,
     /// TXT records.
     Txt,
+    /// TLSA records (DANE).
+    Tlsa,
+    /// An SOA record (the validation self-check).
+    Soa,
 }
 
 impl fmt::Display for RecordKind {
@@ -62,6 +70,8 @@ impl fmt::Display for RecordKind {
             RecordKind::Aaaa => "AAAA",
             RecordKind::Address => "A/AAAA",
             RecordKind::Txt => "TXT",
+            RecordKind::Tlsa => "TLSA",
+            RecordKind::Soa => "SOA",
         })
     }
 }
@@ -419,6 +429,265 @@ impl Resolver {
                 query: query(RecordKind::Address),
             },
         })
+    }
+}
+
+/// A DNSSEC-validating resolver (RFC 4035 §5), for DANE: the same nameservers as the
+/// routing resolver, its own cache. Every answer comes with its [`Dnssec`] state; lookups
+/// that cannot be answered (bogus signatures, SERVFAIL, timeouts) are [`Dnssec::Bogus`] with
+/// the reason, never an insecure answer.
+#[derive(Clone)]
+pub struct Validator {
+    inner: TokioResolver,
+    /// The most one lookup may take, key fetches included (a validating lookup whose DNSKEY
+    /// or DS queries go unanswered can otherwise take many times the per-query timeout).
+    limit: Duration,
+}
+
+impl fmt::Debug for Validator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Validator")
+    }
+}
+
+impl Validator {
+    /// Validates from the root's trust anchors built into hickory, or from the DNSKEY records
+    /// in `anchor_file` instead (`NAME TTL IN DNSKEY 257 3 ALG KEY` lines, as `dig DNSKEY`
+    /// prints them; a test zone's key makes it an island of trust).
+    pub fn new(
+        servers: &[SocketAddr],
+        timeout: Duration,
+        retries: usize,
+        anchor_file: Option<&std::path::Path>,
+    ) -> Result<Self, DnsError> {
+        let anchors = Self::anchors(anchor_file)?;
+        if servers.is_empty() {
+            return Err(DnsError::Config {
+                detail: "no nameservers configured".to_owned(),
+            });
+        }
+        let name_servers = servers
+            .iter()
+            .map(|addr| {
+                let mut udp = ConnectionConfig::udp();
+                udp.port = addr.port();
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = addr.port();
+                NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
+            })
+            .collect();
+        let mut opts = ResolverOpts::default();
+        opts.timeout = timeout;
+        opts.attempts = retries;
+        opts.use_hosts_file = ResolveHosts::Never;
+        opts.validate = true;
+        // No answer cache: hickory 0.26 can drop an insecure CNAME from an answer whose
+        // target is cached, which would make an insecure TLSA look secure. Key proofs are
+        // still cached by the validator.
+        opts.cache_size = 0;
+        let inner = TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(name_servers),
+            TokioRuntimeProvider::default(),
+        )
+        .with_options(opts)
+        .with_trust_anchor(std::sync::Arc::new(anchors))
+        .build()
+        .map_err(|e| DnsError::Config {
+            detail: e.to_string(),
+        })?;
+        Ok(Validator {
+            inner,
+            limit: timeout.saturating_mul(4).max(Duration::from_secs(2)),
+        })
+    }
+
+    /// Like [`Validator::new`], with the system's nameservers.
+    pub fn system(anchor_file: Option<&std::path::Path>) -> Result<Self, DnsError> {
+        let anchors = Self::anchors(anchor_file)?;
+        let mut builder = TokioResolver::builder_tokio().map_err(|e| DnsError::Config {
+            detail: format!("cannot read the system resolver configuration: {e}"),
+        })?;
+        builder.options_mut().use_hosts_file = ResolveHosts::Never;
+        builder.options_mut().validate = true;
+        builder.options_mut().cache_size = 0;
+        let limit = builder
+            .options_mut()
+            .timeout
+            .saturating_mul(4)
+            .max(Duration::from_secs(2));
+        let inner = builder
+            .with_trust_anchor(std::sync::Arc::new(anchors))
+            .build()
+            .map_err(|e| DnsError::Config {
+                detail: e.to_string(),
+            })?;
+        Ok(Validator { inner, limit })
+    }
+
+    fn anchors(anchor_file: Option<&std::path::Path>) -> Result<TrustAnchors, DnsError> {
+        match anchor_file {
+            Some(p) => TrustAnchors::from_file(p).map_err(|e| DnsError::Config {
+                detail: format!("trust anchor file {}: {e}", p.display()),
+            }),
+            None => Ok(TrustAnchors::default()),
+        }
+    }
+
+    /// The DNSSEC state of `name`'s `rtype` RRset, or of the proof that there is none; with
+    /// the records when there are some.
+    async fn state(&self, name: &str, rtype: RecordType) -> (Dnssec, Vec<Record>) {
+        let what = format!("{rtype} {}", display_name(name));
+        let absolute = match absolute_name(name) {
+            Ok(n) => n,
+            Err(e) => return (Dnssec::Bogus(e.to_string()), Vec::new()),
+        };
+        let Ok(result) = tokio::time::timeout(self.limit, self.inner.lookup(absolute, rtype)).await
+        else {
+            return (
+                Dnssec::Bogus(format!(
+                    "{what}: no validated answer within {} s",
+                    self.limit.as_secs()
+                )),
+                Vec::new(),
+            );
+        };
+        match result {
+            Ok(lookup) => {
+                let records: Vec<Record> = lookup
+                    .answers()
+                    .iter()
+                    .filter(|r| r.record_type() != RecordType::RRSIG)
+                    .cloned()
+                    .collect();
+                let state = match DnssecSummary::from_records(records.iter()) {
+                    DnssecSummary::Secure => Dnssec::Secure,
+                    DnssecSummary::Insecure => Dnssec::Insecure,
+                    DnssecSummary::Bogus => Dnssec::Bogus(format!("{what}: bogus signatures")),
+                };
+                (state, records)
+            }
+            Err(NetError::Dns(HickoryDnsError::NoRecordsFound(no))) => {
+                let auth = no.authorities.as_deref().unwrap_or(&[]);
+                let state = match DnssecSummary::from_records(auth.iter()) {
+                    DnssecSummary::Secure => Dnssec::Secure,
+                    DnssecSummary::Bogus => {
+                        Dnssec::Bogus(format!("{what}: the denial of existence is bogus"))
+                    }
+                    DnssecSummary::Insecure => Dnssec::Insecure,
+                };
+                (state, Vec::new())
+            }
+            Err(NetError::Dns(HickoryDnsError::Nsec { proof, .. })) => {
+                let state = match proof {
+                    Proof::Secure => Dnssec::Secure,
+                    Proof::Bogus => {
+                        Dnssec::Bogus(format!("{what}: the denial of existence is bogus"))
+                    }
+                    _ => Dnssec::Insecure,
+                };
+                (state, Vec::new())
+            }
+            Err(NetError::Dns(HickoryDnsError::DnssecBogus)) => (
+                Dnssec::Bogus(format!("{what}: DNSSEC validation failed")),
+                Vec::new(),
+            ),
+            Err(e) => {
+                let kind = match rtype {
+                    RecordType::MX => RecordKind::Mx,
+                    RecordType::A => RecordKind::A,
+                    RecordType::AAAA => RecordKind::Aaaa,
+                    RecordType::TLSA => RecordKind::Tlsa,
+                    RecordType::SOA => RecordKind::Soa,
+                    _ => RecordKind::Txt,
+                };
+                let query = DnsQuery {
+                    kind,
+                    name: display_name(name),
+                };
+                (Dnssec::Bogus(classify(e, query).to_string()), Vec::new())
+            }
+        }
+    }
+
+    /// The DNSSEC state of `domain`'s MX RRset (or of the proof that it has none).
+    pub async fn mx(&self, domain: &str) -> Dnssec {
+        self.state(domain, RecordType::MX).await.0
+    }
+
+    /// The DNSSEC state of `host`'s address records: secure only when every answer (A and
+    /// AAAA, or their secure denials) is.
+    pub async fn addresses(&self, host: &str) -> Dnssec {
+        let (a, aaaa) = tokio::join!(
+            self.state(host, RecordType::A),
+            self.state(host, RecordType::AAAA)
+        );
+        match (a.0, aaaa.0) {
+            (Dnssec::Bogus(w), _) | (_, Dnssec::Bogus(w)) => Dnssec::Bogus(w),
+            (Dnssec::Secure, Dnssec::Secure) => Dnssec::Secure,
+            _ => Dnssec::Insecure,
+        }
+    }
+
+    /// The TLSA records of `_<port>._tcp.<host>` (RFC 7672 §2.2.3), following CNAMEs: the
+    /// base name is the owner the records were found at, without the `_port._tcp.` prefix
+    /// when it has one (RFC 7671 §7).
+    pub async fn tlsa(&self, host: &str, port: u16) -> TlsaLookup {
+        let name = format!("_{port}._tcp.{host}");
+        let (state, records) = self.state(&name, RecordType::TLSA).await;
+        match state {
+            Dnssec::Bogus(w) => return TlsaLookup::Failed(w),
+            Dnssec::Insecure => return TlsaLookup::NoRecords { secure: false },
+            Dnssec::Secure => {}
+        }
+        let mut owner = None;
+        let mut found = Vec::new();
+        for r in &records {
+            if let RData::TLSA(t) = &r.data {
+                owner = Some(normalize(&r.name));
+                found.push(Tlsa {
+                    usage: u8::from(t.cert_usage),
+                    selector: u8::from(t.selector),
+                    matching: u8::from(t.matching),
+                    data: t.cert_data.clone(),
+                });
+            }
+        }
+        let Some(owner) = owner else {
+            return TlsaLookup::NoRecords { secure: true };
+        };
+        let prefix = format!("_{port}._tcp.");
+        let base = owner
+            .strip_prefix(&prefix)
+            .map_or(owner.clone(), str::to_string);
+        TlsaLookup::Records {
+            records: found,
+            base,
+        }
+    }
+
+    /// Whether validation works through the configured nameservers: `secure` must validate
+    /// (its SOA), and `bogus`, when given, must be refused. `Err` says what went wrong.
+    pub async fn self_check(&self, secure: &str, bogus: Option<&str>) -> Result<(), String> {
+        match self.state(secure, RecordType::SOA).await.0 {
+            Dnssec::Secure => {}
+            Dnssec::Insecure => {
+                return Err(format!(
+                    "the answer for {secure} is not validated: the nameservers return no DNSSEC signatures, or the trust anchor does not cover it"
+                ));
+            }
+            Dnssec::Bogus(w) => return Err(format!("validating {secure} failed: {w}")),
+        }
+        if let Some(b) = bogus {
+            match self.state(b, RecordType::A).await.0 {
+                Dnssec::Bogus(_) => {}
+                other => {
+                    return Err(format!(
+                        "{b}, which is signed wrongly on purpose, was accepted as {other:?}: validation is not effective"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod admin_api;
 pub mod config;
+pub mod dane;
 pub mod dns;
 pub mod domain;
 pub mod http;

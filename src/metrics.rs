@@ -51,6 +51,8 @@ pub enum Metric {
     CertificateExpirySeconds,
     /// Time to make an accepted message durable (file fdatasync, then directory fsync).
     SpoolSyncSeconds,
+    /// 1 when DNSSEC validation works (DANE is used), 0 when the self-check failed.
+    DaneValidationWorking,
 }
 
 impl Metric {
@@ -74,6 +76,7 @@ impl Metric {
         Metric::MtaStsPolicies,
         Metric::CertificateExpirySeconds,
         Metric::SpoolSyncSeconds,
+        Metric::DaneValidationWorking,
     ];
 
     /// The exposition name, e.g. `moat_connections_total`.
@@ -97,6 +100,7 @@ impl Metric {
             Metric::MtaStsPolicies => "moat_mta_sts_policies",
             Metric::CertificateExpirySeconds => "moat_certificate_expiry_seconds",
             Metric::SpoolSyncSeconds => "moat_spool_sync_seconds",
+            Metric::DaneValidationWorking => "moat_dane_validation_working",
         }
     }
 
@@ -121,6 +125,7 @@ impl Metric {
             Metric::MtaStsPolicies => "gauge",
             Metric::CertificateExpirySeconds => "gauge",
             Metric::SpoolSyncSeconds => "histogram",
+            Metric::DaneValidationWorking => "gauge",
         }
     }
 
@@ -160,6 +165,9 @@ impl Metric {
             }
             Metric::SpoolSyncSeconds => {
                 "Time to make an accepted message durable (file fdatasync, then directory fsync)."
+            }
+            Metric::DaneValidationWorking => {
+                "1 when DNSSEC validation works and DANE is used, 0 when the self-check failed."
             }
         }
     }

@@ -1098,7 +1098,7 @@ fn assess(
 ) -> (VerifyReport, Vec<Finding>) {
     let mut failures = Vec::new();
     let chain_problem = match v {
-        Verification::Verified | Verification::Trusted => None,
+        Verification::Verified | Verification::Trusted | Verification::Dane(_) => None,
         Verification::Untrusted(f) => {
             let finding = cert_finding(f, ders, now);
             let words = finding.message.clone();
@@ -1179,6 +1179,7 @@ fn cert_finding(f: &CertFailure, ders: &[CertificateDer<'_>], now: i64) -> Findi
         CertFailure::PinMismatch | CertFailure::Other(_) => {
             Finding::new(Kind::Certificate, format!("certificate not valid: {f}"))
         }
+        CertFailure::Dane(_) => Finding::new(Kind::Certificate, format!("DANE: {f}")),
     }
 }
 

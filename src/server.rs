@@ -173,7 +173,30 @@ fn outbound_from(config: &Config) -> Result<Outbound, String> {
         connect_timeout: Duration::from_secs(o.connect_timeout_secs.max(1)),
         pool: Default::default(),
         our_addrs: config.listeners.iter().map(|l| l.address).collect(),
+        dane: dane_from(config)?,
     })
+}
+
+/// The validating resolver for DANE (same nameservers as routing), when enabled.
+fn dane_from(config: &Config) -> Result<Option<Arc<crate::dane::Dane>>, String> {
+    let d = &config.dane;
+    if !d.enabled {
+        return Ok(None);
+    }
+    let anchors = d.trust_anchor_file.as_ref().map(|f| config.data_path(f));
+    let o = &config.outbound;
+    let timeout = Duration::from_secs(o.dns_timeout_secs);
+    let validator = if o.nameservers.is_empty() {
+        crate::dns::Validator::system(anchors.as_deref())
+    } else {
+        crate::dns::Validator::new(&o.nameservers, timeout, 1, anchors.as_deref())
+    }
+    .map_err(|e| format!("DANE resolver: {e}"))?;
+    Ok(Some(Arc::new(crate::dane::Dane::new(
+        validator,
+        &d.check_secure,
+        &d.check_bogus,
+    ))))
 }
 
 /// MTA-STS discovery for the sending side, sharing the outbound resolver and TLS connector.
@@ -247,6 +270,7 @@ async fn policy_host(config: &Config, smtp_store: &CertStore) -> Result<Arc<Cert
 pub fn policy_from(config: &Config) -> Result<TlsPolicy, String> {
     let mut rules = Vec::new();
     let mut sender_rules = Vec::new();
+    let mut dane_off = Vec::new();
     for p in &config.tls_policies {
         let pins = p
             .pins
@@ -263,11 +287,15 @@ pub fn policy_from(config: &Config) -> Result<TlsPolicy, String> {
             pins,
             extra_roots,
             mta_sts: false,
+            dane: None,
         };
         // `Config::load` checked every pattern; a hand-built config with a bad one fails here.
         let pattern = |d: &String| DomainPattern::parse(d).map_err(|e| e.to_string());
         for d in &p.domains {
             rules.push((pattern(d)?, req.clone()));
+            if p.dane == crate::config::DaneSwitch::Off {
+                dane_off.push(pattern(d)?);
+            }
         }
         for d in &p.sender_domains {
             sender_rules.push((pattern(d)?, req.clone()));
@@ -278,6 +306,7 @@ pub fn policy_from(config: &Config) -> Result<TlsPolicy, String> {
         sender_rules,
         opportunistic_for_unmatched: config.outbound.opportunistic_for_unmatched,
         default: TlsRequirement::level(TlsLevel::May),
+        dane_off,
     })
 }
 
@@ -297,6 +326,9 @@ pub async fn serve(config: Config) -> Result<(), String> {
     }
     let routes = routes_from(&config)?;
     let outbound = outbound_from(&config)?;
+    if let Some(d) = &outbound.dane {
+        d.spawn_checker(Duration::from_secs(config.dane.check_interval_secs.max(60)));
+    }
     let policy = policy_from(&config)?;
     let sts = sts_from(&config, &outbound)?;
     if let Some(s) = &sts {

@@ -45,6 +45,7 @@ fn zone() -> InMemoryZoneHandler<TokioRuntimeProvider> {
         origin.clone(),
         ZoneType::Primary,
         AxfrPolicy::Deny,
+        None,
     );
     let serial = 1;
     let soa = SOA::new(

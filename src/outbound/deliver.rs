@@ -18,10 +18,12 @@ use tokio::time::timeout;
 use super::route::{Hop, resolve_route};
 use rustls::RootCertStore;
 
-use super::tls::{Connector, TlsFailure, TlsLevel, TlsOutcome, TlsRequirement, Verification};
+use super::tls::{
+    CertFailure, Connector, TlsFailure, TlsLevel, TlsOutcome, TlsRequirement, Verification,
+};
 use crate::dns::Resolver;
 use crate::policy::cause::{Cause, StsProblem};
-use crate::policy::{DomainDecision, Facts, HostVerdict, TlsPolicy};
+use crate::policy::{Dnssec, DomainDecision, Facts, HostFacts, HostVerdict, TlsPolicy, TlsaLookup};
 use crate::smtp::client::{
     Client, ClientParams, Event, Outgoing, RcptOutcome, SessionError, StartTls,
 };
@@ -56,6 +58,8 @@ pub struct Outbound {
     pub pool: Pool,
     /// Addresses our own SMTP listeners are bound to: delivering there would loop.
     pub our_addrs: Vec<SocketAddr>,
+    /// DANE (validating resolver and its self-check); `None` when disabled.
+    pub dane: Option<Arc<crate::dane::Dane>>,
 }
 
 /// How long an idle outbound session is kept for reuse.
@@ -282,8 +286,10 @@ fn remote_failure(enhanced: Option<&str>, permanent: bool, host: &str, reason: S
 }
 
 /// Gathers the facts of a delivery to `domain` (the rules, and for MX delivery the domain's
-/// MTA-STS policy from the cache or a fetch) and asks the policy room for the decision.
+/// MTA-STS policy from the cache or a fetch, and whether DANE can be used) and asks the
+/// policy room for the decision; the per-host DANE facts follow after routing.
 pub async fn decide(
+    out: &Outbound,
     rules: &TlsPolicy,
     sts: Option<&crate::sts::Sts>,
     domain: &str,
@@ -306,6 +312,11 @@ pub async fn decide(
         mta_sts: applied.as_ref(),
         sts_roots: &sts_roots,
         requiretls: false,
+        dane_unavailable: match (&out.dane, hop) {
+            (_, NextHop::Relay { .. }) => Some("DANE is used for MX delivery only".into()),
+            (None, _) => Some("DANE is disabled ([dane] enabled = false)".into()),
+            (Some(d), NextHop::Mx) => d.unavailable(),
+        },
     })
 }
 
@@ -320,12 +331,11 @@ pub async fn deliver(
 ) -> Vec<RcptResult> {
     let n = msg.recipients.len();
     let all = |f: Failure| vec![RcptResult::NotDelivered(f); n];
-    let req = &decision.requirement;
     let sts = decision
         .mta_sts
         .as_ref()
         .filter(|_| matches!(hop, NextHop::Mx));
-    let mut hosts: Vec<Hop> = match hop {
+    let hosts: Vec<Hop> = match hop {
         NextHop::Mx => match resolve_route(&out.resolver, domain, &out.our_names).await {
             Ok(h) => h,
             Err(e) => {
@@ -355,69 +365,108 @@ pub async fn deliver(
             },
         },
     };
-    // The policy judges each MX host (RFC 8461 §4.1: under enforce only MX hosts the policy
-    // names are tried; under testing the others are tried too and the mismatch is reported).
+    // The policy judges each host (DANE first, then MTA-STS: under enforce only MX hosts
+    // the policy names are tried; under testing the others are tried too and reported).
     let mut sts_notes: Vec<String> = Vec::new();
-    if let Some(p) = sts {
-        let verdicts: Vec<HostVerdict> = hosts.iter().map(|h| decision.for_host(&h.host)).collect();
-        let unmatched: Vec<String> = hosts
-            .iter()
-            .zip(&verdicts)
-            .filter(|(_, v)| **v != HostVerdict::Use { note: None })
-            .map(|(h, _)| h.host.clone())
-            .collect();
-        let skip = verdicts.iter().find_map(|v| match v {
-            HostVerdict::Skip(c) => Some(*c),
-            HostVerdict::Use { .. } => None,
-        });
-        if !unmatched.is_empty() {
-            let patterns: Vec<&str> = p.entry.policy.mx.iter().map(|m| m.as_str()).collect();
-            let what = format!(
-                "MX host(s) {} not covered by the policy's mx patterns ({})",
-                unmatched.join(", "),
-                patterns.join(", ")
-            );
-            match skip {
-                Some(cause) => {
-                    let mut keep = verdicts
-                        .iter()
-                        .map(|v| matches!(v, HostVerdict::Use { .. }));
-                    hosts.retain(|_| keep.next().unwrap_or(true));
-                    if hosts.is_empty() {
-                        // A host the policy allows may exist but have had no usable address:
-                        // that is a DNS failure, not a policy mismatch.
-                        if let Ok(crate::dns::MxAnswer::Records(r)) = out.resolver.mx(domain).await
-                            && let Some((_, h)) = r
-                                .iter()
-                                .find(|(_, h)| !h.is_empty() && p.entry.policy.matches_mx(h))
-                        {
-                            return all(failure(
-                                Cause::DnsFailure,
-                                Some(h.clone()),
-                                format!(
-                                    "{h}, the MX host of {domain} that its MTA-STS policy allows, has no usable address (DNS lookup failed); {}",
-                                    p.describe()
-                                ),
-                            ));
-                        }
-                        tracing::warn!(queue_id, domain, policy = %p.describe(), %what, "MTA-STS: no MX host matches");
-                        return all(failure(
-                            cause,
-                            None,
-                            format!(
-                                "MX hosts of {domain} failed MTA-STS validation: {what}; {}",
-                                p.describe()
-                            ),
-                        ));
-                    }
+    let mut own: Vec<Option<(TlsRequirement, crate::policy::Why)>> = Vec::new();
+    let mut skipped: Vec<(String, Cause, String)> = Vec::new();
+    let mut unmatched: Vec<String> = Vec::new();
+    let mut kept: Vec<Hop> = Vec::new();
+    if let Some(why) = &decision.dane_off
+        && why.ends_with("by rule")
+    {
+        tracing::warn!(queue_id, domain, reason = %why, "DANE switched off by a rule for this delivery");
+    }
+    let dane_port = match hop {
+        NextHop::Relay { port, .. } => *port,
+        NextHop::Mx => out.port,
+    };
+    let dane = dane_facts(out, decision, domain, dane_port, &hosts).await;
+    for (h, d) in hosts.into_iter().zip(dane) {
+        let facts = HostFacts {
+            host: &h.host,
+            mx: &d.mx,
+            addresses: &d.addresses,
+            tlsa: &d.tlsa,
+        };
+        match decision.for_host(&facts) {
+            HostVerdict::Use { note } => {
+                if note.is_some() {
+                    unmatched.push(h.host.clone());
                 }
-                None => {
-                    tracing::warn!(queue_id, domain, policy = %p.describe(), %what,
-                        "MTA-STS testing: enforce would skip these MX hosts");
-                    sts_notes.push(format!("would skip {}", unmatched.join(", ")));
+                own.push(None);
+                kept.push(h);
+            }
+            HostVerdict::Own { requirement, why } => {
+                tracing::info!(queue_id, domain, host = %h.host, level = requirement.level_name(), %why, "TLS requirement of this host");
+                own.push(Some((*requirement, why)));
+                kept.push(h);
+            }
+            HostVerdict::Skip(cause, words) => {
+                if cause == Cause::StsMxMismatch {
+                    unmatched.push(h.host.clone());
+                } else {
+                    tracing::warn!(queue_id, domain, host = %h.host, %cause, reason = %words, "host not used");
                 }
+                skipped.push((h.host.clone(), cause, words));
             }
         }
+    }
+    let hosts = kept;
+    if let Some(p) = sts
+        && !unmatched.is_empty()
+    {
+        let patterns: Vec<&str> = p.entry.policy.mx.iter().map(|m| m.as_str()).collect();
+        let what = format!(
+            "MX host(s) {} not covered by the policy's mx patterns ({})",
+            unmatched.join(", "),
+            patterns.join(", ")
+        );
+        if p.mode() == crate::sts::policy::Mode::Enforce {
+            if hosts.is_empty() && skipped.iter().all(|(_, c, _)| *c == Cause::StsMxMismatch) {
+                // A host the policy allows may exist but have had no usable address: that
+                // is a DNS failure, not a policy mismatch.
+                if let Ok(crate::dns::MxAnswer::Records(r)) = out.resolver.mx(domain).await
+                    && let Some((_, h)) = r
+                        .iter()
+                        .find(|(_, h)| !h.is_empty() && p.entry.policy.matches_mx(h))
+                {
+                    return all(failure(
+                        Cause::DnsFailure,
+                        Some(h.clone()),
+                        format!(
+                            "{h}, the MX host of {domain} that its MTA-STS policy allows, has no usable address (DNS lookup failed); {}",
+                            p.describe()
+                        ),
+                    ));
+                }
+                tracing::warn!(queue_id, domain, policy = %p.describe(), %what, "MTA-STS: no MX host matches");
+                return all(failure(
+                    Cause::StsMxMismatch,
+                    None,
+                    format!(
+                        "MX hosts of {domain} failed MTA-STS validation: {what}; {}",
+                        p.describe()
+                    ),
+                ));
+            }
+        } else {
+            tracing::warn!(queue_id, domain, policy = %p.describe(), %what,
+                "MTA-STS testing: enforce would skip these MX hosts");
+            sts_notes.push(format!("would skip {}", unmatched.join(", ")));
+        }
+    }
+    if hosts.is_empty()
+        && let Some((host, cause, words)) = skipped
+            .iter()
+            .find(|(_, c, _)| *c != Cause::StsMxMismatch)
+            .or(skipped.first())
+    {
+        return all(failure(
+            *cause,
+            Some(host.clone()),
+            format!("{host}: {words}"),
+        ));
     }
     let port = match hop {
         NextHop::Relay { port, .. } => *port,
@@ -441,7 +490,13 @@ pub async fn deliver(
         ));
     }
     let mut last: Option<Failure> = None;
-    for h in &hosts {
+    for (h, own) in hosts.iter().zip(&own) {
+        let (req, why) = match own {
+            Some((r, w)) => (r, w),
+            None => (&decision.requirement, &decision.why),
+        };
+        // MTA-STS is not applied to a host DANE governs.
+        let sts = sts.filter(|_| req.dane.is_none());
         for ip in h.addrs.iter().filter(|ip| !ours(ip)) {
             let addr = SocketAddr::new(*ip, port);
             let (implicit_tls, auth) = match hop {
@@ -453,7 +508,7 @@ pub async fn deliver(
             let who = Attempt {
                 queue_id,
                 domain,
-                why: &decision.why,
+                why,
                 host: &h.host,
                 addr,
                 implicit_tls,
@@ -483,6 +538,8 @@ pub async fn deliver(
                             }
                             (None, Some(f)) => Some(format!("handshake failed ({f})")),
                             (None, None) => Some("starttls not offered".into()),
+                            // Not reached: MTA-STS is not applied to a DANE host.
+                            (Some(Verification::Dane(_)), _) => None,
                         };
                         if p.mode() == crate::sts::policy::Mode::Testing
                             && let Some(why) = why
@@ -527,6 +584,54 @@ pub async fn deliver(
         last.reason = format!("{}; {}", last.reason, p.describe());
     }
     all(last)
+}
+
+/// The DNSSEC facts of one host, for the DANE judgement.
+struct DaneFacts {
+    mx: Dnssec,
+    addresses: Dnssec,
+    tlsa: TlsaLookup,
+}
+
+/// The DANE facts of each host (in order), looked up through the validating resolver when
+/// the decision lets DANE apply: the MX RRset's state once, then per host its address
+/// records' state and, on a secure path, its TLSA records (RFC 7672 §2.1-2.2).
+async fn dane_facts(
+    out: &Outbound,
+    decision: &DomainDecision,
+    domain: &str,
+    port: u16,
+    hosts: &[Hop],
+) -> Vec<DaneFacts> {
+    let none = || DaneFacts {
+        mx: Dnssec::Insecure,
+        addresses: Dnssec::Insecure,
+        tlsa: TlsaLookup::NotLooked,
+    };
+    let Some(dane) = out.dane.as_ref().filter(|_| decision.dane_off.is_none()) else {
+        return hosts.iter().map(|_| none()).collect();
+    };
+    let v = &dane.validator;
+    let mx = v.mx(domain).await;
+    let mut facts = Vec::with_capacity(hosts.len());
+    for h in hosts {
+        if matches!(mx, Dnssec::Insecure) {
+            facts.push(none());
+            continue;
+        }
+        let addresses = v.addresses(&h.host).await;
+        let tlsa = if crate::policy::dane_applies(&mx, &addresses) {
+            v.tlsa(&h.host, port).await
+        } else {
+            TlsaLookup::NotLooked
+        };
+        facts.push(DaneFacts {
+            mx: mx.clone(),
+            addresses,
+            tlsa,
+        });
+    }
+    facts
 }
 
 /// Counts an outbound handshake in the metrics and passes its result on.
@@ -574,6 +679,7 @@ fn classify(
         TlsClass::Tls12
     };
     let auth = match o.verification {
+        Verification::Dane(_) => AuthClass::Dane,
         Verification::Verified if req.mta_sts => AuthClass::MtaSts,
         Verification::Verified if req.level >= TlsLevel::Verify => AuthClass::Verified,
         _ => AuthClass::Opportunistic,
@@ -653,7 +759,7 @@ async fn attempt(
         ),
     };
     tracing::info!(queue_id = who.queue_id, domain = who.domain, host = who.host, ip = %who.addr,
-        level = req.level.as_str(), mta_sts = req.mta_sts, %tls, %outcome, why = %who.why, "delivery attempt");
+        level = req.level_name(), mta_sts = req.mta_sts, %tls, %outcome, why = %who.why, "delivery attempt");
     result
 }
 
@@ -842,8 +948,18 @@ fn pool_key(addr: SocketAddr, host: &str, req: &TlsRequirement, plain: bool, tag
         .extra_roots
         .as_ref()
         .map_or(0, |r| Arc::as_ptr(r) as usize);
+    let dane: Vec<String> = req
+        .dane
+        .iter()
+        .flat_map(|d| {
+            d.records
+                .iter()
+                .map(|r| r.to_string())
+                .chain(d.names.clone())
+        })
+        .collect();
     format!(
-        "{addr}|{host}|{}|{plain}|{:?}|{pins:?}|{roots}|{}|{tag}",
+        "{addr}|{host}|{}|{plain}|{:?}|{pins:?}|{roots}|{}|{dane:?}|{tag}",
         req.level.as_str(),
         req.match_names,
         req.mta_sts
@@ -863,6 +979,7 @@ fn keep_or_close(out: &Outbound, key: String, mut idle: Idle, unread: &[u8]) {
 fn verification_word(v: &Verification) -> &'static str {
     match v {
         Verification::Verified => "verified",
+        Verification::Dane(_) => "verified by DANE",
         Verification::Trusted => "trusted",
         Verification::Untrusted(_) => "untrusted",
     }
@@ -880,6 +997,30 @@ fn tls_summary(o: &TlsOutcome) -> String {
 }
 
 fn tls_failure(e: &TlsFailure, host: &str, req: &TlsRequirement) -> Failure {
+    if let Some(trust) = &req.dane {
+        use crate::dane::tlsa::DaneFailure;
+        let cause = match e {
+            TlsFailure::Certificate(CertFailure::Dane(
+                DaneFailure::Expired { .. } | DaneFailure::NotYetValid { .. },
+            )) => Cause::DaneExpired,
+            TlsFailure::Certificate(CertFailure::Dane(DaneFailure::NameMismatch { .. })) => {
+                Cause::DaneName
+            }
+            TlsFailure::Certificate(CertFailure::PinMismatch) => {
+                Cause::Certificate(crate::policy::cause::CertProblem::PinMismatch)
+            }
+            TlsFailure::Certificate(_) => Cause::DaneNoMatch,
+            TlsFailure::Handshake(_) | TlsFailure::Timeout => Cause::TlsHandshake,
+        };
+        return failure(
+            cause,
+            Some(host.to_string()),
+            format!(
+                "TLS with {host} failed DANE authentication (TLSA records of {}): {e}",
+                trust.base
+            ),
+        );
+    }
     if req.mta_sts {
         return failure(
             Cause::StsValidation(e.sts_problem()),
@@ -911,9 +1052,25 @@ fn tls_failure(e: &TlsFailure, host: &str, req: &TlsRequirement) -> Failure {
     }
 }
 
-/// A failure before TLS: under MTA-STS enforce a missing or refused STARTTLS is a 4.7.5.
+/// A failure before TLS: under MTA-STS enforce a missing or refused STARTTLS is a 4.7.5,
+/// for a DANE host a 4.7.321.
 fn before_tls_failure(e: SessionError, host: &str, req: &TlsRequirement) -> Failure {
     match e {
+        SessionError::StartTlsNotOffered | SessionError::StartTlsRefused(_)
+            if req.dane.is_some() =>
+        {
+            let detail = match &e {
+                SessionError::StartTlsRefused(r) => format!("{host} refused STARTTLS ({r})"),
+                _ => format!("{host} did not offer STARTTLS"),
+            };
+            failure(
+                Cause::DaneStartTls,
+                Some(host.to_string()),
+                format!(
+                    "{detail}, but it publishes DANE TLSA records: TLS is required (RFC 7672 §2.2)"
+                ),
+            )
+        }
         SessionError::StartTlsNotOffered | SessionError::StartTlsRefused(_) if req.mta_sts => {
             let detail = match &e {
                 SessionError::StartTlsRefused(r) => format!("{host} refused STARTTLS ({r})"),

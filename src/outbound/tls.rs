@@ -54,6 +54,8 @@ use crate::util::rfc5322_date;
 /// The default limit for one TLS handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
+use crate::dane::tlsa::{DaneFailure, DaneMatch};
+use crate::policy::DaneTrust;
 use crate::policy::cause::{CertProblem, StsProblem};
 pub use crate::policy::{TlsLevel, TlsRequirement};
 
@@ -179,6 +181,8 @@ pub enum CertFailure {
     /// distrusted certificate, …), as a sentence saying what is wrong and what the server
     /// must do.
     Other(String),
+    /// The certificates do not meet the host's DANE TLSA records (RFC 7672).
+    Dane(DaneFailure),
 }
 
 impl CertFailure {
@@ -192,6 +196,12 @@ impl CertFailure {
             CertFailure::PinMismatch => CertProblem::PinMismatch,
             CertFailure::Revoked => CertProblem::Revoked,
             CertFailure::Other(_) => CertProblem::Other,
+            CertFailure::Dane(d) => match d {
+                DaneFailure::Expired { .. } => CertProblem::Expired,
+                DaneFailure::NotYetValid { .. } => CertProblem::NotYetValid,
+                DaneFailure::NameMismatch { .. } => CertProblem::NameMismatch,
+                _ => CertProblem::Untrusted,
+            },
         }
     }
 }
@@ -243,6 +253,7 @@ impl fmt::Display for CertFailure {
                 "the certificate has been revoked by its CA; the server needs a new certificate",
             ),
             CertFailure::Other(s) => f.write_str(s),
+            CertFailure::Dane(d) => d.fmt(f),
         }
     }
 }
@@ -256,13 +267,16 @@ pub enum Verification {
     Trusted,
     /// The chain does not verify.
     Untrusted(CertFailure),
+    /// Authenticated by the host's DANE TLSA records (RFC 7672): which record matched.
+    Dane(DaneMatch),
 }
 
 impl Verification {
     /// `Verified`, `Trusted` or `Untrusted`, as in Postfix's "... TLS connection established".
     pub fn word(&self) -> &'static str {
         match self {
-            Verification::Verified => "Verified",
+            // Postfix says "Verified" for a DANE-authenticated peer too.
+            Verification::Verified | Verification::Dane(_) => "Verified",
             Verification::Trusted => "Trusted",
             Verification::Untrusted(_) => "Untrusted",
         }
@@ -275,6 +289,7 @@ impl fmt::Display for Verification {
             Verification::Verified => f.write_str("verified"),
             Verification::Trusted => f.write_str("trusted (name does not match)"),
             Verification::Untrusted(why) => write!(f, "untrusted ({why})"),
+            Verification::Dane(m) => write!(f, "verified by DANE ({m})"),
         }
     }
 }
@@ -436,6 +451,7 @@ impl Connector {
             expected,
             level: req.level,
             pins: req.pins.clone(),
+            dane: req.dane.clone(),
             algorithms: self.provider.signature_verification_algorithms,
             record: record.clone(),
         };
@@ -524,6 +540,8 @@ struct PolicyVerifier {
     expected: Vec<String>,
     level: TlsLevel,
     pins: Vec<Pin>,
+    /// DANE: the TLSA records replace the CA and name checks.
+    dane: Option<Arc<DaneTrust>>,
     algorithms: WebPkiSupportedAlgorithms,
     record: Arc<Mutex<Record>>,
 }
@@ -548,6 +566,29 @@ impl PolicyVerifier {
                 .iter()
                 .any(|p| p.matches(&cert_digest, spki_digest.as_ref()))
         });
+        if let Some(trust) = &self.dane {
+            // RFC 7672 §3: the TLSA records decide; pins, when given, must match as well.
+            let mut chain = vec![end_entity.clone()];
+            chain.extend(intermediates.iter().cloned());
+            let (verification, rejected) =
+                match crate::dane::tlsa::verify(&trust.records, &chain, &trust.names, now) {
+                    Ok(m) => (
+                        Verification::Dane(m),
+                        (pinned == Some(false)).then_some(CertFailure::PinMismatch),
+                    ),
+                    Err(f) => (
+                        Verification::Untrusted(CertFailure::Dane(f.clone())),
+                        Some(CertFailure::Dane(f)),
+                    ),
+                };
+            return Record {
+                verification: Some(verification),
+                pinned,
+                peer_names: certificate_names(der),
+                not_after: validity(der).map(|(_, a)| a),
+                rejected,
+            };
+        }
         // An untrusted chain says why, judged from what the server sent.
         let explained = |f: CertFailure| match f {
             CertFailure::UntrustedIssuer(None) => {
@@ -694,7 +735,10 @@ fn alert_error(f: &CertFailure) -> rustls::Error {
         CertFailure::UntrustedIssuer(_) => CertificateError::UnknownIssuer,
         CertFailure::NameMismatch { .. } => CertificateError::NotValidForName,
         CertFailure::Revoked => CertificateError::Revoked,
-        CertFailure::PinMismatch | CertFailure::Other(_) => {
+        CertFailure::Dane(DaneFailure::Expired { .. }) => CertificateError::Expired,
+        CertFailure::Dane(DaneFailure::NotYetValid { .. }) => CertificateError::NotValidYet,
+        CertFailure::Dane(DaneFailure::NameMismatch { .. }) => CertificateError::NotValidForName,
+        CertFailure::PinMismatch | CertFailure::Other(_) | CertFailure::Dane(_) => {
             CertificateError::ApplicationVerificationFailure
         }
     })
@@ -1417,6 +1461,7 @@ pub(crate) mod tests {
             expected: vec!["mx.test".into()],
             level: TlsLevel::Verify,
             pins: Vec::new(),
+            dane: None,
             algorithms: provider.signature_verification_algorithms,
             record: Arc::default(),
         };
@@ -1478,6 +1523,7 @@ pub(crate) mod tests {
             expected: vec!["mx.test".into()],
             level: TlsLevel::Verify,
             pins: Vec::new(),
+            dane: None,
             algorithms: provider.signature_verification_algorithms,
             record: Arc::default(),
         };

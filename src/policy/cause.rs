@@ -128,6 +128,17 @@ pub enum Cause {
     StsMxMismatch,
     /// A host failed the TLS check of an MTA-STS `enforce` policy: 4.7.5.
     StsValidation(StsProblem),
+    /// DANE host (usable TLSA records): STARTTLS not offered or refused: 4.7.321.
+    DaneStartTls,
+    /// DANE-TA: a certificate on the chain expired (or is not yet valid): 4.7.322.
+    DaneExpired,
+    /// No TLSA record matched the presented chain (or the chain does not reach the matching
+    /// trust anchor), or the handshake failed under DANE: 4.7.323.
+    DaneNoMatch,
+    /// The TLSA lookup failed on a DNSSEC-signed path (bogus, SERVFAIL, timeout): 4.7.324.
+    DaneDnssec,
+    /// DANE-TA: the certificate is not valid for the MX host or TLSA base name: 4.7.325.
+    DaneName,
     /// Relay credentials would have to be sent without TLS: 4.7.0.
     RelayAuthWithoutTls,
     /// The relay offers no AUTH mechanism we speak: 4.7.0.
@@ -165,6 +176,11 @@ impl Cause {
             Cause::Certificate(_) => ("4.7.320", "5.7.320"),
             Cause::StsMxMismatch => ("4.4.8", "5.4.8"),
             Cause::StsValidation(_) => ("4.7.5", "5.7.5"),
+            Cause::DaneStartTls => ("4.7.321", "5.7.321"),
+            Cause::DaneExpired => ("4.7.322", "5.7.322"),
+            Cause::DaneNoMatch => ("4.7.323", "5.7.323"),
+            Cause::DaneDnssec => ("4.7.324", "5.7.324"),
+            Cause::DaneName => ("4.7.325", "5.7.325"),
             Cause::RelayAuthWithoutTls | Cause::RelayAuthNotOffered => ("4.7.0", "5.7.0"),
             Cause::RelayAuthRefused => ("4.7.8", "5.7.8"),
             Cause::Protocol => ("4.5.0", "5.5.0"),
@@ -189,6 +205,11 @@ impl Cause {
                 | Cause::Certificate(_)
                 | Cause::StsMxMismatch
                 | Cause::StsValidation(_)
+                | Cause::DaneStartTls
+                | Cause::DaneExpired
+                | Cause::DaneNoMatch
+                | Cause::DaneDnssec
+                | Cause::DaneName
                 | Cause::RelayAuthWithoutTls
         )
     }
@@ -212,6 +233,11 @@ impl Cause {
             Cause::Certificate(_) => "certificate validation failed",
             Cause::StsMxMismatch => "MX not in MTA-STS policy",
             Cause::StsValidation(_) => "certificate failed MTA-STS validation",
+            Cause::DaneStartTls => "DANE: STARTTLS not offered",
+            Cause::DaneExpired => "DANE: certificate expired",
+            Cause::DaneNoMatch => "DANE: no TLSA record matched",
+            Cause::DaneDnssec => "DANE: DNSSEC validation failed",
+            Cause::DaneName => "DANE: certificate name mismatch",
             Cause::RelayAuthWithoutTls => "no TLS for relay credentials",
             Cause::RelayAuthNotOffered => "relay offers no AUTH",
             Cause::RelayAuthRefused => "relay refused credentials",
@@ -248,6 +274,11 @@ impl Cause {
             Cause::StartTlsNotOffered => "starttls-not-offered",
             Cause::TlsHandshake => "tls-handshake",
             Cause::StsMxMismatch => "mta-sts:mx-mismatch",
+            Cause::DaneStartTls => "dane:starttls",
+            Cause::DaneExpired => "dane:expired",
+            Cause::DaneNoMatch => "dane:no-match",
+            Cause::DaneDnssec => "dane:dnssec",
+            Cause::DaneName => "dane:name",
             Cause::RelayAuthWithoutTls => "relay-auth-without-tls",
             Cause::RelayAuthNotOffered => "relay-auth-not-offered",
             Cause::RelayAuthRefused => "relay-auth-refused",
@@ -276,7 +307,12 @@ impl Cause {
         Cause::SIMPLE.into_iter().find(|c| c.label() == s)
     }
 
-    const SIMPLE: [Cause; 20] = [
+    const SIMPLE: [Cause; 25] = [
+        Cause::DaneStartTls,
+        Cause::DaneExpired,
+        Cause::DaneNoMatch,
+        Cause::DaneDnssec,
+        Cause::DaneName,
         Cause::ConnectionRefused,
         Cause::ConnectionTimedOut,
         Cause::ConnectFailed,
@@ -330,6 +366,11 @@ impl Cause {
                 Cause::StsValidation(problem)
             }
             ".1.10" => Cause::NullMx,
+            ".7.321" => Cause::DaneStartTls,
+            ".7.322" => Cause::DaneExpired,
+            ".7.323" => Cause::DaneNoMatch,
+            ".7.324" => Cause::DaneDnssec,
+            ".7.325" => Cause::DaneName,
             ".4.6" => Cause::MailLoop,
             _ => Cause::Remote,
         }
@@ -339,9 +380,13 @@ impl Cause {
     /// about transport security.
     pub fn tlsrpt_result(self) -> Option<&'static str> {
         Some(match self {
-            Cause::StartTlsNotOffered | Cause::StsValidation(StsProblem::StartTls) => {
-                "starttls-not-supported"
-            }
+            Cause::StartTlsNotOffered
+            | Cause::StsValidation(StsProblem::StartTls)
+            | Cause::DaneStartTls => "starttls-not-supported",
+            Cause::DaneExpired => "certificate-expired",
+            Cause::DaneName => "certificate-host-mismatch",
+            Cause::DaneNoMatch => "validation-failure",
+            Cause::DaneDnssec => "dnssec-invalid",
             Cause::Certificate(c) | Cause::StsValidation(StsProblem::Certificate(c)) => {
                 c.tlsrpt_result()
             }
@@ -365,6 +410,21 @@ impl Cause {
             Cause::StsValidation(p) => format!(
                 "{host} failed the TLS check that the MTA-STS policy of {domain} demands ({}). Its administrator must offer STARTTLS with a certificate for {host} from a trusted CA that has not expired.",
                 p.words()
+            ),
+            Cause::DaneStartTls => format!(
+                "{host} publishes DANE TLSA records but did not offer STARTTLS. Its administrator must enable STARTTLS, or remove the TLSA records of {host}."
+            ),
+            Cause::DaneExpired => format!(
+                "The certificate of {host} (authenticated by its DANE-TA record) has expired. Its administrator must renew it."
+            ),
+            Cause::DaneNoMatch => format!(
+                "The DANE TLSA records of {host} match none of the certificates it presented. The administrator of {domain} must publish a TLSA record for the server's current key (or install the certificate the records describe)."
+            ),
+            Cause::DaneDnssec => format!(
+                "The DNSSEC-signed TLSA records of {host} could not be validated (bogus signatures, or the lookup failed). The administrator of {domain} must fix the zone's DNSSEC."
+            ),
+            Cause::DaneName => format!(
+                "The certificate of {host} chains to its DANE-TA record but is not issued for {host}. Its administrator must install a certificate for that name."
             ),
             Cause::StartTlsNotOffered => format!(
                 "{host} did not offer STARTTLS; the policy for {domain} requires TLS. Its administrator must enable STARTTLS on that mail server."

@@ -33,6 +33,7 @@ use std::sync::Arc;
 
 use rustls::RootCertStore;
 
+use crate::dane::tlsa::{self, Tlsa};
 use crate::domain::{Domain, DomainPattern};
 use crate::outbound::tls::Pin;
 use crate::sts::Applied;
@@ -95,9 +96,32 @@ pub struct TlsRequirement {
     pub extra_roots: Option<Arc<RootCertStore>>,
     /// Set by an MTA-STS `enforce` policy: failures carry 4.7.5/5.7.5 (RFC 8461 §4.2; docs/ARCHITECTURE.md).
     pub mta_sts: bool,
+    /// Set for a host with usable DNSSEC-validated TLSA records (RFC 7672): the certificate
+    /// is authenticated by them instead of by a CA (pins, when given, must match as well);
+    /// failures carry 4.7.321-325.
+    pub dane: Option<Arc<DaneTrust>>,
+}
+
+/// The trust a DANE host is held to: its usable TLSA records and the names a DANE-TA chain's
+/// certificate may carry (the MX host name and the TLSA base domain, RFC 7672 §3.2.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaneTrust {
+    pub records: Vec<Tlsa>,
+    pub names: Vec<String>,
+    /// The name the records were found for (their owner `_<port>._tcp.<base>`, after CNAMEs).
+    pub base: String,
 }
 
 impl TlsRequirement {
+    /// The level's name, `dane` for a DANE-authenticated host (it satisfies `verify`).
+    pub fn level_name(&self) -> &'static str {
+        if self.dane.is_some() {
+            "dane"
+        } else {
+            self.level.as_str()
+        }
+    }
+
     /// A requirement with only a level.
     pub fn level(level: TlsLevel) -> TlsRequirement {
         TlsRequirement {
@@ -116,6 +140,9 @@ pub struct TlsPolicy {
     pub default: TlsRequirement,
     /// See `OutboundConfig::opportunistic_for_unmatched`.
     pub opportunistic_for_unmatched: bool,
+    /// Recipient domains whose rule says `dane = "off"`: DANE is not applied to their hosts
+    /// (an emergency switch, logged on every use).
+    pub dane_off: Vec<DomainPattern>,
 }
 
 /// The first rule whose pattern matches `domain` (canonicalised first, so a rule written with
@@ -198,6 +225,7 @@ impl TlsPolicy {
                         pins: Vec::new(),
                         extra_roots: f.extra_roots.clone(),
                         mta_sts: false,
+                        dane: None,
                     },
                     why,
                 )
@@ -246,6 +274,9 @@ pub enum Source {
     MtaSts(String),
     /// No rule and no policy: opportunistic TLS.
     Default,
+    /// DNSSEC-validated TLSA records of the MX host (RFC 7672), described as
+    /// `DANE (TLSA records of mx.example, 2 usable records)`.
+    Dane(String),
 }
 
 impl Source {
@@ -255,6 +286,7 @@ impl Source {
             Source::Rule(_) => "rule",
             Source::MtaSts(_) => "mta-sts",
             Source::Default => "opportunistic",
+            Source::Dane(_) => "dane",
         }
     }
 }
@@ -293,6 +325,7 @@ impl fmt::Display for Why {
             }
             Source::MtaSts(d) => f.write_str(d)?,
             Source::Default => f.write_str("opportunistic (no rule or policy)")?,
+            Source::Dane(d) => f.write_str(d)?,
         }
         for n in &self.notes {
             write!(f, "; {n}")?;
@@ -320,27 +353,83 @@ pub struct Facts<'a> {
     pub sts_roots: &'a RootsMerge<'a>,
     /// The message asked for REQUIRETLS (RFC 8689); recorded, not yet acted on.
     pub requiretls: bool,
+    /// Why DANE cannot be used at all (disabled, or our resolver cannot validate); `None`
+    /// when it can.
+    pub dane_unavailable: Option<String>,
 }
 
 /// The decision for one recipient domain; [`DomainDecision::for_host`] judges each MX host.
 #[derive(Debug, Clone)]
 pub struct DomainDecision {
-    /// What every usable host must meet.
+    /// What every host without DANE must meet.
     pub requirement: TlsRequirement,
     pub why: Why,
+    /// What the rules alone gave, and why (a DANE host keeps a rule's pins).
+    pub rules: (TlsRequirement, Why),
+    /// DANE is not applied to this domain's hosts, and why (`dane = "off"`, DANE disabled,
+    /// the resolver cannot validate).
+    pub dane_off: Option<String>,
     /// The policy whose MX patterns restrict (enforce) or are reported on (testing).
     pub mta_sts: Option<Applied>,
     pub requiretls: bool,
 }
 
 /// The judgement for one MX host.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum HostVerdict {
-    /// Deliver to it under this requirement. `note` says what a testing policy would have
-    /// done differently.
+    /// Deliver to it under the domain's requirement. `note` says what a testing policy
+    /// would have done differently.
     Use { note: Option<String> },
-    /// Do not try it.
-    Skip(cause::Cause),
+    /// Deliver to it under a requirement of its own (DANE, or TLS demanded by unusable
+    /// TLSA records), with the why.
+    Own {
+        requirement: Box<TlsRequirement>,
+        why: Why,
+    },
+    /// Do not try it, with the cause and what it means for this host.
+    Skip(cause::Cause, String),
+}
+
+/// The DNSSEC state of one answer (RFC 4035 §4.3), as the resolver validated it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dnssec {
+    /// Validated from the trust anchor.
+    Secure,
+    /// Proven unsigned (no DS on the path), or validation is not done.
+    Insecure,
+    /// Should be signed but does not validate, or no answer could be had on a signed path
+    /// (SERVFAIL, timeout): the words say which.
+    Bogus(String),
+}
+
+/// What the TLSA lookup for one MX host found (`_25._tcp.<host>`, RFC 7672 §2.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsaLookup {
+    /// Not looked up, because DANE cannot apply to the host (see [`dane_applies`]).
+    NotLooked,
+    /// Secure answer: the records (usable or not), at `base` after CNAME expansion.
+    Records { records: Vec<Tlsa>, base: String },
+    /// A secure denial (NXDOMAIN or NODATA), or an insecure answer: DANE does not apply.
+    NoRecords { secure: bool },
+    /// Bogus, SERVFAIL or timed out on a secure path: the host must not be used.
+    Failed(String),
+}
+
+/// What is known about one MX host, after routing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFacts<'a> {
+    pub host: &'a str,
+    /// The MX lookup (for implicit MX, the proof that there is none).
+    pub mx: &'a Dnssec,
+    /// The host's address records.
+    pub addresses: &'a Dnssec,
+    pub tlsa: &'a TlsaLookup,
+}
+
+/// Whether the TLSA records of a host should be looked up (RFC 7672 §2.1-2.2): only with a
+/// secure MX RRset (or a secure proof of its absence) and secure address records.
+pub fn dane_applies(mx: &Dnssec, addresses: &Dnssec) -> bool {
+    *mx == Dnssec::Secure && *addresses == Dnssec::Secure
 }
 
 /// The decision (pure; see the module documentation for the precedence).
@@ -348,6 +437,17 @@ pub fn decide(facts: &Facts<'_>) -> DomainDecision {
     let (base, mut why) = facts
         .rules
         .by_rules(facts.domain, facts.sender, facts.recipients);
+    let rules = (base.clone(), why.clone());
+    let dane_off = match (&facts.dane_unavailable, Domain::parse(facts.domain)) {
+        (Some(why), _) => Some(why.clone()),
+        (None, Ok(d)) => facts
+            .rules
+            .dane_off
+            .iter()
+            .find(|p| p.matches(&d))
+            .map(|p| format!("DANE is off for \"{p}\" by rule")),
+        (None, Err(_)) => None,
+    };
     let requirement = match facts.mta_sts {
         Some(p) if p.mode() == Mode::Enforce => {
             let mut sts_why = Why::new(Source::MtaSts(p.describe()));
@@ -373,6 +473,7 @@ pub fn decide(facts: &Facts<'_>) -> DomainDecision {
                 pins: base.pins.clone(),
                 extra_roots: (facts.sts_roots)(base.extra_roots.as_ref()),
                 mta_sts: true,
+                dane: None,
             }
         }
         Some(p) if p.mode() == Mode::Testing => {
@@ -391,18 +492,133 @@ pub fn decide(facts: &Facts<'_>) -> DomainDecision {
     DomainDecision {
         requirement,
         why,
+        rules,
+        dane_off,
         mta_sts: facts.mta_sts.cloned(),
         requiretls: facts.requiretls,
     }
 }
 
 impl DomainDecision {
-    /// The judgement for MX host `host` (RFC 8461 §4.1: under `enforce` only hosts the policy
-    /// names are used; under `testing` the others are used and the mismatch reported).
-    pub fn for_host(&self, host: &str) -> HostVerdict {
+    /// The judgement for one MX host (RFC 7672 §2 and RFC 8461 §2, §4.1):
+    ///
+    /// * usable TLSA records: the host is held to them (DANE), a rule's pins still apply,
+    ///   and MTA-STS is not applied to it;
+    /// * a TLSA lookup that failed on a secure path: the host is not used (never downgraded);
+    /// * TLSA records that are all unusable: TLS is required, not authenticated (RFC 7672
+    ///   §2.2), on top of what MTA-STS and the rules demand;
+    /// * otherwise MTA-STS and the rules decide: under `enforce` only hosts the policy names
+    ///   are used; under `testing` the others are used and the mismatch reported.
+    pub fn for_host(&self, h: &HostFacts<'_>) -> HostVerdict {
+        if self.dane_off.is_none()
+            && let Some(why) = [h.mx, h.addresses].into_iter().find_map(|d| match d {
+                Dnssec::Bogus(w) => Some(w),
+                _ => None,
+            })
+        {
+            // Bogus or unanswerable on a path that may be signed: never downgrade.
+            return HostVerdict::Skip(
+                cause::Cause::DaneDnssec,
+                format!(
+                    "DNSSEC validation of the MX or address records of {} failed ({why}); the host is not used until it succeeds",
+                    h.host
+                ),
+            );
+        }
+        if self.dane_off.is_none() && dane_applies(h.mx, h.addresses) {
+            match h.tlsa {
+                TlsaLookup::Failed(why) => {
+                    return HostVerdict::Skip(
+                        cause::Cause::DaneDnssec,
+                        format!(
+                            "the TLSA lookup for {} failed on a DNSSEC-signed path ({why}); the host is not used until it succeeds",
+                            h.host
+                        ),
+                    );
+                }
+                TlsaLookup::Records { records, base } => {
+                    let (usable, ignored) = tlsa::usable(records);
+                    if !usable.is_empty() {
+                        return self.dane_host(h.host, usable, ignored.len(), base);
+                    }
+                    let mut why = self.why.clone();
+                    why.notes.push(format!(
+                        "the TLSA records of {base} are all unusable for SMTP, so TLS is required but not authenticated by them (RFC 7672 §2.2)"
+                    ));
+                    let mut requirement = self.requirement.clone();
+                    requirement.level = requirement.level.max(TlsLevel::Encrypt);
+                    // MTA-STS still judges the host as it would without TLSA records.
+                    if let HostVerdict::Skip(c, w) = self.sts_verdict(h.host) {
+                        return HostVerdict::Skip(c, w);
+                    }
+                    return HostVerdict::Own {
+                        requirement: Box::new(requirement),
+                        why,
+                    };
+                }
+                TlsaLookup::NotLooked | TlsaLookup::NoRecords { .. } => {}
+            }
+        }
+        self.sts_verdict(h.host)
+    }
+
+    /// A host with usable TLSA records.
+    fn dane_host(&self, host: &str, usable: Vec<Tlsa>, ignored: usize, base: &str) -> HostVerdict {
+        let n = usable.len();
+        let mut why = Why::new(Source::Dane(format!(
+            "DANE (TLSA records of {base}, {n} usable record{}{})",
+            if n == 1 { "" } else { "s" },
+            if ignored > 0 {
+                format!(", {ignored} unusable ignored")
+            } else {
+                String::new()
+            }
+        )));
+        let (rule, rule_why) = &self.rules;
+        if !matches!(rule_why.source, Source::Default) {
+            let pins = if rule.pins.is_empty() {
+                ""
+            } else {
+                ", its pins kept"
+            };
+            why.notes
+                .push(format!("also {rule_why} at {}{pins}", rule.level));
+        }
+        if let Some(p) = &self.mta_sts {
+            why.notes.push(format!(
+                "{} not applied to this host: DANE governs it (RFC 8461 §2)",
+                p.describe()
+            ));
+        }
+        let mut names = vec![host.to_string()];
+        if base != host {
+            names.push(base.to_string());
+        }
+        HostVerdict::Own {
+            requirement: Box::new(TlsRequirement {
+                level: TlsLevel::Verify,
+                match_names: Vec::new(),
+                pins: rule.pins.clone(),
+                extra_roots: None,
+                mta_sts: false,
+                dane: Some(Arc::new(DaneTrust {
+                    records: usable,
+                    names,
+                    base: base.to_string(),
+                })),
+            }),
+            why,
+        }
+    }
+
+    /// The MTA-STS judgement of a host without DANE.
+    fn sts_verdict(&self, host: &str) -> HostVerdict {
         match &self.mta_sts {
             Some(p) if !p.entry.policy.matches_mx(host) => match p.mode() {
-                Mode::Enforce => HostVerdict::Skip(cause::Cause::StsMxMismatch),
+                Mode::Enforce => HostVerdict::Skip(
+                    cause::Cause::StsMxMismatch,
+                    format!("{host} is not named in the policy's mx patterns"),
+                ),
                 Mode::Testing => HostVerdict::Use {
                     note: Some(format!("would skip {host}")),
                 },
@@ -464,6 +680,7 @@ mod tests {
             sender_rules: Vec::new(),
             default: TlsRequirement::level(TlsLevel::May),
             opportunistic_for_unmatched: opp,
+            dane_off: Vec::new(),
         };
         let policy = (sts != "-").then(|| applied(sts));
         let merge = |_: Option<&Arc<RootCertStore>>| Some(roots.clone());
@@ -476,6 +693,7 @@ mod tests {
             mta_sts: policy.as_ref(),
             sts_roots: &merge,
             requiretls: false,
+            dane_unavailable: None,
         })
     }
 
@@ -548,6 +766,7 @@ mod tests {
                 Source::Rule(_) => "rule:?",
                 Source::MtaSts(_) => "mta-sts",
                 Source::Default => "opportunistic",
+                Source::Dane(_) => "dane",
             };
             assert_eq!(source, want_source, "{row}: {}", d.why);
             assert_eq!(d.requirement.mta_sts, want_sts, "{row}");
@@ -580,22 +799,374 @@ mod tests {
                     "{row}: {text}"
                 );
             }
-            // Hosts: enforce skips an MX host its patterns do not name, testing reports it.
-            let verdict = d.for_host("mx.elsewhere.test");
+            // Hosts without DANE: enforce skips an MX host its patterns do not name, testing
+            // reports it.
+            let verdict = d.for_host(&host(
+                "mx.elsewhere.test",
+                &INSECURE,
+                &TlsaLookup::NotLooked,
+            ));
             let want = match sts {
-                "enforce" => HostVerdict::Skip(cause::Cause::StsMxMismatch),
-                "testing" => HostVerdict::Use {
-                    note: Some("would skip mx.elsewhere.test".into()),
-                },
-                _ => HostVerdict::Use { note: None },
+                "enforce" => "skip:mta-sts:mx-mismatch",
+                "testing" => "use:would skip mx.elsewhere.test",
+                _ => "use",
             };
-            assert_eq!(verdict, want, "{row}");
-            assert_eq!(
-                d.for_host("mx.dest.test"),
-                HostVerdict::Use { note: None },
-                "{row}"
-            );
+            assert_eq!(kind(&verdict), want, "{row}");
+            // A DANE host is governed by DANE even where MTA-STS enforce would skip it.
+            let usable = tlsa_records("3 1 1");
+            let verdict = d.for_host(&host("mx.elsewhere.test", &SECURE, &usable));
+            assert_eq!(kind(&verdict), "own", "{row}");
         }
+    }
+
+    const SECURE: Dnssec = Dnssec::Secure;
+    const INSECURE: Dnssec = Dnssec::Insecure;
+
+    fn host<'a>(name: &'a str, dnssec: &'a Dnssec, tlsa: &'a TlsaLookup) -> HostFacts<'a> {
+        HostFacts {
+            host: name,
+            mx: dnssec,
+            addresses: dnssec,
+            tlsa,
+        }
+    }
+
+    /// A secure TLSA answer with one record of the given usage, selector and matching type.
+    fn tlsa_records(kind: &str) -> TlsaLookup {
+        let len = if kind.ends_with('2') { 64 } else { 32 };
+        TlsaLookup::Records {
+            records: vec![
+                Tlsa::parse_presentation(&format!("{kind} {}", "ab".repeat(len))).unwrap(),
+            ],
+            base: "mx.dest.test".into(),
+        }
+    }
+
+    fn kind(v: &HostVerdict) -> String {
+        match v {
+            HostVerdict::Use { note: None } => "use".into(),
+            HostVerdict::Use { note: Some(n) } => format!("use:{n}"),
+            HostVerdict::Own { .. } => "own".into(),
+            HostVerdict::Skip(c, _) => format!("skip:{}", c.label()),
+        }
+    }
+
+    /// The decision table with the DANE column, for the host `mx.dest.test` (which the MTA-STS
+    /// policy names): rule, MTA-STS, opportunistic for unmatched, the host's DANE state
+    /// (`insecure`: MX or address records unsigned, so no TLSA lookup; `usable`: a secure
+    /// `3 1 1` record; `bogus`: the TLSA lookup failed on a signed path; `unusable`: only a
+    /// secure PKIX-EE `1 1 1` record) -> verdict (`use` the domain's requirement, `own`
+    /// requirement, `skip:<cause>`), level, source, MTA-STS codes.
+    /// rule, MTA-STS, opportunistic for unmatched, DANE -> verdict, level, source, MTA-STS codes.
+    type DaneRow = (
+        &'static str,
+        &'static str,
+        bool,
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+        bool,
+    );
+
+    #[test]
+    fn decision_table_with_dane() {
+        #[rustfmt::skip]
+        let table: &[DaneRow] = &[
+            ("-", "-", true, "insecure", "use", "may", "opportunistic", false),
+            ("-", "-", true, "usable", "own", "verify", "dane", false),
+            ("-", "-", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("-", "-", true, "unusable", "own", "encrypt", "opportunistic", false),
+            ("-", "-", false, "insecure", "use", "verify", "rule:other", false),
+            ("-", "-", false, "usable", "own", "verify", "dane", false),
+            ("-", "-", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("-", "-", false, "unusable", "own", "verify", "rule:other", false),
+            ("-", "none", true, "insecure", "use", "may", "opportunistic", false),
+            ("-", "none", true, "usable", "own", "verify", "dane", false),
+            ("-", "none", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("-", "none", true, "unusable", "own", "encrypt", "opportunistic", false),
+            ("-", "none", false, "insecure", "use", "verify", "rule:other", false),
+            ("-", "none", false, "usable", "own", "verify", "dane", false),
+            ("-", "none", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("-", "none", false, "unusable", "own", "verify", "rule:other", false),
+            ("-", "testing", true, "insecure", "use", "may", "opportunistic", false),
+            ("-", "testing", true, "usable", "own", "verify", "dane", false),
+            ("-", "testing", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("-", "testing", true, "unusable", "own", "encrypt", "opportunistic", false),
+            ("-", "testing", false, "insecure", "use", "verify", "rule:other", false),
+            ("-", "testing", false, "usable", "own", "verify", "dane", false),
+            ("-", "testing", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("-", "testing", false, "unusable", "own", "verify", "rule:other", false),
+            ("-", "enforce", true, "insecure", "use", "verify", "mta-sts", true),
+            ("-", "enforce", true, "usable", "own", "verify", "dane", false),
+            ("-", "enforce", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("-", "enforce", true, "unusable", "own", "verify", "mta-sts", true),
+            ("-", "enforce", false, "insecure", "use", "verify", "mta-sts", true),
+            ("-", "enforce", false, "usable", "own", "verify", "dane", false),
+            ("-", "enforce", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("-", "enforce", false, "unusable", "own", "verify", "mta-sts", true),
+            ("none", "-", true, "insecure", "use", "none", "rule:own", false),
+            ("none", "-", true, "usable", "own", "verify", "dane", false),
+            ("none", "-", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("none", "-", true, "unusable", "own", "encrypt", "rule:own", false),
+            ("none", "-", false, "insecure", "use", "verify", "rule:other", false),
+            ("none", "-", false, "usable", "own", "verify", "dane", false),
+            ("none", "-", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("none", "-", false, "unusable", "own", "verify", "rule:other", false),
+            ("none", "none", true, "insecure", "use", "none", "rule:own", false),
+            ("none", "none", true, "usable", "own", "verify", "dane", false),
+            ("none", "none", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("none", "none", true, "unusable", "own", "encrypt", "rule:own", false),
+            ("none", "none", false, "insecure", "use", "verify", "rule:other", false),
+            ("none", "none", false, "usable", "own", "verify", "dane", false),
+            ("none", "none", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("none", "none", false, "unusable", "own", "verify", "rule:other", false),
+            ("none", "testing", true, "insecure", "use", "none", "rule:own", false),
+            ("none", "testing", true, "usable", "own", "verify", "dane", false),
+            ("none", "testing", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("none", "testing", true, "unusable", "own", "encrypt", "rule:own", false),
+            ("none", "testing", false, "insecure", "use", "verify", "rule:other", false),
+            ("none", "testing", false, "usable", "own", "verify", "dane", false),
+            ("none", "testing", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("none", "testing", false, "unusable", "own", "verify", "rule:other", false),
+            ("none", "enforce", true, "insecure", "use", "verify", "mta-sts", true),
+            ("none", "enforce", true, "usable", "own", "verify", "dane", false),
+            ("none", "enforce", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("none", "enforce", true, "unusable", "own", "verify", "mta-sts", true),
+            ("none", "enforce", false, "insecure", "use", "verify", "mta-sts", true),
+            ("none", "enforce", false, "usable", "own", "verify", "dane", false),
+            ("none", "enforce", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("none", "enforce", false, "unusable", "own", "verify", "mta-sts", true),
+            ("may", "-", true, "insecure", "use", "may", "rule:own", false),
+            ("may", "-", true, "usable", "own", "verify", "dane", false),
+            ("may", "-", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("may", "-", true, "unusable", "own", "encrypt", "rule:own", false),
+            ("may", "-", false, "insecure", "use", "verify", "rule:other", false),
+            ("may", "-", false, "usable", "own", "verify", "dane", false),
+            ("may", "-", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("may", "-", false, "unusable", "own", "verify", "rule:other", false),
+            ("may", "none", true, "insecure", "use", "may", "rule:own", false),
+            ("may", "none", true, "usable", "own", "verify", "dane", false),
+            ("may", "none", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("may", "none", true, "unusable", "own", "encrypt", "rule:own", false),
+            ("may", "none", false, "insecure", "use", "verify", "rule:other", false),
+            ("may", "none", false, "usable", "own", "verify", "dane", false),
+            ("may", "none", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("may", "none", false, "unusable", "own", "verify", "rule:other", false),
+            ("may", "testing", true, "insecure", "use", "may", "rule:own", false),
+            ("may", "testing", true, "usable", "own", "verify", "dane", false),
+            ("may", "testing", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("may", "testing", true, "unusable", "own", "encrypt", "rule:own", false),
+            ("may", "testing", false, "insecure", "use", "verify", "rule:other", false),
+            ("may", "testing", false, "usable", "own", "verify", "dane", false),
+            ("may", "testing", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("may", "testing", false, "unusable", "own", "verify", "rule:other", false),
+            ("may", "enforce", true, "insecure", "use", "verify", "mta-sts", true),
+            ("may", "enforce", true, "usable", "own", "verify", "dane", false),
+            ("may", "enforce", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("may", "enforce", true, "unusable", "own", "verify", "mta-sts", true),
+            ("may", "enforce", false, "insecure", "use", "verify", "mta-sts", true),
+            ("may", "enforce", false, "usable", "own", "verify", "dane", false),
+            ("may", "enforce", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("may", "enforce", false, "unusable", "own", "verify", "mta-sts", true),
+            ("encrypt", "-", true, "insecure", "use", "encrypt", "rule:own", false),
+            ("encrypt", "-", true, "usable", "own", "verify", "dane", false),
+            ("encrypt", "-", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("encrypt", "-", true, "unusable", "own", "encrypt", "rule:own", false),
+            ("encrypt", "-", false, "insecure", "use", "verify", "rule:other", false),
+            ("encrypt", "-", false, "usable", "own", "verify", "dane", false),
+            ("encrypt", "-", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("encrypt", "-", false, "unusable", "own", "verify", "rule:other", false),
+            ("encrypt", "none", true, "insecure", "use", "encrypt", "rule:own", false),
+            ("encrypt", "none", true, "usable", "own", "verify", "dane", false),
+            ("encrypt", "none", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("encrypt", "none", true, "unusable", "own", "encrypt", "rule:own", false),
+            ("encrypt", "none", false, "insecure", "use", "verify", "rule:other", false),
+            ("encrypt", "none", false, "usable", "own", "verify", "dane", false),
+            ("encrypt", "none", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("encrypt", "none", false, "unusable", "own", "verify", "rule:other", false),
+            ("encrypt", "testing", true, "insecure", "use", "encrypt", "rule:own", false),
+            ("encrypt", "testing", true, "usable", "own", "verify", "dane", false),
+            ("encrypt", "testing", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("encrypt", "testing", true, "unusable", "own", "encrypt", "rule:own", false),
+            ("encrypt", "testing", false, "insecure", "use", "verify", "rule:other", false),
+            ("encrypt", "testing", false, "usable", "own", "verify", "dane", false),
+            ("encrypt", "testing", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("encrypt", "testing", false, "unusable", "own", "verify", "rule:other", false),
+            ("encrypt", "enforce", true, "insecure", "use", "verify", "mta-sts", true),
+            ("encrypt", "enforce", true, "usable", "own", "verify", "dane", false),
+            ("encrypt", "enforce", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("encrypt", "enforce", true, "unusable", "own", "verify", "mta-sts", true),
+            ("encrypt", "enforce", false, "insecure", "use", "verify", "mta-sts", true),
+            ("encrypt", "enforce", false, "usable", "own", "verify", "dane", false),
+            ("encrypt", "enforce", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("encrypt", "enforce", false, "unusable", "own", "verify", "mta-sts", true),
+            ("verify", "-", true, "insecure", "use", "verify", "rule:own", false),
+            ("verify", "-", true, "usable", "own", "verify", "dane", false),
+            ("verify", "-", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("verify", "-", true, "unusable", "own", "verify", "rule:own", false),
+            ("verify", "-", false, "insecure", "use", "verify", "rule:own", false),
+            ("verify", "-", false, "usable", "own", "verify", "dane", false),
+            ("verify", "-", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("verify", "-", false, "unusable", "own", "verify", "rule:own", false),
+            ("verify", "none", true, "insecure", "use", "verify", "rule:own", false),
+            ("verify", "none", true, "usable", "own", "verify", "dane", false),
+            ("verify", "none", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("verify", "none", true, "unusable", "own", "verify", "rule:own", false),
+            ("verify", "none", false, "insecure", "use", "verify", "rule:own", false),
+            ("verify", "none", false, "usable", "own", "verify", "dane", false),
+            ("verify", "none", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("verify", "none", false, "unusable", "own", "verify", "rule:own", false),
+            ("verify", "testing", true, "insecure", "use", "verify", "rule:own", false),
+            ("verify", "testing", true, "usable", "own", "verify", "dane", false),
+            ("verify", "testing", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("verify", "testing", true, "unusable", "own", "verify", "rule:own", false),
+            ("verify", "testing", false, "insecure", "use", "verify", "rule:own", false),
+            ("verify", "testing", false, "usable", "own", "verify", "dane", false),
+            ("verify", "testing", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("verify", "testing", false, "unusable", "own", "verify", "rule:own", false),
+            ("verify", "enforce", true, "insecure", "use", "verify", "mta-sts", true),
+            ("verify", "enforce", true, "usable", "own", "verify", "dane", false),
+            ("verify", "enforce", true, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("verify", "enforce", true, "unusable", "own", "verify", "mta-sts", true),
+            ("verify", "enforce", false, "insecure", "use", "verify", "mta-sts", true),
+            ("verify", "enforce", false, "usable", "own", "verify", "dane", false),
+            ("verify", "enforce", false, "bogus", "skip:dane:dnssec", "-", "-", false),
+            ("verify", "enforce", false, "unusable", "own", "verify", "mta-sts", true),
+        ];
+        assert_eq!(table.len(), 5 * 4 * 2 * 4);
+        let roots = Arc::new(RootCertStore::empty());
+        for &(rule, sts, opp, dane, want_verdict, want_level, want_source, want_sts) in table {
+            let row = format!(
+                "rule {rule}, MTA-STS {sts}, opportunistic_for_unmatched {opp}, DANE {dane}"
+            );
+            let d = run(rule, sts, opp, &roots);
+            let (dnssec, tlsa) = match dane {
+                "insecure" => (INSECURE, TlsaLookup::NotLooked),
+                "usable" => (SECURE, tlsa_records("3 1 1")),
+                "bogus" => (SECURE, TlsaLookup::Failed("SERVFAIL".into())),
+                _ => (SECURE, tlsa_records("1 1 1")),
+            };
+            let v = d.for_host(&host("mx.dest.test", &dnssec, &tlsa));
+            assert_eq!(kind(&v), want_verdict, "{row}");
+            let (req, why) = match &v {
+                HostVerdict::Use { .. } => (&d.requirement, &d.why),
+                HostVerdict::Own { requirement, why } => (&**requirement, why),
+                HostVerdict::Skip(..) => continue,
+            };
+            assert_eq!(req.level, level(want_level), "{row}: {why}");
+            assert_eq!(req.mta_sts, want_sts, "{row}");
+            let source = match &why.source {
+                Source::Rule(RuleMatch {
+                    by: MatchedBy::Recipient,
+                    ..
+                }) => "rule:own",
+                Source::Rule(_) => "rule:other",
+                s => s.label(),
+            };
+            assert_eq!(source, want_source, "{row}: {why}");
+            assert_eq!(req.dane.is_some(), dane == "usable", "{row}");
+            if dane == "usable" {
+                let text = why.to_string();
+                assert!(
+                    text.starts_with("DANE (TLSA records of mx.dest.test, 1 usable record)"),
+                    "{text}"
+                );
+                if sts == "enforce" || sts == "testing" {
+                    assert!(
+                        text.contains("not applied to this host: DANE governs it (RFC 8461 §2)"),
+                        "{text}"
+                    );
+                }
+            }
+            if dane == "unusable" {
+                assert!(
+                    why.to_string().contains("all unusable for SMTP"),
+                    "{row}: {why}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dane_off_and_unavailable_leave_the_decision_to_the_rest() {
+        let roots = Arc::new(RootCertStore::empty());
+        let mut d = run("-", "-", true, &roots);
+        let usable = tlsa_records("3 1 1");
+        assert_eq!(
+            kind(&d.for_host(&host("mx.dest.test", &SECURE, &usable))),
+            "own"
+        );
+        d.dane_off = Some("DANE is off for \"dest.test\" by rule".into());
+        assert_eq!(
+            kind(&d.for_host(&host("mx.dest.test", &SECURE, &usable))),
+            "use"
+        );
+        let failed = TlsaLookup::Failed("timeout".into());
+        assert_eq!(
+            kind(&d.for_host(&host("mx.dest.test", &SECURE, &failed))),
+            "use"
+        );
+        // Insecure address records: DANE does not apply whatever the TLSA lookup said.
+        d.dane_off = None;
+        let half = HostFacts {
+            host: "mx.dest.test",
+            mx: &SECURE,
+            addresses: &INSECURE,
+            tlsa: &failed,
+        };
+        assert_eq!(kind(&d.for_host(&half)), "use");
+    }
+
+    #[test]
+    fn a_dane_host_keeps_a_rules_pins_and_names_both_names() {
+        let pin = Pin::Cert([9; 32]);
+        let rules = TlsPolicy {
+            rules: vec![(
+                pat("dest.test"),
+                TlsRequirement {
+                    level: TlsLevel::Encrypt,
+                    pins: vec![pin],
+                    ..TlsRequirement::default()
+                },
+            )],
+            ..TlsPolicy::default()
+        };
+        let none = |r: Option<&Arc<RootCertStore>>| r.cloned();
+        let d = decide(&Facts {
+            rules: &rules,
+            sender: "",
+            domain: "dest.test",
+            recipients: &["a@dest.test".to_string()],
+            mta_sts: None,
+            sts_roots: &none,
+            requiretls: false,
+            dane_unavailable: None,
+        });
+        let tlsa = TlsaLookup::Records {
+            records: vec![
+                Tlsa::parse_presentation(&format!("2 1 1 {}", "cd".repeat(32))).unwrap(),
+                Tlsa::parse_presentation(&format!("0 1 1 {}", "cd".repeat(32))).unwrap(),
+            ],
+            base: "mx.hosting.test".into(),
+        };
+        let HostVerdict::Own { requirement, why } =
+            d.for_host(&host("mx.dest.test", &SECURE, &tlsa))
+        else {
+            panic!("not a DANE host");
+        };
+        assert_eq!(requirement.pins, vec![pin]);
+        assert_eq!(requirement.level_name(), "dane");
+        let trust = requirement.dane.unwrap();
+        assert_eq!(trust.records.len(), 1, "PKIX-TA is unusable for SMTP");
+        assert_eq!(
+            trust.names,
+            vec!["mx.dest.test".to_string(), "mx.hosting.test".to_string()]
+        );
+        assert_eq!(
+            why.to_string(),
+            "DANE (TLSA records of mx.hosting.test, 1 usable record, 1 unusable ignored); also rule \"dest.test\" (recipient domain) at encrypt, its pins kept"
+        );
     }
 
     #[test]
@@ -623,6 +1194,7 @@ mod tests {
             mta_sts: Some(&policy),
             sts_roots: &none,
             requiretls: false,
+            dane_unavailable: None,
         });
         assert_eq!(d.requirement.level, TlsLevel::Verify);
         assert_eq!(d.requirement.pins, vec![pin]);
@@ -647,6 +1219,7 @@ mod tests {
                     pins: vec![Pin::Spki([1; 32])],
                     extra_roots: Some(ca.clone()),
                     mta_sts: false,
+                    dane: None,
                 },
             )],
             ..TlsPolicy::default()
@@ -660,6 +1233,7 @@ mod tests {
             mta_sts: None,
             sts_roots: &none,
             requiretls: false,
+            dane_unavailable: None,
         });
         assert_eq!(d.requirement.level, TlsLevel::Verify);
         assert!(d.requirement.pins.is_empty() && d.requirement.match_names.is_empty());
@@ -701,6 +1275,7 @@ mod rules_tests {
             sender_rules: vec![(pat("bank.test"), TlsRequirement::level(TlsLevel::Encrypt))],
             default: TlsRequirement::level(TlsLevel::May),
             opportunistic_for_unmatched: split,
+            dane_off: Vec::new(),
         }
     }
 

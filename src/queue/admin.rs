@@ -314,6 +314,8 @@ fn describe(queue: &Queue, m: &Spooled, st: &MessageState, now: u64, detail: boo
                 mta_sts: applied.as_ref(),
                 sts_roots: &sts_roots,
                 requiretls: false,
+                // `queue show` makes no lookups, so it cannot say what DANE would find.
+                dane_unavailable: Some("not looked up by queue show".into()),
             });
             s.push_str(&format!(
                 "  {d}: route {route}, TLS policy {}, because {}{sts}\n",

@@ -497,8 +497,15 @@ impl Queue {
         };
         let _permit = slots.acquire_owned().await;
         let rules = self.tls_policy();
-        let decision =
-            deliver::decide(&rules, self.sts.as_deref(), domain, &hop, &msg.envelope).await;
+        let decision = deliver::decide(
+            &self.outbound,
+            &rules,
+            self.sts.as_deref(),
+            domain,
+            &hop,
+            &msg.envelope,
+        )
+        .await;
         tracing::debug!(queue_id = %msg.id, domain, level = decision.requirement.level.as_str(),
             why = %decision.why, "TLS requirement");
         deliver::deliver(&self.outbound, &msg.id, domain, &hop, &decision, out).await

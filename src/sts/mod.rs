@@ -619,6 +619,7 @@ mod tests {
             mta_sts: Some(a),
             sts_roots: &roots,
             requiretls: false,
+            dane_unavailable: None,
         })
         .requirement
     }
@@ -634,6 +635,7 @@ mod tests {
             pins: vec![pin],
             extra_roots: Some(rule_ca.clone()),
             mta_sts: false,
+            dane: None,
         };
         let r = requirement(&applied(Mode::Enforce), &rule, &s);
         assert_eq!(r.level, TlsLevel::Verify);

@@ -40,6 +40,7 @@ fn catalog(origin: &str, records: &[Rr]) -> Catalog {
         origin_name.clone(),
         ZoneType::Primary,
         AxfrPolicy::Deny,
+        None,
     );
     let soa = SOA::new(
         n(&format!("ns.{origin}")),

@@ -1,0 +1,425 @@
+//! DANE when sending (RFC 7672), end to end on loopback: a sending Moat validates DNSSEC
+//! in-process against real signed zones (hickory-server, keys generated at start; the anchor
+//! zone's key is the trust anchor), looks up TLSA records per MX host, and delivers to real
+//! receivers (Moat instances; a plaintext-only peer) or defers with the DANE codes:
+//! 4.7.321 STARTTLS not offered, 4.7.323 no TLSA record matched, 4.7.324 DNSSEC failed,
+//! 4.7.325 name mismatch (DANE-TA). Insecure zones, secure zones without TLSA records, and a
+//! resolver that cannot validate leave delivery to the rest of the policy.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::signed_dns::{Kind, SignedDns, Srr, serve_signed};
+use common::*;
+
+/// The first certificate in a PEM file, as DER.
+fn der_of(pem: &Path) -> Vec<u8> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::pem_file_iter(pem)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+/// SHA-256 of a certificate's SubjectPublicKeyInfo: the data of a `x 1 1` TLSA record,
+/// computed here from the certificate (x509-parser, aws-lc-rs), not by Moat's DANE code.
+fn spki_sha256(pem: &Path) -> Vec<u8> {
+    let der = der_of(pem);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        cert.tbs_certificate.subject_pki.raw,
+    )
+    .as_ref()
+    .to_vec()
+}
+
+/// A file holding the leaf and then its CA: the chain a DANE-TA server must present.
+fn chain_file(dir: &Path, leaf: &Path, ca: &Path) -> PathBuf {
+    let p = dir.join(format!(
+        "chain-{}",
+        leaf.file_name().unwrap().to_string_lossy()
+    ));
+    let mut text = std::fs::read_to_string(leaf).unwrap();
+    text.push_str(&std::fs::read_to_string(ca).unwrap());
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// A receiving Moat on `ip` taking mail for `domains`, presenting `cert` (a chain file).
+fn receiver(ip: &str, domains: &[&str], cert: &Path, key: &Path) -> Moat {
+    let mut extra = String::new();
+    for d in domains {
+        extra.push_str(&format!(
+            "[[domain]]\nname = \"{d}\"\nroute = \"maildir\"\n\n"
+        ));
+    }
+    extra.push_str(&format!(
+        "[tls]\n[[tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    ));
+    Moat::start_with(ip, &extra, "")
+}
+
+/// The sending Moat: relays for loopback, the signed zones' server as its nameserver, their
+/// anchor trusted, and a self-check on names of the test tree; waits until DANE is available.
+fn sender(ip: &str, dns: &SignedDns, more: &str) -> Moat {
+    let extra = format!(
+        "[relay]\ntrusted_networks = [\"127.0.0.0/8\"]\n\n[outbound]\nport = {SMTP}\nnameservers = [\"{}\"]\nconnect_timeout_secs = 3\ndns_timeout_secs = 1\n\n[queue]\nretry_schedule_secs = [1]\n\n[mta_sts]\nenabled = false\n\n[dane]\ntrust_anchor_file = \"{}\"\ncheck_secure = \"dane.test\"\ncheck_bogus = \"mx.bogus.dane.test\"\n\n{more}",
+        dns.addr,
+        dns.anchor_file.display()
+    );
+    Moat::start_with(ip, &extra, "")
+}
+
+fn wait_dane_available(m: &Moat) {
+    wait_for("DANE self-check", Duration::from_secs(20), || {
+        m.log().contains("DANE available").then_some(())
+    });
+}
+
+/// Waits for a `not delivered` line for `rcpt` with `status`; returns that line.
+fn wait_deferred(m: &Moat, rcpt: &str, status: &str) -> String {
+    wait_for(
+        &format!("{rcpt} deferred with {status}"),
+        Duration::from_secs(30),
+        || {
+            m.log()
+                .lines()
+                .find(|l| {
+                    l.contains("not delivered")
+                        && l.contains(&format!("to={rcpt}"))
+                        && l.contains(&format!("status={status}"))
+                })
+                .map(str::to_string)
+        },
+    )
+}
+
+#[test]
+fn dane_authenticates_defers_and_never_downgrades() {
+    let dir = tempfile::tempdir().unwrap();
+    // Receiver A: a certificate for a name no MX has, from a CA the sender does not trust.
+    let a_dir = dir.path().join("a");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    let (a_ca, a_leaves) = make_certs(&a_dir, &["wrong-name.example"]);
+    // Receivers B (right name) and C (wrong name), issued by a second CA: DANE-TA.
+    let b_dir = dir.path().join("b");
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let (b_ca, b_leaves) = make_certs_named(
+        &b_dir,
+        "Moat DANE-TA CA",
+        &["mx3.secure.dane.test", "someone-else.example"],
+    );
+    let a_spki = spki_sha256(&a_leaves[0].0);
+    let b_ca_spki = spki_sha256(&b_ca);
+    let wrong = vec![0x5a; 32];
+
+    let secure = "secure.dane.test";
+    let s = |x: &str| x.to_string();
+    let dns = serve_signed(
+        "127.0.21.53",
+        dir.path(),
+        "dane.test",
+        &[],
+        &[
+            (
+                secure,
+                Kind::Secure,
+                vec![
+                    // ee.secure: DANE-EE matching A's key (wrong name, untrusted CA).
+                    Srr::Mx(s("ee.secure.dane.test"), 10, s("mx1.secure.dane.test")),
+                    Srr::A(s("mx1.secure.dane.test"), [127, 0, 21, 11]),
+                    Srr::Tlsa(
+                        s("_2525._tcp.mx1.secure.dane.test"),
+                        3,
+                        1,
+                        1,
+                        a_spki.clone(),
+                    ),
+                    // nomatch.secure: DANE-EE that matches nothing A presents.
+                    Srr::Mx(s("nomatch.secure.dane.test"), 10, s("mx2.secure.dane.test")),
+                    Srr::A(s("mx2.secure.dane.test"), [127, 0, 21, 11]),
+                    Srr::Tlsa(s("_2525._tcp.mx2.secure.dane.test"), 3, 1, 1, wrong.clone()),
+                    // ta.secure: DANE-TA on B's CA, certificate for the MX host name.
+                    Srr::Mx(s("ta.secure.dane.test"), 10, s("mx3.secure.dane.test")),
+                    Srr::A(s("mx3.secure.dane.test"), [127, 0, 21, 12]),
+                    Srr::Tlsa(
+                        s("_2525._tcp.mx3.secure.dane.test"),
+                        2,
+                        1,
+                        1,
+                        b_ca_spki.clone(),
+                    ),
+                    // taname.secure: DANE-TA on B's CA, certificate for another name.
+                    Srr::Mx(s("taname.secure.dane.test"), 10, s("mx4.secure.dane.test")),
+                    Srr::A(s("mx4.secure.dane.test"), [127, 0, 21, 13]),
+                    Srr::Tlsa(
+                        s("_2525._tcp.mx4.secure.dane.test"),
+                        2,
+                        1,
+                        1,
+                        b_ca_spki.clone(),
+                    ),
+                    // plain.secure: TLSA published, but the host offers no STARTTLS.
+                    Srr::Mx(s("plain.secure.dane.test"), 10, s("mx5.secure.dane.test")),
+                    Srr::A(s("mx5.secure.dane.test"), [127, 0, 21, 14]),
+                    Srr::Tlsa(
+                        s("_2525._tcp.mx5.secure.dane.test"),
+                        3,
+                        1,
+                        1,
+                        a_spki.clone(),
+                    ),
+                    // notlsa.secure: signed, no TLSA records: DANE does not apply.
+                    Srr::Mx(s("notlsa.secure.dane.test"), 10, s("mx6.secure.dane.test")),
+                    Srr::A(s("mx6.secure.dane.test"), [127, 0, 21, 11]),
+                    // cname.secure: the TLSA records are found through a CNAME.
+                    Srr::Mx(s("cname.secure.dane.test"), 10, s("mx7.secure.dane.test")),
+                    Srr::A(s("mx7.secure.dane.test"), [127, 0, 21, 11]),
+                    Srr::Cname(
+                        s("_2525._tcp.mx7.secure.dane.test"),
+                        s("_2525._tcp.mx1.secure.dane.test"),
+                    ),
+                ],
+            ),
+            (
+                "insecure.dane.test",
+                Kind::Insecure,
+                vec![
+                    // Unsigned: its (wrong) TLSA record must be ignored.
+                    Srr::Mx(s("insecure.dane.test"), 10, s("mx.insecure.dane.test")),
+                    Srr::A(s("mx.insecure.dane.test"), [127, 0, 21, 11]),
+                    Srr::Tlsa(
+                        s("_2525._tcp.mx.insecure.dane.test"),
+                        3,
+                        1,
+                        1,
+                        wrong.clone(),
+                    ),
+                ],
+            ),
+            (
+                "bogus.dane.test",
+                Kind::Bogus,
+                vec![
+                    Srr::Mx(s("bogus.dane.test"), 10, s("mx.bogus.dane.test")),
+                    Srr::A(s("mx.bogus.dane.test"), [127, 0, 21, 11]),
+                    Srr::Tlsa(s("_2525._tcp.mx.bogus.dane.test"), 3, 1, 1, a_spki.clone()),
+                ],
+            ),
+        ],
+    );
+    let a_chain = chain_file(&a_dir, &a_leaves[0].0, &a_ca);
+    let rx_a = receiver(
+        "127.0.21.11",
+        &[
+            "ee.secure.dane.test",
+            "nomatch.secure.dane.test",
+            "notlsa.secure.dane.test",
+            "cname.secure.dane.test",
+            "insecure.dane.test",
+            "bogus.dane.test",
+        ],
+        &a_chain,
+        &a_leaves[0].1,
+    );
+    let rx_b = receiver(
+        "127.0.21.12",
+        &["ta.secure.dane.test"],
+        &chain_file(&b_dir, &b_leaves[0].0, &b_ca),
+        &b_leaves[0].1,
+    );
+    let rx_c = receiver(
+        "127.0.21.13",
+        &["taname.secure.dane.test"],
+        &chain_file(&b_dir, &b_leaves[1].0, &b_ca),
+        &b_leaves[1].1,
+    );
+    let plain = plain_peer("127.0.21.14");
+
+    let tx = sender("127.0.21.1", &dns, "");
+    wait_dane_available(&tx);
+    let rcpts = [
+        "u@ee.secure.dane.test",
+        "u@nomatch.secure.dane.test",
+        "u@ta.secure.dane.test",
+        "u@taname.secure.dane.test",
+        "u@plain.secure.dane.test",
+        "u@notlsa.secure.dane.test",
+        "u@cname.secure.dane.test",
+        "u@insecure.dane.test",
+        "u@bogus.dane.test",
+    ];
+    submit(&tx, "alice@moat.test", &rcpts, "dane");
+
+    // DANE-EE: accepted although the name is wrong and the CA unknown (RFC 7672 §3.1.1).
+    let mail = wait_for("DANE-EE delivery", Duration::from_secs(30), || {
+        rx_a.mailbox("u")
+            .into_iter()
+            .find(|m| m.contains("ee.secure.dane.test"))
+    });
+    assert!(mail.contains("with ESMTPS"), "{mail}");
+    // DANE-TA with the right name.
+    let mail = wait_for("DANE-TA delivery", Duration::from_secs(30), || {
+        rx_b.mailbox("u").into_iter().next()
+    });
+    assert!(mail.contains("with ESMTPS"), "{mail}");
+    // Deferred, never downgraded.
+    let l = wait_deferred(&tx, "u@nomatch.secure.dane.test", "4.7.323");
+    assert!(l.contains("matches none of the certificates"), "{l}");
+    let l = wait_deferred(&tx, "u@taname.secure.dane.test", "4.7.325");
+    assert!(l.contains("mx4.secure.dane.test"), "{l}");
+    let l = wait_deferred(&tx, "u@plain.secure.dane.test", "4.7.321");
+    assert!(l.contains("did not offer STARTTLS"), "{l}");
+    let l = wait_deferred(&tx, "u@bogus.dane.test", "4.7.324");
+    assert!(l.contains("DNSSEC"), "{l}");
+    // The rest reach receiver A without DANE (insecure zone, no TLSA) or through a CNAME.
+    let got = wait_for("the other deliveries", Duration::from_secs(30), || {
+        let m = rx_a.mailbox("u");
+        (m.len() >= 4).then_some(m)
+    });
+    for d in ["notlsa.secure", "cname.secure", "insecure"] {
+        assert!(
+            got.iter().any(|m| m.contains(&format!("u@{d}.dane.test"))),
+            "{d}: {got:?}"
+        );
+    }
+    assert!(
+        !rx_a
+            .mailbox("u")
+            .iter()
+            .any(|m| m.contains("nomatch.secure") || m.contains("bogus.dane.test")),
+        "a DANE failure was delivered anyway"
+    );
+    assert!(rx_c.mailbox("u").is_empty(), "name mismatch delivered");
+    assert!(
+        !plain
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, c)| c.starts_with("MESSAGE")),
+        "sent in plaintext to a host with TLSA records"
+    );
+
+    let log = tx.log();
+    let attempt = |host: &str| {
+        log.lines()
+            .find(|l| l.contains("delivery attempt") && l.contains(&format!("host=\"{host}\"")))
+            .unwrap_or_else(|| panic!("no attempt to {host}: {log}"))
+            .to_string()
+    };
+    let ee = attempt("mx1.secure.dane.test");
+    assert!(ee.contains("level=\"dane\""), "{ee}");
+    assert!(ee.contains("verified by DANE"), "{ee}");
+    assert!(
+        ee.contains("why=DANE (TLSA records of mx1.secure.dane.test, 1 usable record)"),
+        "{ee}"
+    );
+    let cname = attempt("mx7.secure.dane.test");
+    assert!(cname.contains("level=\"dane\""), "{cname}");
+    assert!(
+        cname.contains("mx1.secure.dane.test"),
+        "the base name after the CNAME: {cname}"
+    );
+    let insecure = attempt("mx.insecure.dane.test");
+    assert!(insecure.contains("level=\"may\""), "{insecure}");
+    let notlsa = attempt("mx6.secure.dane.test");
+    assert!(notlsa.contains("level=\"may\""), "{notlsa}");
+}
+
+#[test]
+fn without_working_validation_dane_is_unavailable_and_mail_still_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, leaves) = make_certs(dir.path(), &["wrong-name.example"]);
+    let s = |x: &str| x.to_string();
+    let dns = serve_signed(
+        "127.0.21.54",
+        dir.path(),
+        "dane.test",
+        &[],
+        &[(
+            "secure.dane.test",
+            Kind::Secure,
+            vec![
+                Srr::Mx(s("secure.dane.test"), 10, s("mx.secure.dane.test")),
+                Srr::A(s("mx.secure.dane.test"), [127, 0, 21, 21]),
+                Srr::Tlsa(s("_2525._tcp.mx.secure.dane.test"), 3, 1, 1, vec![0x11; 32]),
+            ],
+        )],
+    );
+    let rx = receiver(
+        "127.0.21.21",
+        &["secure.dane.test"],
+        &chain_file(dir.path(), &leaves[0].0, &ca),
+        &leaves[0].1,
+    );
+    // The self-check asks for a name the trust anchor does not cover: validation "fails".
+    let extra = format!(
+        "[relay]\ntrusted_networks = [\"127.0.0.0/8\"]\n\n[outbound]\nport = {SMTP}\nnameservers = [\"{}\"]\nconnect_timeout_secs = 3\ndns_timeout_secs = 1\n\n[queue]\nretry_schedule_secs = [1]\n\n[mta_sts]\nenabled = false\n\n[dane]\ntrust_anchor_file = \"{}\"\ncheck_secure = \"not-covered.example\"\ncheck_bogus = \"\"\n",
+        dns.addr,
+        dns.anchor_file.display()
+    );
+    let tx = Moat::start_with("127.0.21.2", &extra, "");
+    wait_for("the failed self-check", Duration::from_secs(20), || {
+        tx.log().contains("DANE unavailable").then_some(())
+    });
+    submit(&tx, "alice@moat.test", &["u@secure.dane.test"], "no-dane");
+    wait_for("opportunistic delivery", Duration::from_secs(30), || {
+        rx.mailbox("u").into_iter().next()
+    });
+    let log = tx.log();
+    assert!(
+        log.contains("DANE unavailable: DNSSEC validation does not work"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_rule_can_switch_dane_off_for_a_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, leaves) = make_certs(dir.path(), &["wrong-name.example"]);
+    let s = |x: &str| x.to_string();
+    let dns = serve_signed(
+        "127.0.21.55",
+        dir.path(),
+        "dane.test",
+        &[],
+        &[
+            (
+                "secure.dane.test",
+                Kind::Secure,
+                vec![
+                    Srr::Mx(s("secure.dane.test"), 10, s("mx.secure.dane.test")),
+                    Srr::A(s("mx.secure.dane.test"), [127, 0, 21, 31]),
+                    // Stale record: matches nothing the server has.
+                    Srr::Tlsa(s("_2525._tcp.mx.secure.dane.test"), 3, 1, 1, vec![0x22; 32]),
+                ],
+            ),
+            ("bogus.dane.test", Kind::Bogus, vec![]),
+        ],
+    );
+    let rx = receiver(
+        "127.0.21.31",
+        &["secure.dane.test"],
+        &chain_file(dir.path(), &leaves[0].0, &ca),
+        &leaves[0].1,
+    );
+    let rule =
+        "[[tls_policy]]\ndomains = [\"secure.dane.test\"]\nlevel = \"encrypt\"\ndane = \"off\"\n";
+    let tx = sender("127.0.21.3", &dns, rule);
+    wait_dane_available(&tx);
+    submit(&tx, "alice@moat.test", &["u@secure.dane.test"], "dane-off");
+    wait_for("delivery with DANE off", Duration::from_secs(30), || {
+        rx.mailbox("u").into_iter().next()
+    });
+    let log = tx.log();
+    assert!(log.contains("DANE switched off by a rule"), "{log}");
+    assert!(log.contains("level=\"encrypt\""), "{log}");
+}
