@@ -10,6 +10,7 @@ pub mod config;
 pub mod dane;
 pub mod dns;
 pub mod domain;
+pub mod explain;
 pub mod http;
 pub mod inbound;
 pub mod metrics;

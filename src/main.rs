@@ -124,6 +124,42 @@ enum Command {
     /// domain's whole setup as a sending server sees it.
     #[command(subcommand)]
     Sts(StsCommand),
+    /// DANE (RFC 7672) for our own domains.
+    #[command(subcommand)]
+    Dane(DaneCommand),
+    /// Explain the outbound TLS decision for one recipient: run the real lookups (routes, MX,
+    /// MTA-STS, DNSSEC, TLSA) and the real decision under the config, and print per MX host
+    /// the requirement and every reason behind it, and what happens if the host refuses
+    /// STARTTLS. Nothing is sent.
+    Explain {
+        /// The recipient address.
+        address: String,
+        /// The sender (sender-domain rules may apply).
+        #[arg(long, default_value = "")]
+        from: String,
+        #[command(flatten)]
+        source: Source,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DaneCommand {
+    /// Print the TLSA records to publish for the certificates Moat serves on its SMTP
+    /// listeners (`3 1 1` for each certificate's key, `2 1 1` for its issuing CA when the
+    /// file holds it), under `_25._tcp.<name>` for every name the certificate covers; then
+    /// look up what DNS publishes now (DNSSEC-validated, through `[outbound] nameservers`)
+    /// and warn when the certificate on disk no longer matches it; and the rollover steps.
+    /// Exit status 1 when a published record set does not match.
+    Tlsa {
+        #[command(flatten)]
+        source: Source,
+        /// The port the records are for (25; a test world may use another).
+        #[arg(long, default_value_t = 25)]
+        port: u16,
+        /// Do not look anything up in DNS.
+        #[arg(long)]
+        offline: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -559,6 +595,57 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::User(cmd) => user(cmd),
         Command::Queue(cmd) => queue(cmd),
         Command::Status { source, json } => status(&source, json),
+        Command::Dane(DaneCommand::Tlsa {
+            source,
+            port,
+            offline,
+        }) => {
+            let (config, _) = source.read()?;
+            let files = moat::server::certificate_files(&config)?;
+            let certs = files
+                .iter()
+                .map(|(cert, _)| moat::dane::publish::for_chain_file(cert))
+                .collect::<Result<Vec<_>, _>>()?;
+            let runtime = client_runtime()?;
+            let (text, ok) = runtime.block_on(async {
+                let validator = if offline {
+                    None
+                } else {
+                    let d = &config.dane;
+                    let anchors = d.trust_anchor_file.as_ref().map(|f| config.data_path(f));
+                    let o = &config.outbound;
+                    let v = if o.nameservers.is_empty() {
+                        moat::dns::Validator::system(anchors.as_deref())
+                    } else {
+                        moat::dns::Validator::new(
+                            &o.nameservers,
+                            std::time::Duration::from_secs(o.dns_timeout_secs),
+                            1,
+                            anchors.as_deref(),
+                        )
+                    };
+                    v.ok()
+                };
+                moat::dane::publish::report(&certs, port, validator.as_ref()).await
+            });
+            print!("{text}");
+            if ok {
+                Ok(())
+            } else {
+                Err("a published TLSA record set does not match the certificate on disk".into())
+            }
+        }
+        Command::Explain {
+            address,
+            from,
+            source,
+        } => {
+            let (config, _) = source.read()?;
+            let runtime = client_runtime()?;
+            let text = runtime.block_on(moat::explain::explain(&config, &address, &from))?;
+            print!("{text}");
+            Ok(())
+        }
         // Handled in `main`: they have their own exit statuses.
         Command::Probe(_) | Command::Sts(StsCommand::Check { .. }) => Ok(()),
         Command::Sts(StsCommand::Generate {

@@ -132,7 +132,7 @@ fn routes_from(config: &Config) -> Result<HashMap<String, Route>, String> {
 }
 
 /// Certificate files from the config, or the self-signed pair in the data dir.
-fn certificate_files(config: &Config) -> Result<Vec<(PathBuf, PathBuf)>, String> {
+pub fn certificate_files(config: &Config) -> Result<Vec<(PathBuf, PathBuf)>, String> {
     if config.tls.certificates.is_empty() {
         let pair = crate::tls::ensure_self_signed(&config.data_dir.join("tls"), &config.hostname)?;
         return Ok(vec![pair]);
@@ -199,8 +199,37 @@ fn dane_from(config: &Config) -> Result<Option<Arc<crate::dane::Dane>>, String> 
     ))))
 }
 
+/// What `moat explain` needs to make the server's own decision: the outbound settings, MTA-STS
+/// discovery (its cache in memory only: the server's cache files are not touched), the rules
+/// and the routes.
+pub struct ExplainParts {
+    pub outbound: Outbound,
+    pub sts: Option<Arc<crate::sts::Sts>>,
+    pub rules: TlsPolicy,
+    pub routes: HashMap<String, Route>,
+}
+
+pub fn explain_parts(config: &Config) -> Result<ExplainParts, String> {
+    let outbound = outbound_from(config)?;
+    let sts = sts_with_cache(config, &outbound, None)?;
+    Ok(ExplainParts {
+        sts,
+        rules: policy_from(config)?,
+        routes: routes_from(config)?,
+        outbound,
+    })
+}
+
 /// MTA-STS discovery for the sending side, sharing the outbound resolver and TLS connector.
 fn sts_from(config: &Config, outbound: &Outbound) -> Result<Option<Arc<crate::sts::Sts>>, String> {
+    sts_with_cache(config, outbound, Some(config.data_dir.join("sts")))
+}
+
+fn sts_with_cache(
+    config: &Config,
+    outbound: &Outbound,
+    cache: Option<PathBuf>,
+) -> Result<Option<Arc<crate::sts::Sts>>, String> {
     let c = &config.mta_sts;
     if !c.enabled {
         return Ok(None);
@@ -216,7 +245,7 @@ fn sts_from(config: &Config, outbound: &Outbound) -> Result<Option<Arc<crate::st
         port: c.fetch_port,
         timeout: Duration::from_secs(c.fetch_timeout_secs),
     };
-    let sts = crate::sts::Sts::new(fetcher, Some(config.data_dir.join("sts")))?;
+    let sts = crate::sts::Sts::new(fetcher, cache)?;
     Ok(Some(Arc::new(sts)))
 }
 

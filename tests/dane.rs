@@ -332,6 +332,58 @@ fn dane_authenticates_defers_and_never_downgrades() {
     assert!(insecure.contains("level=\"may\""), "{insecure}");
     let notlsa = attempt("mx6.secure.dane.test");
     assert!(notlsa.contains("level=\"may\""), "{notlsa}");
+
+    // `moat explain` makes the same decision and says why, per host.
+    let (ok, out) = moat_cli(&tx, &["explain", "u@nomatch.secure.dane.test"]);
+    assert!(ok, "{out}");
+    for want in [
+        "DANE: available (DNSSEC validation works)",
+        "MX records: secure (DNSSEC-validated)",
+        "Host mx2.secure.dane.test (preference 10, 127.0.21.11)",
+        "address records: secure (DNSSEC-validated)",
+        "TLSA: secure, for mx2.secure.dane.test:",
+        "3 1 1 5a5a5a5a",
+        "(usable)",
+        "-> dane: TLS required; the certificate must match the TLSA records of mx2.secure.dane.test",
+        "because DANE (TLSA records of mx2.secure.dane.test, 1 usable record)",
+        "without STARTTLS: deferred with 4.7.321",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    let (ok, out) = moat_cli(&tx, &["explain", "u@bogus.dane.test"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("MX records: BOGUS"), "{out}");
+    assert!(
+        out.contains("-> NOT USED:") && out.contains("4.7.324"),
+        "{out}"
+    );
+    let (ok, out) = moat_cli(&tx, &["explain", "u@insecure.dane.test"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("MX records: insecure"), "{out}");
+    assert!(
+        out.contains("-> may: TLS when offered") && out.contains("because opportunistic"),
+        "{out}"
+    );
+    assert!(
+        out.contains("without STARTTLS: the message goes in plaintext"),
+        "{out}"
+    );
+
+    // `moat dane tlsa` on receiver A: the 3 1 1 record the zone publishes for mx1 is the
+    // one it prints (computed here independently), and the 2 1 1 one of its CA.
+    let (_, out) = moat_cli(&rx_a, &["dane", "tlsa", "--offline"]);
+    let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    assert!(
+        out.contains(&format!(
+            "_25._tcp.wrong-name.example. IN TLSA 3 1 1 {}",
+            hex(&a_spki)
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("IN TLSA 2 1 1 {}", hex(&spki_sha256(&a_ca)))),
+        "{out}"
+    );
 }
 
 #[test]

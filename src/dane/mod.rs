@@ -6,6 +6,7 @@
 //! base domain, DNSSEC validation, CNAME expansion) and running the handshake are the
 //! callers' business.
 
+pub mod publish;
 pub mod tlsa;
 
 use std::sync::Mutex;

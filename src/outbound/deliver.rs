@@ -587,16 +587,17 @@ pub async fn deliver(
 }
 
 /// The DNSSEC facts of one host, for the DANE judgement.
-struct DaneFacts {
-    mx: Dnssec,
-    addresses: Dnssec,
-    tlsa: TlsaLookup,
+#[derive(Debug, Clone)]
+pub struct DaneFacts {
+    pub mx: Dnssec,
+    pub addresses: Dnssec,
+    pub tlsa: TlsaLookup,
 }
 
 /// The DANE facts of each host (in order), looked up through the validating resolver when
 /// the decision lets DANE apply: the MX RRset's state once, then per host its address
 /// records' state and, on a secure path, its TLSA records (RFC 7672 §2.1-2.2).
-async fn dane_facts(
+pub async fn dane_facts(
     out: &Outbound,
     decision: &DomainDecision,
     domain: &str,
