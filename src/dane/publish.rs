@@ -40,7 +40,10 @@ pub fn for_chain_file(path: &Path) -> Result<Published, String> {
         .and_then(|ca| Tlsa::for_certificate(DANE_TA, SELECTOR_SPKI, MATCHING_SHA256, ca.as_ref()));
     let names = crate::tls::certificate_names(leaf.as_ref())
         .into_iter()
-        .filter(|n| !n.starts_with("*."))
+        // Host names only: not wildcards (a TLSA owner names one host) nor a common name
+        // that is not a host name.
+        .filter(|n| !n.starts_with("*.") && n.contains('.'))
+        .filter(|n| crate::domain::Domain::parse(n).is_ok())
         .collect();
     Ok(Published {
         file: path.display().to_string(),
