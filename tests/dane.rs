@@ -475,3 +475,189 @@ fn a_rule_can_switch_dane_off_for_a_domain() {
     assert!(log.contains("DANE switched off by a rule"), "{log}");
     assert!(log.contains("level=\"encrypt\""), "{log}");
 }
+
+/// RFC 7672 §2.1-2.2 rows beyond the main test: an implicit MX (secure denial of the MX
+/// RRset), a secure MX whose host's address records are insecure, TLSA records reached through
+/// a CNAME into an insecure zone, records that are all unusable (TLS still required), and an
+/// expired certificate under DANE-TA.
+#[test]
+fn dane_corner_cases() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, leaves) = make_certs(dir.path(), &["wrong-name.example"]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let old_dir = dir.path().join("old");
+    std::fs::create_dir_all(&old_dir).unwrap();
+    let (old_ca, old) = make_cert_valid(
+        &old_dir,
+        "mx5.secure.dane.test",
+        now - 90 * 86400,
+        now - 86400,
+    );
+    let a_spki = spki_sha256(&leaves[0].0);
+    let s = |x: &str| x.to_string();
+    let wrong = vec![0x77; 32];
+    let dns = serve_signed(
+        "127.0.21.56",
+        dir.path(),
+        "dane.test",
+        &[],
+        &[
+            (
+                "secure.dane.test",
+                Kind::Secure,
+                vec![
+                    // No MX: the domain's own A record is the host (secure NSEC denial).
+                    Srr::A(s("implicit.secure.dane.test"), [127, 0, 21, 41]),
+                    Srr::Tlsa(
+                        s("_2525._tcp.implicit.secure.dane.test"),
+                        3,
+                        1,
+                        1,
+                        wrong.clone(),
+                    ),
+                    // Secure MX naming a host in the unsigned zone.
+                    Srr::Mx(s("addr.secure.dane.test"), 10, s("mx.insecure.dane.test")),
+                    // TLSA through a CNAME into the unsigned zone.
+                    Srr::Mx(s("cname.secure.dane.test"), 10, s("mx3.secure.dane.test")),
+                    Srr::A(s("mx3.secure.dane.test"), [127, 0, 21, 41]),
+                    Srr::Cname(
+                        s("_2525._tcp.mx3.secure.dane.test"),
+                        s("_2525._tcp.mx.insecure.dane.test"),
+                    ),
+                    // Only a PKIX-EE record: unusable for SMTP, TLS still required.
+                    Srr::Mx(s("pkix.secure.dane.test"), 10, s("mx4.secure.dane.test")),
+                    Srr::A(s("mx4.secure.dane.test"), [127, 0, 21, 41]),
+                    Srr::Tlsa(
+                        s("_2525._tcp.mx4.secure.dane.test"),
+                        1,
+                        1,
+                        1,
+                        a_spki.clone(),
+                    ),
+                    Srr::Mx(
+                        s("pkixplain.secure.dane.test"),
+                        10,
+                        s("mx6.secure.dane.test"),
+                    ),
+                    Srr::A(s("mx6.secure.dane.test"), [127, 0, 21, 43]),
+                    Srr::Tlsa(
+                        s("_2525._tcp.mx6.secure.dane.test"),
+                        1,
+                        1,
+                        1,
+                        a_spki.clone(),
+                    ),
+                    // DANE-TA with an expired server certificate.
+                    Srr::Mx(s("expired.secure.dane.test"), 10, s("mx5.secure.dane.test")),
+                    Srr::A(s("mx5.secure.dane.test"), [127, 0, 21, 42]),
+                    Srr::Tlsa(
+                        s("_2525._tcp.mx5.secure.dane.test"),
+                        2,
+                        1,
+                        1,
+                        spki_sha256(&old_ca),
+                    ),
+                ],
+            ),
+            (
+                "insecure.dane.test",
+                Kind::Insecure,
+                vec![
+                    Srr::A(s("mx.insecure.dane.test"), [127, 0, 21, 41]),
+                    Srr::Tlsa(
+                        s("_2525._tcp.mx.insecure.dane.test"),
+                        3,
+                        1,
+                        1,
+                        wrong.clone(),
+                    ),
+                ],
+            ),
+            ("bogus.dane.test", Kind::Bogus, vec![]),
+        ],
+    );
+    let rx = receiver(
+        "127.0.21.41",
+        &[
+            "implicit.secure.dane.test",
+            "addr.secure.dane.test",
+            "cname.secure.dane.test",
+            "pkix.secure.dane.test",
+        ],
+        &chain_file(dir.path(), &leaves[0].0, &ca),
+        &leaves[0].1,
+    );
+    let rx_old = receiver(
+        "127.0.21.42",
+        &["expired.secure.dane.test"],
+        &chain_file(&old_dir, &old.0, &old_ca),
+        &old.1,
+    );
+    let plain = plain_peer("127.0.21.43");
+    let tx = sender("127.0.21.4", &dns, "");
+    wait_dane_available(&tx);
+    submit(
+        &tx,
+        "alice@moat.test",
+        &[
+            "u@implicit.secure.dane.test",
+            "u@addr.secure.dane.test",
+            "u@cname.secure.dane.test",
+            "u@pkix.secure.dane.test",
+            "u@pkixplain.secure.dane.test",
+            "u@expired.secure.dane.test",
+        ],
+        "corners",
+    );
+    // Implicit MX with a secure denial: DANE applies, and the wrong record defers.
+    wait_deferred(&tx, "u@implicit.secure.dane.test", "4.7.323");
+    // DANE-TA: the chain reaches the published anchor but the certificate expired.
+    wait_deferred(&tx, "u@expired.secure.dane.test", "4.7.322");
+    // Unusable records only: TLS required, so the plaintext-only host defers.
+    wait_deferred(&tx, "u@pkixplain.secure.dane.test", "4.4.317");
+    let got = wait_for(
+        "the deliveries without DANE",
+        Duration::from_secs(30),
+        || {
+            let m = rx.mailbox("u");
+            (m.len() >= 3).then_some(m)
+        },
+    );
+    for d in ["addr", "cname", "pkix"] {
+        assert!(
+            got.iter()
+                .any(|m| m.contains(&format!("u@{d}.secure.dane.test"))),
+            "{d}: {got:?}"
+        );
+    }
+    assert!(
+        !got.iter().any(|m| m.contains("implicit.secure")),
+        "the implicit MX host was used without DANE"
+    );
+    assert!(rx_old.mailbox("u").is_empty());
+    assert!(
+        !plain
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, c)| c.starts_with("MESSAGE")),
+        "plaintext despite TLSA records"
+    );
+    let log = tx.log();
+    let attempt = |host: &str| {
+        log.lines()
+            .find(|l| l.contains("delivery attempt") && l.contains(&format!("host=\"{host}\"")))
+            .unwrap_or_else(|| panic!("no attempt to {host}: {log}"))
+            .to_string()
+    };
+    let pkix = attempt("mx4.secure.dane.test");
+    assert!(pkix.contains("level=\"encrypt\""), "{pkix}");
+    assert!(pkix.contains("all unusable for SMTP"), "{pkix}");
+    let addr = attempt("mx.insecure.dane.test");
+    assert!(addr.contains("level=\"may\""), "{addr}");
+    let cname = attempt("mx3.secure.dane.test");
+    assert!(cname.contains("level=\"may\""), "{cname}");
+}
