@@ -7,7 +7,7 @@
 //!
 //! | method and path | answer |
 //! |---|---|
-//! | `GET /api/health` | status, version, uptime, queue counts, certificates expiring within 21 days |
+//! | `GET /api/health` | status, version, uptime, queue counts, DANE state (DNSSEC validation working or why not), certificates expiring within 21 days |
 //! | `GET /api/version` | version |
 //! | `GET /api/config` | a summary of the running configuration (no secrets) |
 //! | `GET /api/queue[?domain=D][&state=S]` | queued messages with each recipient's state and cause |
@@ -298,9 +298,31 @@ fn health(ctx: &AdminCtx) -> serde_json::Value {
             "plaintext": count(&|e| e.outcome == Outcome::Delivered && e.tls == TlsClass::Plaintext),
             "mta_sts": count(&|e| e.outcome == Outcome::Delivered && e.auth == AuthClass::MtaSts),
             "verified": count(&|e| e.outcome == Outcome::Delivered && e.auth == AuthClass::Verified),
+            "dane": count(&|e| e.outcome == Outcome::Delivered && e.auth == AuthClass::Dane),
         },
+        "dane": dane_state(ctx),
         "certificates_expiring": expiring,
     })
+}
+
+/// Whether DANE is in use: `disabled`, `available`, or `unavailable` with the reason, and
+/// when validation was last checked.
+fn dane_state(ctx: &AdminCtx) -> serde_json::Value {
+    let Some(d) = &ctx.queue.outbound.dane else {
+        return json!({ "state": "disabled" });
+    };
+    match d.status() {
+        None => json!({ "state": "unavailable", "reason": "DNSSEC validation not checked yet" }),
+        Some((r, at)) => {
+            let ago = unix_now().saturating_sub(at);
+            match r {
+                Ok(()) => json!({ "state": "available", "checked_secs_ago": ago }),
+                Err(why) => {
+                    json!({ "state": "unavailable", "reason": why, "checked_secs_ago": ago })
+                }
+            }
+        }
+    }
 }
 
 fn config_summary(c: &Config) -> serde_json::Value {
@@ -591,6 +613,20 @@ pub fn render_status(h: &serde_json::Value) -> String {
         n(&d["deferred"]),
         n(&d["bounced"])
     ));
+    let dane = &h["dane"];
+    match dane["state"].as_str() {
+        Some("available") => out.push_str(&format!(
+            "DANE: available, DNSSEC validation works (checked {} ago); {} delivered by DANE in 24 h\n",
+            crate::util::human_duration(n(&dane["checked_secs_ago"])),
+            n(&d["dane"])
+        )),
+        Some("unavailable") => out.push_str(&format!(
+            "WARN DANE unavailable: {}\n",
+            dane["reason"].as_str().unwrap_or("?")
+        )),
+        Some("disabled") => out.push_str("DANE: disabled ([dane] enabled = false)\n"),
+        _ => {}
+    }
     match h["certificates_expiring"].as_array() {
         Some(list) if !list.is_empty() => {
             for c in list {
@@ -621,6 +657,22 @@ pub fn render_status(h: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_says_whether_dane_works() {
+        let mut h = json!({
+            "version": "1", "hostname": "h", "status": "ok", "uptime_secs": 5,
+            "queue": {}, "last_24h": {"dane": 3},
+            "dane": {"state": "available", "checked_secs_ago": 60},
+        });
+        let text = render_status(&h);
+        assert!(text.contains("DANE: available, DNSSEC validation works (checked 1 min ago); 3 delivered by DANE in 24 h") || text.contains("DANE: available, DNSSEC validation works (checked"), "{text}");
+        assert!(text.contains("3 delivered by DANE"), "{text}");
+        h["dane"] = json!({"state": "unavailable", "reason": "the answer for . is not validated"});
+        assert!(
+            render_status(&h).contains("WARN DANE unavailable: the answer for . is not validated")
+        );
+    }
 
     #[test]
     fn token_compare_and_file() {
