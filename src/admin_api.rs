@@ -666,7 +666,10 @@ mod tests {
             "dane": {"state": "available", "checked_secs_ago": 60},
         });
         let text = render_status(&h);
-        assert!(text.contains("DANE: available, DNSSEC validation works (checked 1 min ago); 3 delivered by DANE in 24 h") || text.contains("DANE: available, DNSSEC validation works (checked"), "{text}");
+        assert!(
+            text.contains("DANE: available, DNSSEC validation works (checked "),
+            "{text}"
+        );
         assert!(text.contains("3 delivered by DANE"), "{text}");
         h["dane"] = json!({"state": "unavailable", "reason": "the answer for . is not validated"});
         assert!(
