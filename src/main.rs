@@ -266,6 +266,18 @@ struct ProbeArgs {
     /// moat-probe.invalid).
     #[arg(long, value_name = "NAME")]
     helo: Option<String>,
+    /// DANE (RFC 7672): look up the TLSA records of `_PORT._tcp.NAME` (NAME: --name, else
+    /// HOST) with DNSSEC validation, show each record with whether SMTP can use it and
+    /// whether it matches the presented chain, and judge the certificate by them when they
+    /// apply (as a DANE sender would: the CA check is then only reported).
+    #[arg(long)]
+    dane: bool,
+    /// The DNS server for --dane lookups (default: the system's).
+    #[arg(long, value_name = "IP:PORT", requires = "dane")]
+    nameserver: Option<std::net::SocketAddr>,
+    /// DNSKEY records to validate from instead of the root's built-in trust anchors.
+    #[arg(long, value_name = "FILE", requires = "dane")]
+    trust_anchor: Option<PathBuf>,
 }
 
 /// Which messages a queue action applies to.
@@ -431,7 +443,22 @@ fn probe(args: ProbeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let report = runtime.block_on(moat::probe::probe(&opts));
+    let report = runtime.block_on(async {
+        if args.dane {
+            let anchors = args.trust_anchor.as_deref();
+            let limit = std::time::Duration::from_secs(args.timeout.min(10));
+            let v = match args.nameserver {
+                Some(ns) => moat::dns::Validator::new(&[ns], limit, 1, anchors),
+                None => moat::dns::Validator::system(anchors),
+            };
+            opts.dane = Some(v.map_err(|e| format!("--dane: {e}"))?);
+        }
+        Ok::<_, String>(moat::probe::probe(&opts).await)
+    });
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => return usage(e),
+    };
     if args.json {
         match serde_json::to_string_pretty(&report) {
             Ok(j) => println!("{j}"),

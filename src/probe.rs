@@ -25,7 +25,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use rustls::RootCertStore;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -71,6 +71,9 @@ pub struct ProbeOptions {
     pub step_timeout: Duration,
     /// CA certificates trusted in addition to the system roots.
     pub extra_roots: Option<RootCertStore>,
+    /// DANE (RFC 7672): look up the host's TLSA records through this validating resolver
+    /// and judge the presented chain by them.
+    pub dane: Option<crate::dns::Validator>,
 }
 
 impl ProbeOptions {
@@ -86,6 +89,7 @@ impl ProbeOptions {
             helo: default_helo(),
             step_timeout: DEFAULT_STEP_TIMEOUT,
             extra_roots: None,
+            dane: None,
         })
     }
 
@@ -211,12 +215,43 @@ pub enum Kind {
     Certificate,
     Protocol,
     Closed,
+    /// DANE: the TLSA records were not met, or could not be looked up on a signed path.
+    Dane,
     // Warnings.
     ExpiresSoon,
     NoTls13,
     NoPipelining,
     AuthInPlaintext,
     NameNotChecked,
+}
+
+/// What `--dane` found (RFC 7672 §2.2, §3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DaneReport {
+    /// `_<port>._tcp.<name>`.
+    pub query: String,
+    /// DNSSEC state of the host's address records: `secure`, `insecure` or the failure.
+    pub addresses: String,
+    /// DNSSEC state of the TLSA answer, in words.
+    pub tlsa: String,
+    /// The name the records were found for, after CNAMEs.
+    pub base: Option<String>,
+    pub records: Vec<DaneRecordReport>,
+    /// The judgement: `verified: …`, the failure, or why DANE does not apply.
+    pub result: String,
+    /// DANE decided the verdict (usable records on a secure path).
+    pub applies: bool,
+}
+
+/// One TLSA record and how it compares with what the server presented.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DaneRecordReport {
+    pub record: String,
+    /// Why SMTP cannot use it; `None` when usable.
+    pub unusable: Option<String>,
+    /// Whether it matches a presented certificate (the server's own for `3 x x`, any on the
+    /// chain for `2 x x`).
+    pub matches: bool,
 }
 
 /// One failure or warning, with its cause in words.
@@ -350,6 +385,8 @@ pub struct ProbeReport {
     pub ehlo_tls: Option<ReplyReport>,
     pub capabilities_tls: Vec<String>,
     pub quit: Option<ReplyReport>,
+    /// With `--dane`: the TLSA lookup and how each record compares with the chain.
+    pub dane: Option<DaneReport>,
     /// `C: ...` / `S: ...` lines and `-- ... --` markers.
     pub transcript: Vec<String>,
     pub notes: Vec<String>,
@@ -382,6 +419,7 @@ impl ProbeReport {
             ehlo_tls: None,
             capabilities_tls: Vec::new(),
             quit: None,
+            dane: None,
             transcript: Vec::new(),
             notes: Vec::new(),
             warnings: Vec::new(),
@@ -479,6 +517,22 @@ impl ProbeReport {
         if let Some(e) = &self.ehlo_tls {
             field("ehlo (tls)", &caps_or_reply(e, &self.capabilities_tls));
         }
+        if let Some(d) = &self.dane {
+            field("dane", &format!("TLSA {}: {}", d.query, d.tlsa));
+            if let Some(b) = d.base.as_ref().filter(|b| !d.query.ends_with(b.as_str())) {
+                field("dane", &format!("found for {b} (through a CNAME)"));
+            }
+            field("dane", &format!("address records: {}", d.addresses));
+            for r in &d.records {
+                let how = match (&r.unusable, r.matches) {
+                    (Some(u), _) => format!("unusable: {u}"),
+                    (None, true) => "matches the presented chain".into(),
+                    (None, false) => "matches nothing presented".into(),
+                };
+                field("tlsa", &format!("{} ({how})", r.record));
+            }
+            field("dane", &d.result);
+        }
         for n in &self.notes {
             field("note", n);
         }
@@ -491,9 +545,12 @@ impl ProbeReport {
             } else {
                 "STARTTLS"
             };
-            let cert = match &self.expected_name {
-                Some(n) => format!("a certificate valid for {n}"),
-                None => "a certificate from a trusted CA (name not checked)".into(),
+            let cert = match (&self.dane, &self.expected_name) {
+                (Some(d), _) if d.applies => {
+                    "a certificate its DANE TLSA records authenticate".into()
+                }
+                (_, Some(n)) => format!("a certificate valid for {n}"),
+                (_, None) => "a certificate from a trusted CA (name not checked)".into(),
             };
             let _ = writeln!(o, "PASS  {} offers {how} with {cert}", self.target);
         } else {
@@ -1065,7 +1122,29 @@ async fn handshake(
         chain,
         verification,
     });
-    r.failures.extend(failures);
+    match &opts.dane {
+        Some(v) => {
+            let name = expected.clone().unwrap_or_else(|| sni_host_for_dane(opts));
+            let report = dane_check(v, &name, opts.port, &ders).await;
+            if report.applies {
+                // DANE governs: the CA system's verdict is only reported.
+                for f in failures {
+                    r.notes
+                        .push(format!("not needed under DANE: {}", f.message));
+                }
+                if !report.result.starts_with("verified") {
+                    r.fail(Kind::Dane, format!("DANE: {}", report.result));
+                }
+            } else {
+                r.failures.extend(failures);
+                if report.result.starts_with("TLSA lookup failed") {
+                    r.fail(Kind::Dane, format!("DANE: {}", report.result));
+                }
+            }
+            r.dane = Some(report);
+        }
+        None => r.failures.extend(failures),
+    }
     if outcome.version == "TLSv1.2" {
         r.warn(
             Kind::NoTls13,
@@ -1086,6 +1165,89 @@ async fn handshake(
         .collect();
     r.warnings.extend(soon);
     Some(stream)
+}
+
+fn sni_host_for_dane(opts: &ProbeOptions) -> String {
+    normalize_name(&opts.host)
+}
+
+/// The TLSA lookup for `name` and the judgement of `ders` by it.
+async fn dane_check(
+    v: &crate::dns::Validator,
+    name: &str,
+    port: u16,
+    ders: &[CertificateDer<'static>],
+) -> DaneReport {
+    use crate::dane::tlsa;
+    use crate::policy::{Dnssec, TlsaLookup};
+    let addresses = v.addresses(name).await;
+    let lookup = v.tlsa(name, port).await;
+    let mut rep = DaneReport {
+        query: format!("_{port}._tcp.{name}"),
+        addresses: match &addresses {
+            Dnssec::Secure => "secure".into(),
+            Dnssec::Insecure => "insecure".into(),
+            Dnssec::Bogus(w) => format!("failed: {w}"),
+        },
+        tlsa: String::new(),
+        base: None,
+        records: Vec::new(),
+        result: String::new(),
+        applies: false,
+    };
+    match lookup {
+        TlsaLookup::NotLooked => {}
+        TlsaLookup::NoRecords { secure } => {
+            rep.tlsa = if secure {
+                "no records (securely denied)".into()
+            } else {
+                "insecure (not signed or not validated)".into()
+            };
+            rep.result = "DANE does not apply: no secure TLSA records".into();
+        }
+        TlsaLookup::Failed(w) => {
+            rep.tlsa = format!("lookup failed: {w}");
+            rep.result = format!(
+                "TLSA lookup failed on a signed path ({w}): a DANE sender defers mail to this host (4.7.324)"
+            );
+        }
+        TlsaLookup::Records { records, base } => {
+            rep.tlsa = "secure".into();
+            rep.base = Some(base.clone());
+            for r in &records {
+                let matches = match r.usage {
+                    tlsa::DANE_EE | tlsa::PKIX_EE => {
+                        ders.first().is_some_and(|d| r.matches(d.as_ref()))
+                    }
+                    _ => ders.iter().any(|d| r.matches(d.as_ref())),
+                };
+                rep.records.push(DaneRecordReport {
+                    record: r.to_string(),
+                    unusable: r.unusable_reason().map(|u| u.to_string()),
+                    matches,
+                });
+            }
+            if addresses != Dnssec::Secure {
+                rep.result = format!(
+                    "DANE does not apply: the address records of {name} are not secure ({})",
+                    rep.addresses
+                );
+            } else if !records.iter().any(tlsa::Tlsa::usable_for_smtp) {
+                rep.result = "all TLSA records are unusable for SMTP: a DANE sender requires TLS but does not authenticate it".into();
+            } else {
+                rep.applies = true;
+                let mut names = vec![name.to_string()];
+                if base != name {
+                    names.push(base);
+                }
+                rep.result = match tlsa::verify(&records, ders, &names, UnixTime::now()) {
+                    Ok(m) => format!("verified: {m}"),
+                    Err(f) => format!("{f} ({})", f.code()),
+                };
+            }
+        }
+    }
+    rep
 }
 
 /// The verification report and one failure per problem: the chain's, then the name's.

@@ -369,6 +369,64 @@ fn dane_authenticates_defers_and_never_downgrades() {
         "{out}"
     );
 
+    // `moat probe --dane` judges each host as the sender did.
+    let probe = |name: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+            .args([
+                "probe",
+                "127.0.21.11:2525",
+                "--timeout",
+                "5",
+                "--name",
+                name,
+                "--dane",
+            ])
+            .arg("--nameserver")
+            .arg(dns.addr.to_string())
+            .arg("--trust-anchor")
+            .arg(&dns.anchor_file)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = probe("mx1.secure.dane.test");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("TLSA _2525._tcp.mx1.secure.dane.test: secure"),
+        "{out}"
+    );
+    assert!(
+        out.contains("3 1 1 ") && out.contains("(matches the presented chain)"),
+        "{out}"
+    );
+    assert!(out.contains("verified: TLSA 3 1 1"), "{out}");
+    assert!(
+        out.contains("not needed under DANE"),
+        "the CA verdict is only reported: {out}"
+    );
+    assert!(
+        out.contains("PASS") && out.contains("DANE TLSA records authenticate"),
+        "{out}"
+    );
+    let (code, out) = probe("mx2.secure.dane.test");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("(matches nothing presented)"), "{out}");
+    assert!(
+        out.contains("FAIL  DANE:") && out.contains("4.7.323"),
+        "{out}"
+    );
+    let (code, out) = probe("mx.insecure.dane.test");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("insecure (not signed or not validated)"),
+        "{out}"
+    );
+    assert!(out.contains("DANE does not apply"), "{out}");
+    assert!(!out.contains("FAIL  DANE"), "{out}");
+
     // `moat dane tlsa` on receiver A: the 3 1 1 record the zone publishes for mx1 is the
     // one it prints (computed here independently), and the 2 1 1 one of its CA.
     let (_, out) = moat_cli(&rx_a, &["dane", "tlsa", "--offline"]);

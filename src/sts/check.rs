@@ -387,6 +387,7 @@ async fn mx_tls(host: &str, opts: &CheckOptions) -> Vec<Finding> {
         helo: crate::probe::default_helo(),
         step_timeout: opts.timeout,
         extra_roots: opts.extra_roots.clone(),
+        dane: None,
     };
     let report = probe(&probe_opts).await;
     let tls = report
