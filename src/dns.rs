@@ -21,6 +21,7 @@
 //! Tests build a [`Resolver`] with [`Resolver::with_nameservers_timeout`] pointing at an in-process
 //! DNS server on a loopback address (see `tests/dns_route.rs`).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -432,6 +433,11 @@ impl Resolver {
     }
 }
 
+/// Entries in the validated-answer cache before it is pruned.
+const VALIDATED_CACHE_ENTRIES: usize = 10_000;
+
+type CachedAnswer = (std::time::Instant, (Dnssec, Vec<Record>));
+
 /// A DNSSEC-validating resolver (RFC 4035 §5), for DANE: the same nameservers as the
 /// routing resolver, its own cache. Every answer comes with its [`Dnssec`] state; lookups
 /// that cannot be answered (bogus signatures, SERVFAIL, timeouts) are [`Dnssec::Bogus`] with
@@ -439,6 +445,8 @@ impl Resolver {
 #[derive(Clone)]
 pub struct Validator {
     inner: TokioResolver,
+    /// Validated answers by (name, type), with when they expire.
+    cache: std::sync::Arc<std::sync::Mutex<HashMap<(String, RecordType), CachedAnswer>>>,
     /// The most one lookup may take, key fetches included (a validating lookup whose DNSKEY
     /// or DS queries go unanswered can otherwise take many times the per-query timeout).
     limit: Duration,
@@ -497,6 +505,7 @@ impl Validator {
         })?;
         Ok(Validator {
             inner,
+            cache: Default::default(),
             limit: timeout.saturating_mul(4).max(Duration::from_secs(2)),
         })
     }
@@ -521,7 +530,11 @@ impl Validator {
             .map_err(|e| DnsError::Config {
                 detail: e.to_string(),
             })?;
-        Ok(Validator { inner, limit })
+        Ok(Validator {
+            inner,
+            cache: Default::default(),
+            limit,
+        })
     }
 
     fn anchors(anchor_file: Option<&std::path::Path>) -> Result<TrustAnchors, DnsError> {
@@ -536,6 +549,50 @@ impl Validator {
     /// The DNSSEC state of `name`'s `rtype` RRset, or of the proof that there is none; with
     /// the records when there are some.
     async fn state(&self, name: &str, rtype: RecordType) -> (Dnssec, Vec<Record>) {
+        let key = (name.to_ascii_lowercase(), rtype);
+        let now = std::time::Instant::now();
+        if let Some((until, hit)) = self.cache_get(&key)
+            && until > now
+        {
+            return hit;
+        }
+        let answer = self.state_uncached(name, rtype).await;
+        // Whole validated answers are cached (not hickory's records: see `new`): answers for
+        // their smallest TTL (at most an hour), denials a minute, failures 10 s.
+        let ttl = match &answer.0 {
+            Dnssec::Bogus(_) => 10,
+            _ if answer.1.is_empty() => 60,
+            _ => answer
+                .1
+                .iter()
+                .map(|r| r.ttl)
+                .min()
+                .unwrap_or(60)
+                .clamp(1, 3600),
+        };
+        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if c.len() >= VALIDATED_CACHE_ENTRIES {
+            c.retain(|_, (until, _)| *until > now);
+            if c.len() >= VALIDATED_CACHE_ENTRIES {
+                c.clear();
+            }
+        }
+        c.insert(
+            key,
+            (now + Duration::from_secs(u64::from(ttl)), answer.clone()),
+        );
+        answer
+    }
+
+    fn cache_get(&self, key: &(String, RecordType)) -> Option<CachedAnswer> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    async fn state_uncached(&self, name: &str, rtype: RecordType) -> (Dnssec, Vec<Record>) {
         let what = format!("{rtype} {}", display_name(name));
         let absolute = match absolute_name(name) {
             Ok(n) => n,
@@ -668,7 +725,7 @@ impl Validator {
     /// Whether validation works through the configured nameservers: `secure` must validate
     /// (its SOA), and `bogus`, when given, must be refused. `Err` says what went wrong.
     pub async fn self_check(&self, secure: &str, bogus: Option<&str>) -> Result<(), String> {
-        match self.state(secure, RecordType::SOA).await.0 {
+        match self.state_uncached(secure, RecordType::SOA).await.0 {
             Dnssec::Secure => {}
             Dnssec::Insecure => {
                 return Err(format!(
@@ -678,7 +735,7 @@ impl Validator {
             Dnssec::Bogus(w) => return Err(format!("validating {secure} failed: {w}")),
         }
         if let Some(b) = bogus {
-            match self.state(b, RecordType::A).await.0 {
+            match self.state_uncached(b, RecordType::A).await.0 {
                 Dnssec::Bogus(_) => {}
                 other => {
                     return Err(format!(
