@@ -594,11 +594,12 @@ impl Validator {
 
     async fn state_uncached(&self, name: &str, rtype: RecordType) -> (Dnssec, Vec<Record>) {
         let what = format!("{rtype} {}", display_name(name));
-        let absolute = match absolute_name(name) {
+        let absolute = match validator_name(name) {
             Ok(n) => n,
             Err(e) => return (Dnssec::Bogus(e.to_string()), Vec::new()),
         };
-        let Ok(result) = tokio::time::timeout(self.limit, self.inner.lookup(absolute, rtype)).await
+        let Ok(result) =
+            tokio::time::timeout(self.limit, self.inner.lookup(absolute.clone(), rtype)).await
         else {
             return (
                 Dnssec::Bogus(format!(
@@ -610,12 +611,11 @@ impl Validator {
         };
         match result {
             Ok(lookup) => {
-                let records: Vec<Record> = lookup
-                    .answers()
-                    .iter()
-                    .filter(|r| r.record_type() != RecordType::RRSIG)
-                    .cloned()
-                    .collect();
+                // Only the answer's own RRsets count: the CNAME chain from the queried name
+                // and the asked type at its end. Anything else in the section (an unrelated
+                // unsigned record an attacker appended) must not make a secure answer look
+                // insecure (RFC 4035 §4.3).
+                let records = chain_records(&absolute, rtype, lookup.answers());
                 let state = match DnssecSummary::from_records(records.iter()) {
                     DnssecSummary::Secure => Dnssec::Secure,
                     DnssecSummary::Insecure => Dnssec::Insecure,
@@ -624,8 +624,21 @@ impl Validator {
                 (state, records)
             }
             Err(NetError::Dns(HickoryDnsError::NoRecordsFound(no))) => {
-                let auth = no.authorities.as_deref().unwrap_or(&[]);
-                let state = match DnssecSummary::from_records(auth.iter()) {
+                // The denial's own records: the SOA and NSEC/NSEC3 records (other records in
+                // the authority section say nothing about it).
+                let auth: Vec<&Record> = no
+                    .authorities
+                    .as_deref()
+                    .unwrap_or(&[])
+                    .iter()
+                    .filter(|r| {
+                        matches!(
+                            r.record_type(),
+                            RecordType::SOA | RecordType::NSEC | RecordType::NSEC3
+                        )
+                    })
+                    .collect();
+                let state = match DnssecSummary::from_records(auth.into_iter()) {
                     DnssecSummary::Secure => Dnssec::Secure,
                     DnssecSummary::Bogus => {
                         Dnssec::Bogus(format!("{what}: the denial of existence is bogus"))
@@ -671,6 +684,20 @@ impl Validator {
         self.state(domain, RecordType::MX).await.0
     }
 
+    /// The DNSSEC state of `domain`'s MX RRset and the MX host names it holds (lowercase, no
+    /// trailing dot; empty for a denial).
+    pub async fn mx_hosts(&self, domain: &str) -> (Dnssec, Vec<String>) {
+        let (state, records) = self.state(domain, RecordType::MX).await;
+        let hosts = records
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::MX(mx) => Some(normalize(&mx.exchange)),
+                _ => None,
+            })
+            .collect();
+        (state, hosts)
+    }
+
     /// The DNSSEC state of `host`'s address records: secure only when every answer (A and
     /// AAAA, or their secure denials) is.
     pub async fn addresses(&self, host: &str) -> Dnssec {
@@ -685,9 +712,8 @@ impl Validator {
         }
     }
 
-    /// The TLSA records of `_<port>._tcp.<host>` (RFC 7672 §2.2.3), following CNAMEs: the
-    /// base name is the owner the records were found at, without the `_port._tcp.` prefix
-    /// when it has one (RFC 7671 §7).
+    /// The TLSA records of `_<port>._tcp.<host>` (RFC 7672 §2.2.3), following CNAMEs. The
+    /// base name stays `host`: a CNAME on the TLSA name only shares the records (RFC 7671 §7).
     pub async fn tlsa(&self, host: &str, port: u16) -> TlsaLookup {
         let name = format!("_{port}._tcp.{host}");
         let (state, records) = self.state(&name, RecordType::TLSA).await;
@@ -696,11 +722,9 @@ impl Validator {
             Dnssec::Insecure => return TlsaLookup::NoRecords { secure: false },
             Dnssec::Secure => {}
         }
-        let mut owner = None;
         let mut found = Vec::new();
         for r in &records {
             if let RData::TLSA(t) = &r.data {
-                owner = Some(normalize(&r.name));
                 found.push(Tlsa {
                     usage: u8::from(t.cert_usage),
                     selector: u8::from(t.selector),
@@ -709,16 +733,12 @@ impl Validator {
                 });
             }
         }
-        let Some(owner) = owner else {
+        if found.is_empty() {
             return TlsaLookup::NoRecords { secure: true };
-        };
-        let prefix = format!("_{port}._tcp.");
-        let base = owner
-            .strip_prefix(&prefix)
-            .map_or(owner.clone(), str::to_string);
+        }
         TlsaLookup::Records {
             records: found,
-            base,
+            base: host.trim_end_matches('.').to_ascii_lowercase(),
         }
     }
 
@@ -746,6 +766,42 @@ impl Validator {
         }
         Ok(())
     }
+}
+
+/// The name for a validating lookup: `.` is the root (the self-check asks for its SOA).
+fn validator_name(name: &str) -> Result<Name, DnsError> {
+    if name == "." {
+        return Ok(Name::root());
+    }
+    absolute_name(name)
+}
+
+/// The records of an answer that belong to it: the CNAME chain starting at `qname` and the
+/// `rtype` records at the chain's end (RRSIGs left out).
+fn chain_records(qname: &Name, rtype: RecordType, answers: &[Record]) -> Vec<Record> {
+    let mut out = Vec::new();
+    let mut current = qname.to_lowercase();
+    for _ in 0..16 {
+        let mut next = None;
+        for r in answers {
+            if r.name.to_lowercase() != current {
+                continue;
+            }
+            match &r.data {
+                RData::CNAME(c) if rtype != RecordType::CNAME => {
+                    next = Some(c.0.to_lowercase());
+                    out.push(r.clone());
+                }
+                _ if r.record_type() == rtype => out.push(r.clone()),
+                _ => {}
+            }
+        }
+        match next {
+            Some(n) if n != current => current = n,
+            _ => break,
+        }
+    }
+    out
 }
 
 /// `domain` as an absolute DNS name, or [`DnsError::InvalidName`].
@@ -855,6 +911,46 @@ fn classify(error: NetError, query: DnsQuery) -> DnsError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_root_is_a_name_for_validating_lookups() {
+        assert!(validator_name(".").unwrap().is_root());
+        assert!(absolute_name(".").is_err());
+        assert_eq!(
+            validator_name("mx.example").unwrap().to_ascii(),
+            "mx.example."
+        );
+    }
+
+    #[test]
+    fn only_the_answers_own_rrsets_are_judged() {
+        use hickory_resolver::proto::rr::rdata::{A, CNAME};
+        let n = |s: &str| Name::from_ascii(s).unwrap();
+        let q = n("_25._tcp.mx.example.");
+        let records = vec![
+            Record::from_rdata(q.clone(), 60, RData::CNAME(CNAME(n("_25._tcp.mx.other.")))),
+            Record::from_rdata(n("_25._tcp.mx.other."), 60, RData::A(A::new(192, 0, 2, 1))),
+            // Appended by someone on the path: not part of the answer.
+            Record::from_rdata(n("x.unsigned.example."), 60, RData::A(A::new(192, 0, 2, 9))),
+            Record::from_rdata(n("_25._tcp.mx.other."), 60, RData::A(A::new(192, 0, 2, 2))),
+        ];
+        let got = chain_records(&q, RecordType::A, &records);
+        let names: Vec<String> = got.iter().map(|r| r.name.to_ascii()).collect();
+        assert_eq!(
+            names,
+            [
+                "_25._tcp.mx.example.",
+                "_25._tcp.mx.other.",
+                "_25._tcp.mx.other."
+            ]
+        );
+        // A chain that loops ends.
+        let looped = vec![
+            Record::from_rdata(q.clone(), 60, RData::CNAME(CNAME(n("a.example.")))),
+            Record::from_rdata(n("a.example."), 60, RData::CNAME(CNAME(q.clone()))),
+        ];
+        assert!(chain_records(&q, RecordType::A, &looped).len() <= 16);
+    }
 
     #[test]
     fn names() {

@@ -124,6 +124,11 @@ enum Command {
     /// domain's whole setup as a sending server sees it.
     #[command(subcommand)]
     Sts(StsCommand),
+    /// Check a domain's receiving side as a sending server sees it: MX, MTA-STS (TXT, policy
+    /// fetch, syntax, MX coverage), each MX host's STARTTLS certificate, the TLS-RPT record,
+    /// and with --dane the DNSSEC state and each host's TLSA records. The same as
+    /// `moat sts check`.
+    Check(CheckArgs),
     /// DANE (RFC 7672) for our own domains.
     #[command(subcommand)]
     Dane(DaneCommand),
@@ -201,28 +206,39 @@ enum StsCommand {
     #[command(
         after_long_help = "Examples:\n  moat sts check example.com\n  moat sts check example.com --json"
     )]
-    Check {
-        /// The mail domain.
-        domain: String,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-        /// Ask this DNS server (IP:PORT) instead of the system resolver.
-        #[arg(long, value_name = "ADDR")]
-        nameserver: Option<std::net::SocketAddr>,
-        /// HTTPS port of the policy host.
-        #[arg(long, default_value_t = 443)]
-        policy_port: u16,
-        /// SMTP port of the MX hosts.
-        #[arg(long, default_value_t = 25)]
-        smtp_port: u16,
-        /// Also trust the CA certificates in this PEM file.
-        #[arg(long, value_name = "PEM")]
-        ca_file: Option<PathBuf>,
-        /// Limit for each network step, in seconds.
-        #[arg(long, default_value_t = 30)]
-        timeout: u64,
-    },
+    Check(CheckArgs),
+}
+
+/// `moat check` / `moat sts check` arguments.
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// The mail domain.
+    domain: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Ask this DNS server (IP:PORT) instead of the system resolver.
+    #[arg(long, value_name = "ADDR")]
+    nameserver: Option<std::net::SocketAddr>,
+    /// HTTPS port of the policy host.
+    #[arg(long, default_value_t = 443)]
+    policy_port: u16,
+    /// SMTP port of the MX hosts.
+    #[arg(long, default_value_t = 25)]
+    smtp_port: u16,
+    /// Also trust the CA certificates in this PEM file.
+    #[arg(long, value_name = "PEM")]
+    ca_file: Option<PathBuf>,
+    /// Limit for each network step, in seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+    /// Also check DNSSEC and DANE: the MX records' DNSSEC state, and each MX host's TLSA
+    /// records against the certificate it presents.
+    #[arg(long)]
+    dane: bool,
+    /// DNSKEY records to validate from (with --dane) instead of the root's trust anchors.
+    #[arg(long, value_name = "FILE", requires = "dane")]
+    trust_anchor: Option<PathBuf>,
 }
 
 const PROBE_EXAMPLES: &str = "\
@@ -477,9 +493,10 @@ fn probe(args: ProbeArgs) -> ExitCode {
     }
 }
 
-/// `moat sts check`: exit status 0 (no failure), 1 (a failure found) or 2 (bad arguments).
-fn sts_check(cmd: StsCommand) -> ExitCode {
-    let StsCommand::Check {
+/// `moat check` / `moat sts check`: exit status 0 (no failure), 1 (a failure found) or 2 (bad
+/// arguments).
+fn sts_check(cmd: CheckArgs) -> ExitCode {
+    let CheckArgs {
         domain,
         json,
         nameserver,
@@ -487,10 +504,9 @@ fn sts_check(cmd: StsCommand) -> ExitCode {
         smtp_port,
         ca_file,
         timeout,
-    } = cmd
-    else {
-        return ExitCode::from(2);
-    };
+        dane,
+        trust_anchor,
+    } = cmd;
     let usage = |e: String| {
         eprintln!("moat sts check: {e}");
         ExitCode::from(2)
@@ -516,8 +532,21 @@ fn sts_check(cmd: StsCommand) -> ExitCode {
             None => moat::dns::Resolver::system(),
         }
         .map_err(|e| e.to_string())?;
+        let validator = if dane {
+            let limit = std::time::Duration::from_secs(timeout.clamp(1, 10));
+            Some(
+                match nameserver {
+                    Some(ns) => moat::dns::Validator::new(&[ns], limit, 1, trust_anchor.as_deref()),
+                    None => moat::dns::Validator::system(trust_anchor.as_deref()),
+                }
+                .map_err(|e| format!("--dane: {e}"))?,
+            )
+        } else {
+            None
+        };
         let opts = moat::sts::check::CheckOptions {
             resolver,
+            validator,
             extra_roots,
             policy_port,
             smtp_port,
@@ -674,7 +703,7 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         // Handled in `main`: they have their own exit statuses.
-        Command::Probe(_) | Command::Sts(StsCommand::Check { .. }) => Ok(()),
+        Command::Probe(_) | Command::Sts(StsCommand::Check(_)) | Command::Check(_) => Ok(()),
         Command::Sts(StsCommand::Generate {
             domain,
             mx,
@@ -795,9 +824,9 @@ fn main() -> ExitCode {
             ..
         } => return probe(args),
         Cli {
-            command: Command::Sts(cmd @ StsCommand::Check { .. }),
+            command: Command::Sts(StsCommand::Check(args)) | Command::Check(args),
             ..
-        } => return sts_check(cmd),
+        } => return sts_check(args),
         cli => run(cli),
     };
     match result {

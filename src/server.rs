@@ -356,6 +356,8 @@ pub async fn serve(config: Config) -> Result<(), String> {
     let routes = routes_from(&config)?;
     let outbound = outbound_from(&config)?;
     if let Some(d) = &outbound.dane {
+        // Before the queue starts: no delivery is decided before DANE's state is known.
+        d.check().await;
         d.spawn_checker(Duration::from_secs(config.dane.check_interval_secs.max(60)));
     }
     let policy = policy_from(&config)?;

@@ -325,8 +325,8 @@ fn dane_authenticates_defers_and_never_downgrades() {
     let cname = attempt("mx7.secure.dane.test");
     assert!(cname.contains("level=\"dane\""), "{cname}");
     assert!(
-        cname.contains("mx1.secure.dane.test"),
-        "the base name after the CNAME: {cname}"
+        cname.contains("TLSA records of mx7.secure.dane.test"),
+        "a CNAME on the TLSA name shares the records, the base stays the MX host: {cname}"
     );
     let insecure = attempt("mx.insecure.dane.test");
     assert!(insecure.contains("level=\"may\""), "{insecure}");
@@ -426,6 +426,42 @@ fn dane_authenticates_defers_and_never_downgrades() {
     );
     assert!(out.contains("DANE does not apply"), "{out}");
     assert!(!out.contains("FAIL  DANE"), "{out}");
+
+    // `moat check DOMAIN --dane`: DNSSEC of the MX records and each host's TLSA records.
+    let check = |domain: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+            .args([
+                "check",
+                domain,
+                "--dane",
+                "--smtp-port",
+                "2525",
+                "--timeout",
+                "5",
+            ])
+            .arg("--nameserver")
+            .arg(dns.addr.to_string())
+            .arg("--trust-anchor")
+            .arg(&dns.anchor_file)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = check("ee.secure.dane.test");
+    assert!(out.contains("PASS  dnssec"), "{out}");
+    assert!(
+        out.contains("PASS  dane   mx1.secure.dane.test: verified: TLSA 3 1 1"),
+        "{out}"
+    );
+    assert!(out.contains("INFO  tlsrpt"), "{out}");
+    let out = check("nomatch.secure.dane.test");
+    assert!(out.contains("FAIL  dane   mx2.secure.dane.test:"), "{out}");
+    assert!(
+        out.contains("moat dane tlsa"),
+        "the fix names the tool: {out}"
+    );
+    let out = check("bogus.dane.test");
+    assert!(out.contains("FAIL  dnssec"), "{out}");
 
     // `moat dane tlsa` on receiver A: the 3 1 1 record the zone publishes for mx1 is the
     // one it prints (computed here independently), and the 2 1 1 one of its CA.

@@ -75,13 +75,20 @@ impl Dane {
         *g = Some((r, now));
     }
 
-    /// Checks now and then every `every`, in the background.
+    /// Checks again every `every` in the background (call [`Dane::check`] first, before
+    /// delivering anything); after a failed check, again within a minute.
     pub fn spawn_checker(self: &std::sync::Arc<Self>, every: Duration) {
         let this = self.clone();
         tokio::spawn(async move {
             loop {
+                let failing = this.unavailable().is_some();
+                let wait = if failing {
+                    every.min(Duration::from_secs(60))
+                } else {
+                    every
+                };
+                tokio::time::sleep(wait).await;
                 this.check().await;
-                tokio::time::sleep(every).await;
             }
         });
     }

@@ -613,11 +613,29 @@ pub async fn dane_facts(
         return hosts.iter().map(|_| none()).collect();
     };
     let v = &dane.validator;
-    let mx = v.mx(domain).await;
+    let (mx, mut validated) = v.mx_hosts(domain).await;
+    if validated.is_empty() {
+        // A secure denial: the domain itself is the host (RFC 7672 §2.2.2).
+        validated.push(domain.to_string());
+    }
     let mut facts = Vec::with_capacity(hosts.len());
     for h in hosts {
         if matches!(mx, Dnssec::Insecure) {
             facts.push(none());
+            continue;
+        }
+        // The hosts came from the routing resolver, which does not validate: under a secure
+        // MX RRset only the hosts it names may be used.
+        if mx == Dnssec::Secure && !validated.contains(&h.host) {
+            facts.push(DaneFacts {
+                mx: mx.clone(),
+                addresses: Dnssec::Bogus(format!(
+                    "{} is not among the DNSSEC-validated MX hosts of {domain} ({})",
+                    h.host,
+                    validated.join(", ")
+                )),
+                tlsa: TlsaLookup::NotLooked,
+            });
             continue;
         }
         let addresses = v.addresses(&h.host).await;

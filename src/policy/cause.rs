@@ -133,7 +133,7 @@ pub enum Cause {
     /// DANE-TA: a certificate on the chain expired (or is not yet valid): 4.7.322.
     DaneExpired,
     /// No TLSA record matched the presented chain (or the chain does not reach the matching
-    /// trust anchor), or the handshake failed under DANE: 4.7.323.
+    /// trust anchor): 4.7.323.
     DaneNoMatch,
     /// The TLSA lookup failed on a DNSSEC-signed path (bogus, SERVFAIL, timeout): 4.7.324.
     DaneDnssec,
@@ -385,7 +385,7 @@ impl Cause {
             | Cause::DaneStartTls => "starttls-not-supported",
             Cause::DaneExpired => "certificate-expired",
             Cause::DaneName => "certificate-host-mismatch",
-            Cause::DaneNoMatch => "validation-failure",
+            Cause::DaneNoMatch => "tlsa-invalid",
             Cause::DaneDnssec => "dnssec-invalid",
             Cause::Certificate(c) | Cause::StsValidation(StsProblem::Certificate(c)) => {
                 c.tlsrpt_result()

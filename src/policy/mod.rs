@@ -218,12 +218,18 @@ impl TlsPolicy {
                         r.level
                     ));
                 }
+                // The recipient domain's own names and pins still hold (they describe its
+                // servers); the private CA is the raising rule's, else the domain's own.
+                let (names, pins, own_roots) = own
+                    .map_or((Vec::new(), Vec::new(), None), |(_, r)| {
+                        (r.match_names.clone(), r.pins.clone(), r.extra_roots.clone())
+                    });
                 (
                     TlsRequirement {
                         level: f.level,
-                        match_names: Vec::new(),
-                        pins: Vec::new(),
-                        extra_roots: f.extra_roots.clone(),
+                        match_names: names,
+                        pins,
+                        extra_roots: f.extra_roots.clone().or(own_roots),
                         mta_sts: false,
                         dane: None,
                     },
@@ -1204,6 +1210,32 @@ mod tests {
             why.contains("also rule \"dest.test\" (recipient domain) at encrypt, its pins kept, its names giving way to the MX host name"),
             "{why}"
         );
+    }
+
+    #[test]
+    fn a_raised_domain_keeps_its_own_names_and_pins() {
+        let pin = Pin::Cert([3; 32]);
+        let rules = TlsPolicy {
+            rules: vec![(
+                pat("dest.test"),
+                TlsRequirement {
+                    level: TlsLevel::Encrypt,
+                    match_names: vec!["mx.dest.test".into()],
+                    pins: vec![pin],
+                    ..TlsRequirement::default()
+                },
+            )],
+            sender_rules: vec![(pat("bank.test"), TlsRequirement::level(TlsLevel::Verify))],
+            ..TlsPolicy::default()
+        };
+        let req = rules.for_message("dest.test", "a@bank.test", &["u@dest.test".to_string()]);
+        assert_eq!(req.level, TlsLevel::Verify);
+        assert_eq!(
+            req.pins,
+            vec![pin],
+            "the domain's own pins must survive the raise"
+        );
+        assert_eq!(req.match_names, vec!["mx.dest.test".to_string()]);
     }
 
     #[test]

@@ -24,6 +24,8 @@ use crate::probe::{Kind, ProbeOptions, Verdict, probe};
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Pass,
+    /// Worth knowing, not a problem (not counted as a warning).
+    Info,
     Warn,
     Fail,
 }
@@ -32,6 +34,7 @@ impl Status {
     fn word(self) -> &'static str {
         match self {
             Status::Pass => "PASS",
+            Status::Info => "INFO",
             Status::Warn => "WARN",
             Status::Fail => "FAIL",
         }
@@ -101,6 +104,9 @@ impl Report {
 #[derive(Debug, Clone)]
 pub struct CheckOptions {
     pub resolver: Resolver,
+    /// A validating resolver: the MX RRset's DNSSEC state and each MX host's TLSA records
+    /// are checked too (`None`: not checked).
+    pub validator: Option<crate::dns::Validator>,
     pub extra_roots: Option<RootCertStore>,
     pub policy_port: u16,
     pub smtp_port: u16,
@@ -283,6 +289,34 @@ pub async fn check(domain: &str, opts: &CheckOptions) -> Report {
         }
     }
 
+    // TLS-RPT (RFC 8460 §3): where senders report failures.
+    out.push(tlsrpt_finding(&domain, opts).await);
+
+    // DNSSEC of the MX RRset (DANE needs it secure).
+    if let Some(v) = &opts.validator {
+        use crate::policy::Dnssec;
+        out.push(match v.mx(&domain).await {
+            Dnssec::Secure => finding(
+                Status::Pass,
+                "dnssec",
+                format!("the MX records of {domain} are DNSSEC-signed and validate"),
+                None,
+            ),
+            Dnssec::Insecure => finding(
+                Status::Warn,
+                "dnssec",
+                format!("the MX records of {domain} are not DNSSEC-signed: DANE cannot protect it"),
+                Some("sign the zone (and publish its DS) to use DANE".into()),
+            ),
+            Dnssec::Bogus(w) => finding(
+                Status::Fail,
+                "dnssec",
+                format!("the MX records of {domain} fail DNSSEC validation: {w}"),
+                Some("fix the zone's signatures or its DS in the parent: validating senders defer all mail".into()),
+            ),
+        });
+    }
+
     // 4. MX coverage and 5. each MX host's STARTTLS certificate.
     let hosts: Vec<String> = match opts.resolver.mx(&domain).await {
         Ok(MxAnswer::Records(mut r)) => {
@@ -387,7 +421,7 @@ async fn mx_tls(host: &str, opts: &CheckOptions) -> Vec<Finding> {
         helo: crate::probe::default_helo(),
         step_timeout: opts.timeout,
         extra_roots: opts.extra_roots.clone(),
-        dane: None,
+        dane: opts.validator.clone(),
     };
     let report = probe(&probe_opts).await;
     let tls = report
@@ -405,7 +439,67 @@ async fn mx_tls(host: &str, opts: &CheckOptions) -> Vec<Finding> {
             format!("{} {}{days}", t.version, t.cipher)
         })
         .unwrap_or_default();
-    let mut found = match report.verdict {
+    // DANE: the probe judged the chain by the TLSA records; the CA result stands on its own
+    // line for MTA-STS, which needs it whatever DANE says.
+    let dane = report.dane.as_ref().and_then(|d| {
+        let records: Vec<String> = d.records.iter().map(|r| r.record.clone()).collect();
+        if d.applies && d.result.starts_with("verified") {
+            Some(finding(
+                Status::Pass,
+                "dane",
+                format!("{host}: {}", d.result),
+                None,
+            ))
+        } else if d.applies {
+            Some(finding(
+                Status::Fail,
+                "dane",
+                format!("{host}: {} (records: {})", d.result, records.join("; ")),
+                Some(format!(
+                    "publish a TLSA record for the certificate {host} serves now (`moat dane tlsa` prints it) or serve the certificate the records describe"
+                )),
+            ))
+        } else if d.result.starts_with("TLSA lookup failed") {
+            Some(finding(
+                Status::Fail,
+                "dane",
+                format!("{host}: {}", d.result),
+                Some("fix the zone's DNSSEC so that the TLSA lookup validates".into()),
+            ))
+        } else if !d.records.is_empty() {
+            Some(finding(
+                Status::Warn,
+                "dane",
+                format!("{host}: {}", d.result),
+                None,
+            ))
+        } else {
+            None
+        }
+    });
+    let dane_decides = report.dane.as_ref().is_some_and(|d| d.applies);
+    let ca_failures: Vec<&crate::probe::Finding> = report
+        .failures
+        .iter()
+        .filter(|f| f.kind != Kind::Dane)
+        .collect();
+    let verdict = if dane_decides {
+        // The probe let DANE decide; MTA-STS still needs the CA check, reported as notes.
+        let ca_notes: Vec<&String> = report
+            .notes
+            .iter()
+            .filter(|n| n.starts_with("not needed under DANE"))
+            .collect();
+        if ca_notes.is_empty() && ca_failures.is_empty() {
+            Verdict::Pass
+        } else {
+            Verdict::Fail
+        }
+    } else {
+        report.verdict
+    };
+    let mut found = match verdict {
+        Verdict::Pass if dane_decides && report.tls.is_none() => Vec::new(),
         Verdict::Pass => vec![finding(
             Status::Pass,
             "tls",
@@ -413,11 +507,24 @@ async fn mx_tls(host: &str, opts: &CheckOptions) -> Vec<Finding> {
             None,
         )],
         Verdict::Fail => {
-            let why: Vec<String> = report.failures.iter().map(|f| f.message.clone()).collect();
-            let fix = report
-                .failures
+            let mut why: Vec<String> = ca_failures.iter().map(|f| f.message.clone()).collect();
+            if dane_decides {
+                why.extend(
+                    report
+                        .notes
+                        .iter()
+                        .filter_map(|n| n.strip_prefix("not needed under DANE: "))
+                        .map(str::to_string),
+                );
+            }
+            let fix = ca_failures
                 .first()
-                .map(|f| tls_fix(f.kind, host, opts.smtp_port));
+                .map(|f| tls_fix(f.kind, host, opts.smtp_port))
+                .or_else(|| {
+                    dane_decides.then(|| {
+                        format!("install a certificate for {host} from a trusted CA (MTA-STS senders check it; DANE senders check the TLSA records)")
+                    })
+                });
             vec![finding(
                 Status::Fail,
                 "tls",
@@ -426,6 +533,7 @@ async fn mx_tls(host: &str, opts: &CheckOptions) -> Vec<Finding> {
             )]
         }
     };
+    found.extend(dane);
     for w in &report.warnings {
         found.push(finding(
             Status::Warn,
@@ -435,6 +543,78 @@ async fn mx_tls(host: &str, opts: &CheckOptions) -> Vec<Finding> {
         ));
     }
     found
+}
+
+/// The `_smtp._tls.<domain>` TXT record (RFC 8460 §3): exactly one `v=TLSRPTv1` record with
+/// `rua=` URIs that are `mailto:` or `https:`.
+async fn tlsrpt_finding(domain: &str, opts: &CheckOptions) -> Finding {
+    let name = format!("_smtp._tls.{domain}");
+    let records = match opts.resolver.txt(&name).await {
+        Ok(r) => r,
+        Err(e) => {
+            return finding(Status::Info, "tlsrpt", format!("{name}: {e}"), None);
+        }
+    };
+    let ours: Vec<&String> = records
+        .iter()
+        .filter(|r| r.trim_start().starts_with("v=TLSRPTv1"))
+        .collect();
+    let fix_publish = format!(
+        "publish {name} TXT \"v=TLSRPTv1; rua=mailto:tlsrpt@{domain}\" (moat sts generate prints one) to receive reports of failed deliveries"
+    );
+    match ours.as_slice() {
+        [] => finding(
+            Status::Info,
+            "tlsrpt",
+            format!(
+                "no TLS-RPT record at {name}: nobody is told when senders fail TLS with {domain}"
+            ),
+            Some(fix_publish),
+        ),
+        [one] => {
+            let rua: Vec<&str> = one
+                .split(';')
+                .filter_map(|f| f.trim().strip_prefix("rua="))
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .collect();
+            let bad: Vec<&&str> = rua
+                .iter()
+                .filter(|u| !(u.starts_with("mailto:") || u.starts_with("https:")))
+                .collect();
+            if rua.is_empty() {
+                finding(
+                    Status::Fail,
+                    "tlsrpt",
+                    format!("{name}: {one:?} has no rua= field"),
+                    Some(fix_publish),
+                )
+            } else if !bad.is_empty() {
+                finding(
+                    Status::Fail,
+                    "tlsrpt",
+                    format!("{name}: rua URIs must be mailto: or https: ({bad:?})"),
+                    Some(fix_publish),
+                )
+            } else {
+                finding(
+                    Status::Pass,
+                    "tlsrpt",
+                    format!("{name}: reports go to {}", rua.join(", ")),
+                    None,
+                )
+            }
+        }
+        _ => finding(
+            Status::Fail,
+            "tlsrpt",
+            format!(
+                "{name}: {} v=TLSRPTv1 records; senders ignore them all (RFC 8460 §3)",
+                ours.len()
+            ),
+            Some("keep exactly one".into()),
+        ),
+    }
 }
 
 /// What the MX host's administrator must change, by the first failure.
