@@ -282,25 +282,7 @@ impl Resolver {
         timeout: Duration,
         retries: usize,
     ) -> Result<Self, DnsError> {
-        if servers.is_empty() {
-            return Err(DnsError::Config {
-                detail: "no nameservers configured".to_owned(),
-            });
-        }
-        let name_servers = servers
-            .iter()
-            .map(|addr| {
-                let mut udp = ConnectionConfig::udp();
-                udp.port = addr.port();
-                let mut tcp = ConnectionConfig::tcp();
-                tcp.port = addr.port();
-                NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
-            })
-            .collect();
-        let mut opts = ResolverOpts::default();
-        opts.timeout = timeout;
-        opts.attempts = retries;
-        opts.use_hosts_file = ResolveHosts::Never;
+        let (name_servers, opts) = nameserver_config(servers, timeout, retries)?;
         let inner = TokioResolver::builder_with_config(
             ResolverConfig::from_name_servers(name_servers),
             TokioRuntimeProvider::default(),
@@ -469,25 +451,7 @@ impl Validator {
         anchor_file: Option<&std::path::Path>,
     ) -> Result<Self, DnsError> {
         let anchors = Self::anchors(anchor_file)?;
-        if servers.is_empty() {
-            return Err(DnsError::Config {
-                detail: "no nameservers configured".to_owned(),
-            });
-        }
-        let name_servers = servers
-            .iter()
-            .map(|addr| {
-                let mut udp = ConnectionConfig::udp();
-                udp.port = addr.port();
-                let mut tcp = ConnectionConfig::tcp();
-                tcp.port = addr.port();
-                NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
-            })
-            .collect();
-        let mut opts = ResolverOpts::default();
-        opts.timeout = timeout;
-        opts.attempts = retries;
-        opts.use_hosts_file = ResolveHosts::Never;
+        let (name_servers, mut opts) = nameserver_config(servers, timeout, retries)?;
         opts.validate = true;
         // No answer cache: hickory 0.26 can drop an insecure CNAME from an answer whose
         // target is cached, which would make an insecure TLSA look secure. Key proofs are
@@ -766,6 +730,35 @@ impl Validator {
         }
         Ok(())
     }
+}
+
+/// UDP (and TCP for truncated answers) to each of `servers`, with the per-query `timeout`,
+/// `retries` after the first attempt, and never the hosts file.
+fn nameserver_config(
+    servers: &[SocketAddr],
+    timeout: Duration,
+    retries: usize,
+) -> Result<(Vec<NameServerConfig>, ResolverOpts), DnsError> {
+    if servers.is_empty() {
+        return Err(DnsError::Config {
+            detail: "no nameservers configured".to_owned(),
+        });
+    }
+    let name_servers = servers
+        .iter()
+        .map(|addr| {
+            let mut udp = ConnectionConfig::udp();
+            udp.port = addr.port();
+            let mut tcp = ConnectionConfig::tcp();
+            tcp.port = addr.port();
+            NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
+        })
+        .collect();
+    let mut opts = ResolverOpts::default();
+    opts.timeout = timeout;
+    opts.attempts = retries;
+    opts.use_hosts_file = ResolveHosts::Never;
+    Ok((name_servers, opts))
 }
 
 /// The name for a validating lookup: `.` is the root (the self-check asks for its SOA).

@@ -84,6 +84,14 @@ fn wait_dane_available(m: &Moat) {
     });
 }
 
+/// The first `delivery attempt` log line for `host`.
+fn attempt_line(log: &str, host: &str) -> String {
+    log.lines()
+        .find(|l| l.contains("delivery attempt") && l.contains(&format!("host=\"{host}\"")))
+        .unwrap_or_else(|| panic!("no attempt to {host}: {log}"))
+        .to_string()
+}
+
 /// Waits for a `not delivered` line for `rcpt` with `status`; returns that line.
 fn wait_deferred(m: &Moat, rcpt: &str, status: &str) -> String {
     wait_for(
@@ -309,12 +317,7 @@ fn dane_authenticates_defers_and_never_downgrades() {
     );
 
     let log = tx.log();
-    let attempt = |host: &str| {
-        log.lines()
-            .find(|l| l.contains("delivery attempt") && l.contains(&format!("host=\"{host}\"")))
-            .unwrap_or_else(|| panic!("no attempt to {host}: {log}"))
-            .to_string()
-    };
+    let attempt = |host: &str| attempt_line(&log, host);
     let ee = attempt("mx1.secure.dane.test");
     assert!(ee.contains("level=\"dane\""), "{ee}");
     assert!(ee.contains("verified by DANE"), "{ee}");
@@ -741,12 +744,7 @@ fn dane_corner_cases() {
         "plaintext despite TLSA records"
     );
     let log = tx.log();
-    let attempt = |host: &str| {
-        log.lines()
-            .find(|l| l.contains("delivery attempt") && l.contains(&format!("host=\"{host}\"")))
-            .unwrap_or_else(|| panic!("no attempt to {host}: {log}"))
-            .to_string()
-    };
+    let attempt = |host: &str| attempt_line(&log, host);
     let pkix = attempt("mx4.secure.dane.test");
     assert!(pkix.contains("level=\"encrypt\""), "{pkix}");
     assert!(pkix.contains("all unusable for SMTP"), "{pkix}");
