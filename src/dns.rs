@@ -422,7 +422,8 @@ type CachedAnswer = (std::time::Instant, (Dnssec, Vec<Record>));
 
 /// A DNSSEC-validating resolver (RFC 4035 §5), for DANE: the same nameservers as the
 /// routing resolver, its own cache. Every answer comes with its [`Dnssec`] state; lookups
-/// that cannot be answered (bogus signatures, SERVFAIL, timeouts) are [`Dnssec::Bogus`] with
+/// that do not validate are [`Dnssec::Bogus`], ones that get no answer (SERVFAIL, timeouts)
+/// [`Dnssec::Unanswered`], both with
 /// the reason, never an insecure answer.
 #[derive(Clone)]
 pub struct Validator {
@@ -524,7 +525,7 @@ impl Validator {
         // Whole validated answers are cached (not hickory's records: see `new`): answers for
         // their smallest TTL (at most an hour), denials a minute, failures 10 s.
         let ttl = match &answer.0 {
-            Dnssec::Bogus(_) => 10,
+            Dnssec::Bogus(_) | Dnssec::Unanswered(_) => 10,
             _ if answer.1.is_empty() => 60,
             _ => answer
                 .1
@@ -560,13 +561,13 @@ impl Validator {
         let what = format!("{rtype} {}", display_name(name));
         let absolute = match validator_name(name) {
             Ok(n) => n,
-            Err(e) => return (Dnssec::Bogus(e.to_string()), Vec::new()),
+            Err(e) => return (Dnssec::Unanswered(e.to_string()), Vec::new()),
         };
         let Ok(result) =
             tokio::time::timeout(self.limit, self.inner.lookup(absolute.clone(), rtype)).await
         else {
             return (
-                Dnssec::Bogus(format!(
+                Dnssec::Unanswered(format!(
                     "{what}: no validated answer within {} s",
                     self.limit.as_secs()
                 )),
@@ -638,7 +639,10 @@ impl Validator {
                     kind,
                     name: display_name(name),
                 };
-                (Dnssec::Bogus(classify(e, query).to_string()), Vec::new())
+                (
+                    Dnssec::Unanswered(classify(e, query).to_string()),
+                    Vec::new(),
+                )
             }
         }
     }
@@ -671,6 +675,7 @@ impl Validator {
         );
         match (a.0, aaaa.0) {
             (Dnssec::Bogus(w), _) | (_, Dnssec::Bogus(w)) => Dnssec::Bogus(w),
+            (Dnssec::Unanswered(w), _) | (_, Dnssec::Unanswered(w)) => Dnssec::Unanswered(w),
             (Dnssec::Secure, Dnssec::Secure) => Dnssec::Secure,
             _ => Dnssec::Insecure,
         }
@@ -683,6 +688,7 @@ impl Validator {
         let (state, records) = self.state(&name, RecordType::TLSA).await;
         match state {
             Dnssec::Bogus(w) => return TlsaLookup::Failed(w),
+            Dnssec::Unanswered(w) => return TlsaLookup::Unanswered(w),
             Dnssec::Insecure => return TlsaLookup::NoRecords { secure: false },
             Dnssec::Secure => {}
         }
@@ -716,7 +722,9 @@ impl Validator {
                     "the answer for {secure} is not validated: the nameservers return no DNSSEC signatures, or the trust anchor does not cover it"
                 ));
             }
-            Dnssec::Bogus(w) => return Err(format!("validating {secure} failed: {w}")),
+            Dnssec::Bogus(w) | Dnssec::Unanswered(w) => {
+                return Err(format!("validating {secure} failed: {w}"));
+            }
         }
         if let Some(b) = bogus {
             match self.state_uncached(b, RecordType::A).await.0 {

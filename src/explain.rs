@@ -18,7 +18,8 @@ fn dnssec_words(d: &Dnssec) -> String {
     match d {
         Dnssec::Secure => "secure (DNSSEC-validated)".into(),
         Dnssec::Insecure => "insecure (not signed, or not validated)".into(),
-        Dnssec::Bogus(w) => format!("BOGUS or unanswerable: {w}"),
+        Dnssec::Bogus(w) => format!("BOGUS: {w}"),
+        Dnssec::Unanswered(w) => format!("NO ANSWER: {w}"),
     }
 }
 
@@ -225,6 +226,7 @@ pub async fn explain(config: &Config, address: &str, sender: &str) -> Result<Str
                     "none usable: the answer is insecure (DANE does not apply)".into()
                 }
                 TlsaLookup::Failed(w) => format!("lookup FAILED on a signed path: {w}"),
+                TlsaLookup::Unanswered(w) => format!("NO ANSWER on a signed path: {w}"),
                 TlsaLookup::Records { records, base } => {
                     let mut s = format!("secure, for {base}:");
                     for r in records {

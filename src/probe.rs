@@ -1187,7 +1187,7 @@ async fn dane_check(
         addresses: match &addresses {
             Dnssec::Secure => "secure".into(),
             Dnssec::Insecure => "insecure".into(),
-            Dnssec::Bogus(w) => format!("failed: {w}"),
+            Dnssec::Bogus(w) | Dnssec::Unanswered(w) => format!("failed: {w}"),
         },
         tlsa: String::new(),
         base: None,
@@ -1209,6 +1209,12 @@ async fn dane_check(
             rep.tlsa = format!("lookup failed: {w}");
             rep.result = format!(
                 "TLSA lookup failed on a signed path ({w}): a DANE sender defers mail to this host (4.7.324)"
+            );
+        }
+        TlsaLookup::Unanswered(w) => {
+            rep.tlsa = format!("no answer: {w}");
+            rep.result = format!(
+                "TLSA lookup failed on a signed path ({w}): a DANE sender defers mail to this host (4.4.312)"
             );
         }
         TlsaLookup::Records { records, base } => {

@@ -101,7 +101,7 @@ pub async fn report(
                 TlsaLookup::NoRecords { secure: false } => format!(
                     "INFO  {name}: the zone is not DNSSEC-signed (or not validated here): TLSA records would not be used"
                 ),
-                TlsaLookup::Failed(w) => {
+                TlsaLookup::Failed(w) | TlsaLookup::Unanswered(w) => {
                     ok = false;
                     format!("WARN  {name}: the TLSA lookup failed: {w}")
                 }

@@ -403,9 +403,23 @@ pub enum Dnssec {
     Secure,
     /// Proven unsigned (no DS on the path), or validation is not done.
     Insecure,
-    /// Should be signed but does not validate, or no answer could be had on a signed path
-    /// (SERVFAIL, timeout): the words say which.
+    /// Does not validate (bad or missing signatures, a wrong DS): the words say how.
     Bogus(String),
+    /// No answer could be had (SERVFAIL, timeout, unreachable server), so whether it is
+    /// signed is unknown: treated like bogus (never a downgrade), with a DNS failure's code.
+    Unanswered(String),
+}
+
+impl Dnssec {
+    /// The cause of not using a host whose lookup ended so, and the words; `None` for an
+    /// answer (secure or insecure).
+    fn failure(&self) -> Option<(cause::Cause, &str)> {
+        match self {
+            Dnssec::Bogus(w) => Some((cause::Cause::DaneDnssec, w)),
+            Dnssec::Unanswered(w) => Some((cause::Cause::DnsFailure, w)),
+            Dnssec::Secure | Dnssec::Insecure => None,
+        }
+    }
 }
 
 /// What the TLSA lookup for one MX host found (`_25._tcp.<host>`, RFC 7672 §2.2).
@@ -417,8 +431,10 @@ pub enum TlsaLookup {
     Records { records: Vec<Tlsa>, base: String },
     /// A secure denial (NXDOMAIN or NODATA), or an insecure answer: DANE does not apply.
     NoRecords { secure: bool },
-    /// Bogus, SERVFAIL or timed out on a secure path: the host must not be used.
+    /// Bogus on a secure path: the host must not be used.
     Failed(String),
+    /// No answer (SERVFAIL, timeout) on a secure path: the host must not be used either.
+    Unanswered(String),
 }
 
 /// What is known about one MX host, after routing.
@@ -517,22 +533,33 @@ impl DomainDecision {
     ///   are used; under `testing` the others are used and the mismatch reported.
     pub fn for_host(&self, h: &HostFacts<'_>) -> HostVerdict {
         if self.dane_off.is_none()
-            && let Some(why) = [h.mx, h.addresses].into_iter().find_map(|d| match d {
-                Dnssec::Bogus(w) => Some(w),
-                _ => None,
-            })
+            && let Some((cause, why)) = [h.mx, h.addresses].into_iter().find_map(Dnssec::failure)
         {
             // Bogus or unanswerable on a path that may be signed: never downgrade.
+            let what = if cause == cause::Cause::DaneDnssec {
+                "DNSSEC validation of"
+            } else {
+                "the validating lookup of"
+            };
             return HostVerdict::Skip(
-                cause::Cause::DaneDnssec,
+                cause,
                 format!(
-                    "DNSSEC validation of the MX or address records of {} failed ({why}); the host is not used until it succeeds",
+                    "{what} the MX or address records of {} failed ({why}); the host is not used until it succeeds",
                     h.host
                 ),
             );
         }
         if self.dane_off.is_none() && dane_applies(h.mx, h.addresses) {
             match h.tlsa {
+                TlsaLookup::Unanswered(why) => {
+                    return HostVerdict::Skip(
+                        cause::Cause::DnsFailure,
+                        format!(
+                            "the TLSA lookup for {} got no answer on a DNSSEC-signed path ({why}); the host is not used until it does",
+                            h.host
+                        ),
+                    );
+                }
                 TlsaLookup::Failed(why) => {
                     return HostVerdict::Skip(
                         cause::Cause::DaneDnssec,
@@ -1122,6 +1149,47 @@ mod tests {
             tlsa: &failed,
         };
         assert_eq!(kind(&d.for_host(&half)), "use");
+    }
+
+    #[test]
+    fn no_answer_is_a_dns_failure_and_bad_signatures_a_dnssec_failure() {
+        let roots = Arc::new(RootCertStore::empty());
+        let d = run("-", "-", true, &roots);
+        let usable = tlsa_records("3 1 1");
+        let code = |v: &HostVerdict| match v {
+            HostVerdict::Skip(c, w) => format!("{} {}", c.code(false).unwrap_or("-"), w),
+            other => format!("not skipped: {}", kind(other)),
+        };
+        // Address lookup timed out under a signed MX: skipped, temporary DNS failure.
+        let lost = Dnssec::Unanswered("timeout".into());
+        let v = d.for_host(&HostFacts {
+            host: "mx.dest.test",
+            mx: &SECURE,
+            addresses: &lost,
+            tlsa: &usable,
+        });
+        let c = code(&v);
+        assert!(c.starts_with("4.4.312 the validating lookup of"), "{c}");
+        // Bad signatures: the DNSSEC code.
+        let bad = Dnssec::Bogus("RRSIG expired".into());
+        let v = d.for_host(&HostFacts {
+            host: "mx.dest.test",
+            mx: &bad,
+            addresses: &SECURE,
+            tlsa: &usable,
+        });
+        let c = code(&v);
+        assert!(c.starts_with("4.7.324 DNSSEC validation of"), "{c}");
+        assert!(c.contains("RRSIG expired"), "{c}");
+        // The TLSA lookup itself unanswered on a signed path: DNS failure, not DANE's code.
+        let v = d.for_host(&host(
+            "mx.dest.test",
+            &SECURE,
+            &TlsaLookup::Unanswered("SERVFAIL".into()),
+        ));
+        let c = code(&v);
+        assert!(c.starts_with("4.4.312 the TLSA lookup"), "{c}");
+        assert!(c.contains("SERVFAIL"), "{c}");
     }
 
     #[test]

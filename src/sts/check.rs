@@ -308,6 +308,12 @@ pub async fn check(domain: &str, opts: &CheckOptions) -> Report {
                 format!("the MX records of {domain} are not DNSSEC-signed: DANE cannot protect it"),
                 Some("sign the zone (and publish its DS) to use DANE".into()),
             ),
+            Dnssec::Unanswered(w) => finding(
+                Status::Fail,
+                "dnssec",
+                format!("the validating MX lookup of {domain} got no answer: {w}"),
+                Some("make the domain's nameservers answer DNSSEC queries (DO bit) for MX".into()),
+            ),
             Dnssec::Bogus(w) => finding(
                 Status::Fail,
                 "dnssec",

@@ -1525,6 +1525,7 @@ good              MX    10 mx.good
 mx.good           A     $ST_GOOD
 mta-sts.good      A     $ST_WEB
 _mta-sts.good     TXT   "v=STSv1; id=1;"
+_smtp._tls.good   TXT   "v=TLSRPTv1; rua=mailto:tlsrpt@good.interop.test"
 bad               MX    10 mx.bad
 bad               MX    20 mx2.bad
 mx.bad            A     $ST_WRONG
@@ -1783,20 +1784,21 @@ if ((st_ok)); then
          || ! grep -Eq "^PASS  fetch +https://mta-sts\.good\.interop\.test/\.well-known/mta-sts\.txt: 200, text/plain, [0-9]+ bytes in [0-9]+ ms from $ST_WEB\$" "$o.txt" \
          || ! grep -Eq '^PASS  policy +mode enforce, max_age 604800, mx mx\.good\.interop\.test$' "$o.txt" \
          || ! grep -Eq '^PASS  mx +mx\.good\.interop\.test is covered by the policy$' "$o.txt" \
+         || ! grep -Eq '^PASS  tlsrpt +_smtp\._tls\.good\.interop\.test: reports go to mailto:tlsrpt@good\.interop\.test$' "$o.txt" \
          || ! grep -Eq "^PASS  tls +mx\.good\.interop\.test \[$ST_GOOD\]: STARTTLS, TLSv1\.3 TLS_[A-Z0-9_]+, certificate expires in [0-9]+ days?, valid for mx\.good\.interop\.test\$" "$o.txt" \
          || grep -Eq '^FAIL' "$o.txt" \
          || ! grep -Eq '^WARN  tls +mx\.good\.interop\.test: the certificate expires' "$o.txt" \
          || ! grep -qx 'good.interop.test: MTA-STS set up correctly (1 warning(s))' "$o.txt"; then
-        fail "$name" "want PASS lines for txt, fetch, policy, mx, tls, no FAIL, the 2-day certificate's expiry WARN and the 'set up correctly' summary" "$o.txt"
+        fail "$name" "want PASS lines for txt, fetch, policy, tlsrpt, mx, tls, no FAIL, the 2-day certificate's expiry WARN and the 'set up correctly' summary" "$o.txt"
     else
         pass "$name"
     fi
 
-    name="moat sts check good.interop.test --json: ok true, five findings pass (and the expiry warning), the policy text"
+    name="moat sts check good.interop.test --json: ok true, six findings pass (and the expiry warning), the policy text"
     rc=0
     "${STS[@]}" --json good.interop.test >"$o.json" 2>"$o.json.err" || rc=$?
     got=$(jget "$o.json" 'd["domain"], d["ok"], [(f["check"], f["status"]) for f in d["findings"]], "mx: mx.good.interop.test" in d["policy"]')
-    if ((rc == 0)) && [[ $got == "('good.interop.test', True, [('txt', 'pass'), ('fetch', 'pass'), ('policy', 'pass'), ('mx', 'pass'), ('tls', 'pass'), ('tls', 'warn')], True)" ]]; then
+    if ((rc == 0)) && [[ $got == "('good.interop.test', True, [('txt', 'pass'), ('fetch', 'pass'), ('policy', 'pass'), ('tlsrpt', 'pass'), ('mx', 'pass'), ('tls', 'pass'), ('tls', 'warn')], True)" ]]; then
         pass "$name"
     else
         fail "$name" "exit $rc; got $got" "$o.json" "$o.json.err"
@@ -1825,11 +1827,11 @@ if ((st_ok)); then
         pass "$name"
     fi
 
-    name="moat sts check bad.interop.test --json: ok false, failures mx and tls x2 with fixes"
+    name="moat sts check bad.interop.test --json: ok false, failures mx and tls x2 with fixes, no TLS-RPT record (info with fix)"
     rc=0
     "${STS[@]}" --json bad.interop.test >"$o.json" 2>"$o.json.err" || rc=$?
     got=$(jget "$o.json" 'd["ok"], [(f["check"], f["status"], bool(f.get("fix"))) for f in d["findings"]]')
-    want="(False, [('txt', 'pass', False), ('fetch', 'pass', False), ('policy', 'pass', False), ('mx', 'fail', True), ('tls', 'fail', True), ('tls', 'warn', False), ('mx', 'pass', False), ('tls', 'fail', True)])"
+    want="(False, [('txt', 'pass', False), ('fetch', 'pass', False), ('policy', 'pass', False), ('tlsrpt', 'info', True), ('mx', 'fail', True), ('tls', 'fail', True), ('tls', 'warn', False), ('mx', 'pass', False), ('tls', 'fail', True)])"
     if ((rc == 1)) && [[ $got == "$want" ]]; then
         pass "$name"
     else
