@@ -753,3 +753,107 @@ fn dane_corner_cases() {
     let cname = attempt("mx3.secure.dane.test");
     assert!(cname.contains("level=\"may\""), "{cname}");
 }
+
+/// Lookups that get no answer on a signed path (RFC 7672 §2.1.1: "the SMTP client MUST NOT
+/// deliver to" a host whose TLSA lookup fails, and must not treat it as insecure): a TLSA
+/// name CNAMEd into a securely delegated zone whose server answers SERVFAIL, one into a zone
+/// whose server never answers, and an MX host whose own address lookup gets SERVFAIL. Each
+/// host is skipped with a temporary DNS failure (4.4.312, not DANE's DNSSEC code: nothing
+/// was shown to be forged), the next MX host with good records is used, and a domain with no
+/// other host is deferred, never sent without DANE.
+#[test]
+fn unanswered_lookups_skip_the_host_and_never_downgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_ca, leaves) = make_certs(dir.path(), &["unrelated-name.example"]);
+    let spki = spki_sha256(&leaves[0].0);
+    let s = |x: &str| x.to_string();
+    let dns = serve_signed(
+        "127.0.21.57",
+        dir.path(),
+        "dane.test",
+        &[],
+        &[
+            (
+                "secure.dane.test",
+                Kind::Secure,
+                vec![
+                    // mx1's TLSA records are behind a SERVFAIL; mx2's match.
+                    Srr::Mx(s("two.secure.dane.test"), 10, s("mx1.secure.dane.test")),
+                    Srr::Mx(s("two.secure.dane.test"), 20, s("mx2.secure.dane.test")),
+                    Srr::Mx(s("one.secure.dane.test"), 10, s("mx1.secure.dane.test")),
+                    Srr::A(s("mx1.secure.dane.test"), [127, 0, 21, 44]),
+                    Srr::Cname(
+                        s("_2525._tcp.mx1.secure.dane.test"),
+                        s("_2525._tcp.mx.sf.dane.test"),
+                    ),
+                    Srr::A(s("mx2.secure.dane.test"), [127, 0, 21, 44]),
+                    Srr::Tlsa(s("_2525._tcp.mx2.secure.dane.test"), 3, 1, 1, spki),
+                    // mx3's TLSA records are behind a server that never answers.
+                    Srr::Mx(s("slow.secure.dane.test"), 10, s("mx3.secure.dane.test")),
+                    Srr::A(s("mx3.secure.dane.test"), [127, 0, 21, 44]),
+                    Srr::Cname(
+                        s("_2525._tcp.mx3.secure.dane.test"),
+                        s("_2525._tcp.mx.to.dane.test"),
+                    ),
+                    // The MX host's own zone answers SERVFAIL.
+                    Srr::Mx(s("addr.secure.dane.test"), 10, s("mx.sf.dane.test")),
+                ],
+            ),
+            ("sf.dane.test", Kind::Servfail, vec![]),
+            ("to.dane.test", Kind::Silent, vec![]),
+            ("bogus.dane.test", Kind::Bogus, vec![]),
+        ],
+    );
+    let rx = receiver(
+        "127.0.21.44",
+        &[
+            "two.secure.dane.test",
+            "one.secure.dane.test",
+            "slow.secure.dane.test",
+            "addr.secure.dane.test",
+        ],
+        &leaves[0].0,
+        &leaves[0].1,
+    );
+    let tx = sender("127.0.21.5", &dns, "");
+    wait_dane_available(&tx);
+    submit(
+        &tx,
+        "alice@moat.test",
+        &[
+            "u@two.secure.dane.test",
+            "u@one.secure.dane.test",
+            "u@slow.secure.dane.test",
+            "u@addr.secure.dane.test",
+        ],
+        "unanswered",
+    );
+    let one = wait_deferred(&tx, "u@one.secure.dane.test", "4.4.312");
+    assert!(one.contains("mx1.secure.dane.test"), "{one}");
+    assert!(one.contains("TLSA"), "{one}");
+    let slow = wait_deferred(&tx, "u@slow.secure.dane.test", "4.4.312");
+    assert!(slow.contains("mx3.secure.dane.test"), "{slow}");
+    wait_deferred(&tx, "u@addr.secure.dane.test", "4.4.312");
+    let got = wait_for("the delivery through mx2", Duration::from_secs(30), || {
+        let m = rx.mailbox("u");
+        (!m.is_empty()).then_some(m)
+    });
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].contains("u@two.secure.dane.test"), "{got:?}");
+    let log = tx.log();
+    let mx2 = attempt_line(&log, "mx2.secure.dane.test");
+    assert!(mx2.contains("level=\"dane\""), "{mx2}");
+    for host in [
+        "mx1.secure.dane.test",
+        "mx3.secure.dane.test",
+        "mx.sf.dane.test",
+    ] {
+        assert!(
+            !log.lines()
+                .any(|l| l.contains("delivery attempt") && l.contains(&format!("host=\"{host}\""))),
+            "{host} was tried: {log}"
+        );
+    }
+    // No mail went out without DANE: only the one message arrived.
+    assert_eq!(rx.mailbox("u").len(), 1);
+}

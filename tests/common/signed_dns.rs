@@ -1,7 +1,8 @@
 //! DNSSEC-signed zones served in-process (hickory-server, keys generated at start, NSEC
 //! proofs), for the DANE tests: an anchor zone whose key the sender trusts
 //! (`[dane] trust_anchor_file`), with child zones that are signed with a matching DS
-//! (secure), unsigned without DS (insecure), or signed with a DS of another key (bogus).
+//! (secure), unsigned without DS (insecure), signed with a DS of another key (bogus), or
+//! delegated securely to a server that answers SERVFAIL or nothing at all.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -15,12 +16,15 @@ use hickory_server::net::runtime::{Time, TokioRuntimeProvider};
 use hickory_server::proto::dnssec::crypto::EcdsaSigningKey;
 use hickory_server::proto::dnssec::rdata::{DNSKEY, DNSSECRData, DS};
 use hickory_server::proto::dnssec::{Algorithm, DigestType, DnssecSigner, SigningKey};
+use hickory_server::proto::op::{Header, HeaderCounts, Metadata, ResponseCode};
 use hickory_server::proto::rr::rdata::tlsa::{CertUsage, Matching, Selector};
 use hickory_server::proto::rr::rdata::{A, CNAME, MX, NS, SOA, TLSA};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
-use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType};
+use hickory_server::zone_handler::{
+    AxfrPolicy, Catalog, MessageResponseBuilder, ZoneHandler, ZoneType,
+};
 
 /// A record to serve (names relative to nothing: give them in full).
 #[derive(Clone)]
@@ -41,6 +45,10 @@ pub enum Kind {
     Insecure,
     /// Signed, but the parent's DS is of another key.
     Bogus,
+    /// DS in the parent (so the path is signed), but every query in the zone gets SERVFAIL.
+    Servfail,
+    /// DS in the parent, but queries in the zone are never answered (a timeout).
+    Silent,
 }
 
 pub struct SignedDns {
@@ -137,9 +145,13 @@ fn zone(
 
 /// `Catalog::find` picks the longest matching zone, so a child would answer the DS query for
 /// itself; DS queries go to a catalog holding only the anchor zone.
+/// Queries in a `Servfail` or `Silent` zone (other than its DS, which the parent answers)
+/// get SERVFAIL or nothing.
 struct DsRouting {
     all: Catalog,
     parent: Catalog,
+    servfail: Vec<LowerName>,
+    silent: Vec<LowerName>,
 }
 
 #[async_trait::async_trait]
@@ -149,10 +161,35 @@ impl RequestHandler for DsRouting {
         request: &Request,
         response_handle: R,
     ) -> ResponseInfo {
-        let is_ds = request
-            .request_info()
-            .map(|i| i.query.query_type() == RecordType::DS)
-            .unwrap_or(false);
+        let (is_ds, qname) = match request.request_info() {
+            Ok(i) => (
+                i.query.query_type() == RecordType::DS,
+                Some(i.query.name().clone()),
+            ),
+            Err(_) => (false, None),
+        };
+        if let Some(q) = qname.filter(|_| !is_ds) {
+            let header = |code| {
+                let mut metadata = Metadata::response_from_request(&request.metadata);
+                metadata.response_code = code;
+                ResponseInfo::from(Header {
+                    metadata,
+                    counts: HeaderCounts::default(),
+                })
+            };
+            if self.silent.iter().any(|z| z.zone_of(&q)) {
+                return header(ResponseCode::ServFail);
+            }
+            if self.servfail.iter().any(|z| z.zone_of(&q)) {
+                let mut handle = response_handle;
+                let msg = MessageResponseBuilder::from_message_request(request)
+                    .error_msg(&request.metadata, ResponseCode::ServFail);
+                return match handle.send_response(msg).await {
+                    Ok(info) => info,
+                    Err(_) => header(ResponseCode::ServFail),
+                };
+            }
+        }
         let c = if is_ds { &self.parent } else { &self.all };
         c.handle_request::<R, T>(request, response_handle).await
     }
@@ -178,6 +215,7 @@ pub fn serve_signed(
     let mut parent_records: Vec<Record> = apex_records.iter().map(to_record).collect();
     parent_records.push(rec(&format!("ns.{apex}"), RData::A(A::new(127, 0, 0, 1))));
     let mut child_zones = Vec::new();
+    let (mut servfail, mut silent) = (Vec::new(), Vec::new());
     for (origin, kind, records) in children {
         parent_records.push(rec(origin, RData::NS(NS(n(&format!("ns.{apex}"))))));
         let key = match kind {
@@ -191,6 +229,17 @@ pub fn serve_signed(
                 let other = new_key(origin);
                 parent_records.push(ds_for(origin, &other.dnskey));
                 Some(new_key(origin))
+            }
+            Kind::Servfail | Kind::Silent => {
+                let k = new_key(origin);
+                parent_records.push(ds_for(origin, &k.dnskey));
+                let list = if *kind == Kind::Servfail {
+                    &mut servfail
+                } else {
+                    &mut silent
+                };
+                list.push(LowerName::from(n(origin)));
+                Some(k)
             }
         };
         child_zones.push((
@@ -209,6 +258,8 @@ pub fn serve_signed(
     let handler = DsRouting {
         all,
         parent: only_parent,
+        servfail,
+        silent,
     };
 
     let ip: std::net::IpAddr = ip.parse().unwrap();
