@@ -669,16 +669,30 @@ impl Validator {
     /// The DNSSEC state of `host`'s address records: secure only when every answer (A and
     /// AAAA, or their secure denials) is.
     pub async fn addresses(&self, host: &str) -> Dnssec {
+        self.addresses_expanded(host).await.0
+    }
+
+    /// Like [`Validator::addresses`], with the name the address records are at when `host`
+    /// is an alias (the end of its CNAME chain; `None` when there is no CNAME).
+    pub async fn addresses_expanded(&self, host: &str) -> (Dnssec, Option<String>) {
         let (a, aaaa) = tokio::join!(
             self.state(host, RecordType::A),
             self.state(host, RecordType::AAAA)
         );
-        match (a.0, aaaa.0) {
+        let own = host.trim_end_matches('.').to_ascii_lowercase();
+        let expanded = [&a.1, &aaaa.1]
+            .into_iter()
+            .flat_map(|rs| rs.iter())
+            .find(|r| matches!(r.record_type(), RecordType::A | RecordType::AAAA))
+            .map(|r| normalize(&r.name))
+            .filter(|n| *n != own);
+        let state = match (a.0, aaaa.0) {
             (Dnssec::Bogus(w), _) | (_, Dnssec::Bogus(w)) => Dnssec::Bogus(w),
             (Dnssec::Unanswered(w), _) | (_, Dnssec::Unanswered(w)) => Dnssec::Unanswered(w),
             (Dnssec::Secure, Dnssec::Secure) => Dnssec::Secure,
             _ => Dnssec::Insecure,
-        }
+        };
+        (state, expanded)
     }
 
     /// The TLSA records of `_<port>._tcp.<host>` (RFC 7672 §2.2.3), following CNAMEs. The
@@ -710,6 +724,21 @@ impl Validator {
             records: found,
             base: host.trim_end_matches('.').to_ascii_lowercase(),
         }
+    }
+
+    /// The TLSA records for an MX host whose (secure) address records may be at the end of a
+    /// CNAME chain (`expanded`, from [`Validator::addresses_expanded`]): RFC 7672 §2.2.3 looks
+    /// first at the expanded name, which is then the TLSA base domain, and only when that
+    /// finds no records (a secure denial, or an insecure answer) at the MX host's own name. A
+    /// failed or unanswered lookup at the expanded name is the host's result: no fallback.
+    pub async fn tlsa_for_host(&self, host: &str, expanded: Option<&str>, port: u16) -> TlsaLookup {
+        if let Some(target) = expanded {
+            match self.tlsa(target, port).await {
+                TlsaLookup::NoRecords { .. } => {}
+                found => return found,
+            }
+        }
+        self.tlsa(host, port).await
     }
 
     /// Whether validation works through the configured nameservers: `secure` must validate

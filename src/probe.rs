@@ -1180,8 +1180,8 @@ async fn dane_check(
 ) -> DaneReport {
     use crate::dane::tlsa;
     use crate::policy::{Dnssec, TlsaLookup};
-    let addresses = v.addresses(name).await;
-    let lookup = v.tlsa(name, port).await;
+    let (addresses, expanded) = v.addresses_expanded(name).await;
+    let lookup = v.tlsa_for_host(name, expanded.as_deref(), port).await;
     let mut rep = DaneReport {
         query: format!("_{port}._tcp.{name}"),
         addresses: match &addresses {
@@ -1219,6 +1219,7 @@ async fn dane_check(
         }
         TlsaLookup::Records { records, base } => {
             rep.tlsa = "secure".into();
+            rep.query = format!("_{port}._tcp.{base}");
             rep.base = Some(base.clone());
             for r in &records {
                 let matches = match r.usage {

@@ -857,3 +857,106 @@ fn unanswered_lookups_skip_the_host_and_never_downgrade() {
     // No mail went out without DANE: only the one message arrived.
     assert_eq!(rx.mailbox("u").len(), 1);
 }
+
+/// An MX host that is an alias (RFC 7672 §2.2.3): with a secure CNAME chain the TLSA records
+/// are looked up first at the chain's target, which is then the TLSA base domain (and the SNI,
+/// §8.1); only when the target has none are the MX host's own records used. The target's
+/// records win over the alias's: a wrong record at the target defers even though the alias
+/// has a matching one.
+#[test]
+fn an_aliased_mx_host_is_authenticated_at_its_target_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_ca, leaves) = make_certs(dir.path(), &["unrelated-name.example"]);
+    let spki = spki_sha256(&leaves[0].0);
+    let wrong = vec![0x33; 32];
+    let z = |n: &str| format!("{n}.secure.dane.test");
+    let tlsa = |host: &str, data: &Vec<u8>| {
+        Srr::Tlsa(format!("_2525._tcp.{}", z(host)), 3, 1, 1, data.clone())
+    };
+    let dns = serve_signed(
+        "127.0.21.58",
+        dir.path(),
+        "dane.test",
+        &[],
+        &[
+            (
+                "secure.dane.test",
+                Kind::Secure,
+                vec![
+                    // Records at the target (right) and at the alias (wrong): the target's count.
+                    Srr::Mx(z("exp"), 10, z("alias1")),
+                    Srr::Cname(z("alias1"), z("target1")),
+                    Srr::A(z("target1"), [127, 0, 21, 45]),
+                    tlsa("target1", &spki),
+                    tlsa("alias1", &wrong),
+                    // No records at the target: the alias's own (right) records are used.
+                    Srr::Mx(z("fallback"), 10, z("alias2")),
+                    Srr::Cname(z("alias2"), z("target2")),
+                    Srr::A(z("target2"), [127, 0, 21, 45]),
+                    tlsa("alias2", &spki),
+                    // A wrong record at the target, a right one at the alias: deferred.
+                    Srr::Mx(z("wrongfirst"), 10, z("alias3")),
+                    Srr::Cname(z("alias3"), z("target3")),
+                    Srr::A(z("target3"), [127, 0, 21, 45]),
+                    tlsa("target3", &wrong),
+                    tlsa("alias3", &spki),
+                ],
+            ),
+            ("bogus.dane.test", Kind::Bogus, vec![]),
+        ],
+    );
+    let rx = receiver(
+        "127.0.21.45",
+        &[&z("exp"), &z("fallback"), &z("wrongfirst")],
+        &leaves[0].0,
+        &leaves[0].1,
+    );
+    let tx = sender("127.0.21.6", &dns, "");
+    wait_dane_available(&tx);
+    submit(
+        &tx,
+        "alice@moat.test",
+        &[
+            &format!("u@{}", z("exp")),
+            &format!("u@{}", z("fallback")),
+            &format!("u@{}", z("wrongfirst")),
+        ],
+        "aliases",
+    );
+    let wrongfirst = wait_deferred(&tx, &format!("u@{}", z("wrongfirst")), "4.7.323");
+    assert!(wrongfirst.contains(&z("target3")), "{wrongfirst}");
+    let got = wait_for("the two DANE deliveries", Duration::from_secs(30), || {
+        let m = rx.mailbox("u");
+        (m.len() >= 2).then_some(m)
+    });
+    for d in ["exp", "fallback"] {
+        assert!(
+            got.iter().any(|m| m.contains(&format!("u@{}", z(d)))),
+            "{d}: {got:?}"
+        );
+    }
+    let log = tx.log();
+    let exp = attempt_line(&log, &z("alias1"));
+    assert!(exp.contains("level=\"dane\""), "{exp}");
+    assert!(
+        exp.contains(&format!("TLSA records of {}", z("target1"))),
+        "{exp}"
+    );
+    let fallback = attempt_line(&log, &z("alias2"));
+    assert!(fallback.contains("level=\"dane\""), "{fallback}");
+    assert!(
+        fallback.contains(&format!("TLSA records of {}", z("alias2"))),
+        "{fallback}"
+    );
+    // The receiver saw the TLSA base domain as SNI on each connection.
+    let rx_log = rx.log();
+    for sni in [z("target1"), z("alias2")] {
+        assert!(
+            rx_log
+                .lines()
+                .any(|l| l.contains("TLS established") && l.contains(&format!("sni=\"{sni}\""))),
+            "no connection with SNI {sni}: {rx_log}"
+        );
+    }
+    assert_eq!(rx.mailbox("u").len(), 2);
+}

@@ -638,9 +638,9 @@ pub async fn dane_facts(
             });
             continue;
         }
-        let addresses = v.addresses(&h.host).await;
+        let (addresses, expanded) = v.addresses_expanded(&h.host).await;
         let tlsa = if crate::policy::dane_applies(&mx, &addresses) {
-            v.tlsa(&h.host, port).await
+            v.tlsa_for_host(&h.host, expanded.as_deref(), port).await
         } else {
             TlsaLookup::NotLooked
         };

@@ -432,7 +432,13 @@ impl Connector {
         req: &TlsRequirement,
     ) -> Result<(TlsStream<TcpStream>, TlsOutcome), TlsFailure> {
         let host = normalize_host(mx_host);
-        let sni = ServerName::try_from(host.clone()).map_err(|_| {
+        // Under DANE the SNI is the TLSA base domain (RFC 7672 §8.1), which differs from the
+        // MX host when the records were found at its CNAME target.
+        let sni_name = req
+            .dane
+            .as_ref()
+            .map_or_else(|| host.clone(), |d| normalize_host(&d.base));
+        let sni = ServerName::try_from(sni_name).map_err(|_| {
             TlsFailure::Handshake(format!("{mx_host:?} is not a host name TLS can check"))
         })?;
         let expected: Vec<String> = if req.match_names.is_empty() {
