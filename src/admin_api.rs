@@ -311,14 +311,22 @@ fn dane_state(ctx: &AdminCtx) -> serde_json::Value {
     let Some(d) = &ctx.queue.outbound.dane else {
         return json!({ "state": "disabled" });
     };
+    let validation = if d.validator.trusts_resolver() {
+        "resolver"
+    } else {
+        "in-process"
+    };
     match d.status() {
-        None => json!({ "state": "unavailable", "reason": "DNSSEC validation not checked yet" }),
+        None => json!({ "state": "unavailable", "validation": validation,
+            "reason": "DNSSEC validation not checked yet" }),
         Some((r, at)) => {
             let ago = unix_now().saturating_sub(at);
             match r {
-                Ok(()) => json!({ "state": "available", "checked_secs_ago": ago }),
+                Ok(()) => json!({ "state": "available", "validation": validation,
+                    "checked_secs_ago": ago }),
                 Err(why) => {
-                    json!({ "state": "unavailable", "reason": why, "checked_secs_ago": ago })
+                    json!({ "state": "unavailable", "validation": validation, "reason": why,
+                        "checked_secs_ago": ago })
                 }
             }
         }
@@ -616,7 +624,12 @@ pub fn render_status(h: &serde_json::Value) -> String {
     let dane = &h["dane"];
     match dane["state"].as_str() {
         Some("available") => out.push_str(&format!(
-            "DANE: available, DNSSEC validation works (checked {} ago); {} delivered by DANE in 24 h\n",
+            "DANE: available, DNSSEC validation works ({}, checked {} ago); {} delivered by DANE in 24 h\n",
+            if dane["validation"] == "resolver" {
+                "by the resolver: its AD bit is trusted"
+            } else {
+                "validated in-process"
+            },
             crate::util::human_duration(n(&dane["checked_secs_ago"])),
             n(&d["dane"])
         )),
@@ -667,7 +680,9 @@ mod tests {
         });
         let text = render_status(&h);
         assert!(
-            text.contains("DANE: available, DNSSEC validation works (checked "),
+            text.contains(
+                "DANE: available, DNSSEC validation works (validated in-process, checked "
+            ),
             "{text}"
         );
         assert!(text.contains("3 delivered by DANE"), "{text}");

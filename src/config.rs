@@ -120,6 +120,9 @@ pub struct DaneConfig {
     pub check_bogus: String,
     /// How often the self-check runs.
     pub check_interval_secs: u64,
+    /// Trust the AD bit of the configured nameservers instead of validating here (RFC 6840
+    /// §5.7): only for a validating resolver on this host (loopback).
+    pub resolver_validates: bool,
 }
 
 impl Default for DaneConfig {
@@ -130,6 +133,7 @@ impl Default for DaneConfig {
             check_secure: ".".into(),
             check_bogus: "dnssec-failed.org".into(),
             check_interval_secs: 3600,
+            resolver_validates: false,
         }
     }
 }

@@ -239,6 +239,10 @@ struct CheckArgs {
     /// DNSKEY records to validate from (with --dane) instead of the root's trust anchors.
     #[arg(long, value_name = "FILE", requires = "dane")]
     trust_anchor: Option<PathBuf>,
+    /// Trust the AD bit of the nameserver (a validating resolver on this host) instead of
+    /// validating here, as `[dane] resolver_validates = true` does.
+    #[arg(long, requires = "dane", conflicts_with = "trust_anchor")]
+    resolver_validates: bool,
 }
 
 const PROBE_EXAMPLES: &str = "\
@@ -294,6 +298,10 @@ struct ProbeArgs {
     /// DNSKEY records to validate from instead of the root's built-in trust anchors.
     #[arg(long, value_name = "FILE", requires = "dane")]
     trust_anchor: Option<PathBuf>,
+    /// Trust the AD bit of the nameserver (a validating resolver on this host) instead of
+    /// validating here, as `[dane] resolver_validates = true` does.
+    #[arg(long, requires = "dane", conflicts_with = "trust_anchor")]
+    resolver_validates: bool,
 }
 
 /// Which messages a queue action applies to.
@@ -463,10 +471,7 @@ fn probe(args: ProbeArgs) -> ExitCode {
         if args.dane {
             let anchors = args.trust_anchor.as_deref();
             let limit = std::time::Duration::from_secs(args.timeout.min(10));
-            let v = match args.nameserver {
-                Some(ns) => moat::dns::Validator::new(&[ns], limit, 1, anchors),
-                None => moat::dns::Validator::system(anchors),
-            };
+            let v = cli_validator(args.nameserver, limit, anchors, args.resolver_validates);
             opts.dane = Some(v.map_err(|e| format!("--dane: {e}"))?);
         }
         Ok::<_, String>(moat::probe::probe(&opts).await)
@@ -493,6 +498,22 @@ fn probe(args: ProbeArgs) -> ExitCode {
     }
 }
 
+/// The validator of `--dane`: own validation (from `anchors`, else the root), or the AD bit of
+/// the nameserver; through `nameserver`, else the system's.
+fn cli_validator(
+    nameserver: Option<std::net::SocketAddr>,
+    limit: std::time::Duration,
+    anchors: Option<&std::path::Path>,
+    resolver_validates: bool,
+) -> Result<moat::dns::Validator, moat::dns::DnsError> {
+    match (nameserver, resolver_validates) {
+        (Some(ns), true) => moat::dns::Validator::trusting(&[ns], limit, 1),
+        (None, true) => moat::dns::Validator::trusting_system(),
+        (Some(ns), false) => moat::dns::Validator::new(&[ns], limit, 1, anchors),
+        (None, false) => moat::dns::Validator::system(anchors),
+    }
+}
+
 /// `moat check` / `moat sts check`: exit status 0 (no failure), 1 (a failure found) or 2 (bad
 /// arguments).
 fn sts_check(cmd: CheckArgs) -> ExitCode {
@@ -506,6 +527,7 @@ fn sts_check(cmd: CheckArgs) -> ExitCode {
         timeout,
         dane,
         trust_anchor,
+        resolver_validates,
     } = cmd;
     let usage = |e: String| {
         eprintln!("moat sts check: {e}");
@@ -535,10 +557,12 @@ fn sts_check(cmd: CheckArgs) -> ExitCode {
         let validator = if dane {
             let limit = std::time::Duration::from_secs(timeout.clamp(1, 10));
             Some(
-                match nameserver {
-                    Some(ns) => moat::dns::Validator::new(&[ns], limit, 1, trust_anchor.as_deref()),
-                    None => moat::dns::Validator::system(trust_anchor.as_deref()),
-                }
+                cli_validator(
+                    nameserver,
+                    limit,
+                    trust_anchor.as_deref(),
+                    resolver_validates,
+                )
                 .map_err(|e| format!("--dane: {e}"))?,
             )
         } else {
@@ -667,20 +691,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 let validator = if offline {
                     None
                 } else {
-                    let d = &config.dane;
-                    let anchors = d.trust_anchor_file.as_ref().map(|f| config.data_path(f));
-                    let o = &config.outbound;
-                    let v = if o.nameservers.is_empty() {
-                        moat::dns::Validator::system(anchors.as_deref())
-                    } else {
-                        moat::dns::Validator::new(
-                            &o.nameservers,
-                            std::time::Duration::from_secs(o.dns_timeout_secs),
-                            1,
-                            anchors.as_deref(),
-                        )
-                    };
-                    v.ok()
+                    moat::dane::validator(&config).ok()
                 };
                 moat::dane::publish::report(&certs, port, validator.as_ref()).await
             });

@@ -183,15 +183,12 @@ fn dane_from(config: &Config) -> Result<Option<Arc<crate::dane::Dane>>, String> 
     if !d.enabled {
         return Ok(None);
     }
-    let anchors = d.trust_anchor_file.as_ref().map(|f| config.data_path(f));
-    let o = &config.outbound;
-    let timeout = Duration::from_secs(o.dns_timeout_secs);
-    let validator = if o.nameservers.is_empty() {
-        crate::dns::Validator::system(anchors.as_deref())
-    } else {
-        crate::dns::Validator::new(&o.nameservers, timeout, 1, anchors.as_deref())
+    let validator = crate::dane::validator(config).map_err(|e| format!("DANE resolver: {e}"))?;
+    let remote = validator.remote_trusted_servers();
+    if !remote.is_empty() {
+        tracing::warn!(servers = ?remote,
+            "[dane] resolver_validates trusts the AD bit of nameservers that are not on this host: anyone on the path can forge it; use a validating resolver on loopback");
     }
-    .map_err(|e| format!("DANE resolver: {e}"))?;
     Ok(Some(Arc::new(crate::dane::Dane::new(
         validator,
         &d.check_secure,

@@ -12,7 +12,30 @@ pub mod tlsa;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::dns::Validator;
+use crate::config::Config;
+use crate::dns::{DnsError, Validator};
+
+/// The validating resolver `[dane]` and `[outbound] nameservers` describe: Moat's own
+/// validation from the trust anchors, or the AD bit of a validating resolver
+/// (`resolver_validates`); the configured nameservers, else the system's.
+pub fn validator(config: &Config) -> Result<Validator, DnsError> {
+    let d = &config.dane;
+    let o = &config.outbound;
+    let timeout = Duration::from_secs(o.dns_timeout_secs);
+    if d.resolver_validates {
+        return if o.nameservers.is_empty() {
+            Validator::trusting_system()
+        } else {
+            Validator::trusting(&o.nameservers, timeout, 1)
+        };
+    }
+    let anchors = d.trust_anchor_file.as_ref().map(|f| config.data_path(f));
+    if o.nameservers.is_empty() {
+        Validator::system(anchors.as_deref())
+    } else {
+        Validator::new(&o.nameservers, timeout, 1, anchors.as_deref())
+    }
+}
 
 /// DANE at run time: the validating resolver and whether validation works through the
 /// configured nameservers (checked at start and then periodically; [`Dane::unavailable`]).
@@ -61,6 +84,7 @@ impl Dane {
         if changed {
             match &r {
                 Ok(()) => tracing::info!(secure = %self.check_secure,
+                    validation = if self.validator.trusts_resolver() { "resolver (AD bit trusted)" } else { "in-process" },
                     bogus = self.check_bogus.as_deref().unwrap_or("-"),
                     "DANE available: DNSSEC validation works"),
                 Err(why) => tracing::warn!(reason = %why,

@@ -39,6 +39,8 @@ use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use crate::dane::tlsa::Tlsa;
 use crate::policy::{Dnssec, TlsaLookup};
 
+mod trusted;
+
 /// Default time to wait for one answer from one nameserver.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default number of retries after the first attempt (hickory's `attempts`).
@@ -427,12 +429,19 @@ type CachedAnswer = (std::time::Instant, (Dnssec, Vec<Record>));
 /// the reason, never an insecure answer.
 #[derive(Clone)]
 pub struct Validator {
-    inner: TokioResolver,
+    inner: Backend,
     /// Validated answers by (name, type), with when they expire.
     cache: std::sync::Arc<std::sync::Mutex<HashMap<(String, RecordType), CachedAnswer>>>,
     /// The most one lookup may take, key fetches included (a validating lookup whose DNSKEY
     /// or DS queries go unanswered can otherwise take many times the per-query timeout).
     limit: Duration,
+}
+
+/// Who validates: Moat itself, or a validating resolver whose AD bit it trusts.
+#[derive(Clone)]
+enum Backend {
+    Own(Box<TokioResolver>),
+    Trusted(trusted::Trusted),
 }
 
 impl fmt::Debug for Validator {
@@ -469,10 +478,72 @@ impl Validator {
             detail: e.to_string(),
         })?;
         Ok(Validator {
-            inner,
+            inner: Backend::Own(Box::new(inner)),
             cache: Default::default(),
             limit: timeout.saturating_mul(4).max(Duration::from_secs(2)),
         })
+    }
+
+    /// A validator that does not validate itself but trusts the AD bit of `servers`
+    /// (`[dane] resolver_validates = true`): they must be validating resolvers on this host.
+    pub fn trusting(
+        servers: &[SocketAddr],
+        timeout: Duration,
+        retries: usize,
+    ) -> Result<Self, DnsError> {
+        if servers.is_empty() {
+            return Err(DnsError::Config {
+                detail: "no nameservers configured".to_owned(),
+            });
+        }
+        Ok(Validator {
+            inner: Backend::Trusted(trusted::Trusted {
+                servers: servers.to_vec(),
+                timeout,
+                retries,
+            }),
+            cache: Default::default(),
+            limit: timeout
+                .saturating_mul(u32::try_from(retries + 1).unwrap_or(u32::MAX))
+                .saturating_mul(2)
+                .max(Duration::from_secs(2)),
+        })
+    }
+
+    /// Like [`Validator::trusting`], with the system's nameservers (`/etc/resolv.conf`).
+    pub fn trusting_system() -> Result<Self, DnsError> {
+        let (config, opts) =
+            hickory_resolver::system_conf::read_system_conf().map_err(|e| DnsError::Config {
+                detail: format!("cannot read the system resolver configuration: {e}"),
+            })?;
+        let servers: Vec<SocketAddr> = config
+            .name_servers()
+            .iter()
+            .map(|ns| {
+                let port = ns.connections.first().map_or(53, |c| c.port);
+                SocketAddr::new(ns.ip, port)
+            })
+            .collect();
+        Self::trusting(&servers, opts.timeout, opts.attempts)
+    }
+
+    /// Whether this validator trusts a resolver's AD bit instead of validating itself.
+    pub fn trusts_resolver(&self) -> bool {
+        matches!(self.inner, Backend::Trusted(_))
+    }
+
+    /// The configured nameservers that are not on this host (for the warning that the AD
+    /// bit is trusted across a network).
+    pub fn remote_trusted_servers(&self) -> Vec<SocketAddr> {
+        match &self.inner {
+            Backend::Trusted(t) => t
+                .servers
+                .iter()
+                .filter(|s| !s.ip().is_loopback())
+                .copied()
+                .collect(),
+            Backend::Own(_) => Vec::new(),
+        }
     }
 
     /// Like [`Validator::new`], with the system's nameservers.
@@ -496,7 +567,7 @@ impl Validator {
                 detail: e.to_string(),
             })?;
         Ok(Validator {
-            inner,
+            inner: Backend::Own(Box::new(inner)),
             cache: Default::default(),
             limit,
         })
@@ -563,8 +634,23 @@ impl Validator {
             Ok(n) => n,
             Err(e) => return (Dnssec::Unanswered(e.to_string()), Vec::new()),
         };
+        let inner = match &self.inner {
+            Backend::Own(r) => r,
+            Backend::Trusted(t) => {
+                return match tokio::time::timeout(self.limit, t.query(&absolute, rtype)).await {
+                    Ok(v) => trusted_state(&absolute, rtype, &what, v),
+                    Err(_) => (
+                        Dnssec::Unanswered(format!(
+                            "{what}: no answer from the validating resolver within {} s",
+                            self.limit.as_secs()
+                        )),
+                        Vec::new(),
+                    ),
+                };
+            }
+        };
         let Ok(result) =
-            tokio::time::timeout(self.limit, self.inner.lookup(absolute.clone(), rtype)).await
+            tokio::time::timeout(self.limit, inner.lookup(absolute.clone(), rtype)).await
         else {
             return (
                 Dnssec::Unanswered(format!(
@@ -758,6 +844,10 @@ impl Validator {
         if let Some(b) = bogus {
             match self.state_uncached(b, RecordType::A).await.0 {
                 Dnssec::Bogus(_) => {}
+                // A validating resolver refuses a bogus answer with SERVFAIL, which without an
+                // Extended DNS Error looks like any other failure; the secure name validated
+                // through the same resolver just before, so the refusal is taken as one.
+                Dnssec::Unanswered(w) if self.trusts_resolver() && w.contains("SERVFAIL") => {}
                 other => {
                     return Err(format!(
                         "{b}, which is signed wrongly on purpose, was accepted as {other:?}: validation is not effective"
@@ -804,6 +894,40 @@ fn validator_name(name: &str) -> Result<Name, DnsError> {
         return Ok(Name::root());
     }
     absolute_name(name)
+}
+
+/// The DNSSEC state of a trusted resolver's answer: secure when it set AD, insecure when
+/// not; SERVFAIL is bogus when its Extended DNS Error says so, otherwise no answer.
+fn trusted_state(
+    qname: &Name,
+    rtype: RecordType,
+    what: &str,
+    verdict: trusted::Verdict,
+) -> (Dnssec, Vec<Record>) {
+    match verdict {
+        trusted::Verdict::Answer { message, authentic } => {
+            let records = chain_records(qname, rtype, &message.answers);
+            let state = if authentic {
+                Dnssec::Secure
+            } else {
+                Dnssec::Insecure
+            };
+            (state, records)
+        }
+        trusted::Verdict::ServFail { dnssec: Some(code) } => (
+            Dnssec::Bogus(format!(
+                "{what}: the validating resolver refused the answer (DNSSEC error {code}, RFC 8914)"
+            )),
+            Vec::new(),
+        ),
+        trusted::Verdict::ServFail { dnssec: None } => (
+            Dnssec::Unanswered(format!(
+                "{what}: the validating resolver answered SERVFAIL (a bogus signature, or no answer from the domain's servers)"
+            )),
+            Vec::new(),
+        ),
+        trusted::Verdict::Failed(w) => (Dnssec::Unanswered(format!("{what}: {w}")), Vec::new()),
+    }
 }
 
 /// The records of an answer that belong to it: the CNAME chain starting at `qname` and the
