@@ -960,3 +960,90 @@ fn an_aliased_mx_host_is_authenticated_at_its_target_first() {
     }
     assert_eq!(rx.mailbox("u").len(), 2);
 }
+
+/// Signatures that expired (RFC 4035 §5.3.1: an RRSIG past its expiration does not
+/// validate): an MX host in a zone whose signatures have expired, and TLSA records reached
+/// through a CNAME into it, are bogus: the host is not used (4.7.324), never tried without
+/// DANE, while the same records validate in time.
+#[test]
+fn expired_signatures_are_bogus() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_ca, leaves) = make_certs(dir.path(), &["unrelated-name.example"]);
+    let spki = spki_sha256(&leaves[0].0);
+    let s = |x: &str| x.to_string();
+    let dns = serve_signed(
+        "127.0.21.59",
+        dir.path(),
+        "dane.test",
+        &[],
+        &[
+            (
+                "secure.dane.test",
+                Kind::Secure,
+                vec![
+                    // The MX host is in the zone whose signatures expired.
+                    Srr::Mx(s("exp1.secure.dane.test"), 10, s("mx.expired.dane.test")),
+                    // The TLSA records are reached through a CNAME into it.
+                    Srr::Mx(s("exp2.secure.dane.test"), 10, s("mx2.secure.dane.test")),
+                    Srr::A(s("mx2.secure.dane.test"), [127, 0, 21, 46]),
+                    Srr::Cname(
+                        s("_2525._tcp.mx2.secure.dane.test"),
+                        s("_2525._tcp.mx.expired.dane.test"),
+                    ),
+                    // The control: the same kind of records, signed in time.
+                    Srr::Mx(s("fresh.secure.dane.test"), 10, s("mx3.secure.dane.test")),
+                    Srr::A(s("mx3.secure.dane.test"), [127, 0, 21, 46]),
+                    Srr::Tlsa(s("_2525._tcp.mx3.secure.dane.test"), 3, 1, 1, spki.clone()),
+                ],
+            ),
+            (
+                "expired.dane.test",
+                Kind::Expired,
+                vec![
+                    Srr::A(s("mx.expired.dane.test"), [127, 0, 21, 46]),
+                    Srr::Tlsa(s("_2525._tcp.mx.expired.dane.test"), 3, 1, 1, spki.clone()),
+                ],
+            ),
+            ("bogus.dane.test", Kind::Bogus, vec![]),
+        ],
+    );
+    let domains = [
+        "exp1.secure.dane.test",
+        "exp2.secure.dane.test",
+        "fresh.secure.dane.test",
+    ];
+    let rx = receiver("127.0.21.46", &domains, &leaves[0].0, &leaves[0].1);
+    let tx = sender("127.0.21.7", &dns, "");
+    wait_dane_available(&tx);
+    // The expired zone's signatures are valid up to the second they were made.
+    wait_for("the signatures to expire", Duration::from_secs(5), || {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        (now > dns.signed_at).then_some(())
+    });
+    let rcpts: Vec<String> = domains.iter().map(|d| format!("u@{d}")).collect();
+    let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    submit(&tx, "alice@moat.test", &rcpts, "expiry");
+    let exp1 = wait_deferred(&tx, "u@exp1.secure.dane.test", "4.7.324");
+    assert!(exp1.contains("mx.expired.dane.test"), "{exp1}");
+    let exp2 = wait_deferred(&tx, "u@exp2.secure.dane.test", "4.7.324");
+    assert!(exp2.contains("TLSA"), "{exp2}");
+    let got = wait_for("the delivery in time", Duration::from_secs(30), || {
+        let m = rx.mailbox("u");
+        (!m.is_empty()).then_some(m)
+    });
+    assert!(got[0].contains("u@fresh.secure.dane.test"), "{got:?}");
+    let log = tx.log();
+    let fresh = attempt_line(&log, "mx3.secure.dane.test");
+    assert!(fresh.contains("level=\"dane\""), "{fresh}");
+    for host in ["mx.expired.dane.test", "mx2.secure.dane.test"] {
+        assert!(
+            !log.lines()
+                .any(|l| l.contains("delivery attempt") && l.contains(&format!("host=\"{host}\""))),
+            "{host} was tried: {log}"
+        );
+    }
+    assert_eq!(rx.mailbox("u").len(), 1);
+}

@@ -49,12 +49,18 @@ pub enum Kind {
     Servfail,
     /// DS in the parent, but queries in the zone are never answered (a timeout).
     Silent,
+    /// Signed, DS in the parent, but every signature expires the second it is made (valid
+    /// "until now": expired from the next second on, see [`SignedDns::signed_at`]).
+    Expired,
 }
 
 pub struct SignedDns {
     pub addr: SocketAddr,
     /// The anchor zone's DNSKEY, as `[dane] trust_anchor_file` reads it.
     pub anchor_file: PathBuf,
+    /// When the zones were signed (Unix seconds): an `Expired` zone's signatures are bogus
+    /// once the clock is past this second.
+    pub signed_at: u64,
 }
 
 fn n(s: &str) -> Name {
@@ -76,15 +82,14 @@ struct Key {
 }
 
 fn new_key(zone: &str) -> Key {
+    key_valid_for(zone, Duration::from_secs(7 * 86400))
+}
+
+fn key_valid_for(zone: &str, valid: Duration) -> Key {
     let pkcs8 = EcdsaSigningKey::generate_pkcs8(Algorithm::ECDSAP256SHA256).unwrap();
     let key = EcdsaSigningKey::from_pkcs8(&pkcs8, Algorithm::ECDSAP256SHA256).unwrap();
     let dnskey = DNSKEY::from_key(&key.to_public_key().unwrap());
-    let signer = DnssecSigner::new(
-        dnskey.clone(),
-        Box::new(key),
-        n(zone),
-        Duration::from_secs(7 * 86400),
-    );
+    let signer = DnssecSigner::new(dnskey.clone(), Box::new(key), n(zone), valid);
     Key { signer, dnskey }
 }
 
@@ -115,11 +120,15 @@ fn zone(
     records: Vec<Record>,
     key: Option<Key>,
 ) -> InMemoryZoneHandler<TokioRuntimeProvider> {
+    // NSEC only: with NSEC3, hickory-server 0.26 adds NSEC3 records to positive answers and
+    // hickory's validator then fails the zone's DNSKEY ("verification cycle"), so NSEC3
+    // zones are left to a real signer (Knot) in the interop suite.
+    let proof = NxProofKind::Nsec;
     let mut z = InMemoryZoneHandler::<TokioRuntimeProvider>::empty(
         n(origin),
         ZoneType::Primary,
         AxfrPolicy::Deny,
-        key.as_ref().map(|_| NxProofKind::Nsec),
+        key.as_ref().map(|_| proof),
     );
     let ns = format!("ns.{origin}");
     let soa = SOA::new(
@@ -225,6 +234,11 @@ pub fn serve_signed(
                 parent_records.push(ds_for(origin, &k.dnskey));
                 Some(k)
             }
+            Kind::Expired => {
+                let k = key_valid_for(origin, Duration::ZERO);
+                parent_records.push(ds_for(origin, &k.dnskey));
+                Some(k)
+            }
             Kind::Bogus => {
                 let other = new_key(origin);
                 parent_records.push(ds_for(origin, &other.dnskey));
@@ -247,6 +261,10 @@ pub fn serve_signed(
             zone(origin, records.iter().map(to_record).collect(), key),
         ));
     }
+    let signed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let parent: Arc<dyn ZoneHandler> = Arc::new(zone(apex, parent_records, Some(apex_key)));
     let mut all = Catalog::new();
     all.upsert(LowerName::from(n(apex)), vec![parent.clone()]);
@@ -281,5 +299,9 @@ pub fn serve_signed(
         });
     });
     let addr = rx.recv().unwrap();
-    SignedDns { addr, anchor_file }
+    SignedDns {
+        addr,
+        anchor_file,
+        signed_at,
+    }
 }
