@@ -23,4 +23,5 @@ pub mod server;
 pub mod smtp;
 pub mod sts;
 pub mod tls;
+pub mod tlsrpt;
 pub mod util;

@@ -132,6 +132,9 @@ enum Command {
     /// DANE (RFC 7672) for our own domains.
     #[command(subcommand)]
     Dane(DaneCommand),
+    /// TLS-RPT (RFC 8460): the reports other organisations send about our domains.
+    #[command(subcommand)]
+    Tlsrpt(TlsrptCommand),
     /// Explain the outbound TLS decision for one recipient: run the real lookups (routes, MX,
     /// MTA-STS, DNSSEC, TLSA) and the real decision under the config, and print per MX host
     /// the requirement and every reason behind it, and what happens if the host refuses
@@ -144,6 +147,22 @@ enum Command {
         from: String,
         #[command(flatten)]
         source: Source,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsrptCommand {
+    /// Read TLS-RPT aggregate reports from files and print them: a whole report mail (as
+    /// saved from a mailbox: multipart/report, gzip or JSON parts, base64 or not), a
+    /// `.json.gz` attachment or plain JSON. Reports are read leniently; what cannot be read is
+    /// said. Exit status 1 when a file holds no readable report.
+    Show {
+        /// Files to read.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Print the normalised reports as JSON (one document: a list of files).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -498,6 +517,45 @@ fn probe(args: ProbeArgs) -> ExitCode {
     }
 }
 
+/// `moat tlsrpt show`: exit status 0 when every file held a readable report, else 1.
+fn tlsrpt_show(files: &[PathBuf], json: bool) -> Result<(), String> {
+    let mut all_ok = true;
+    let mut docs = Vec::new();
+    for f in files {
+        let bytes = std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        let found = moat::tlsrpt::mail::reports_in_message(&bytes);
+        all_ok &= !found.reports.is_empty();
+        if json {
+            docs.push(serde_json::json!({
+                "file": f.display().to_string(),
+                "report_domain": found.report_domain,
+                "submitter": found.submitter,
+                "reports": found.reports,
+                "problems": found.problems,
+            }));
+            continue;
+        }
+        println!("{}:", f.display());
+        for r in &found.reports {
+            print!("{}", moat::tlsrpt::render(r));
+        }
+        for p in &found.problems {
+            println!("  problem: {p}");
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&docs).map_err(|e| e.to_string())?
+        );
+    }
+    if all_ok {
+        Ok(())
+    } else {
+        Err("no readable report in some of the files".into())
+    }
+}
+
 /// The validator of `--dane`: own validation (from `anchors`, else the root), or the AD bit of
 /// the nameserver; through `nameserver`, else the system's.
 fn cli_validator(
@@ -675,6 +733,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::User(cmd) => user(cmd),
         Command::Queue(cmd) => queue(cmd),
         Command::Status { source, json } => status(&source, json),
+        Command::Tlsrpt(TlsrptCommand::Show { files, json }) => tlsrpt_show(&files, json),
         Command::Dane(DaneCommand::Tlsa {
             source,
             port,
