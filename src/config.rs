@@ -49,6 +49,8 @@ pub struct Config {
     #[serde(default)]
     pub dane: DaneConfig,
     #[serde(default)]
+    pub tls_rpt: TlsRptConfig,
+    #[serde(default)]
     pub admin: AdminConfig,
     /// The file this config was read from (set by [`Config::load`]; used by reload).
     #[serde(skip)]
@@ -134,6 +136,26 @@ impl Default for DaneConfig {
             check_bogus: "dnssec-failed.org".into(),
             check_interval_secs: 3600,
             resolver_validates: false,
+        }
+    }
+}
+
+/// TLS-RPT (RFC 8460). Receiving: mail to `report_addresses` (the `rua=mailto:` of our
+/// domains' `_smtp._tls` records) is read as aggregate reports and kept under
+/// `<data_dir>/tlsrpt/received` for `keep_days`; it is accepted whatever the domain's other
+/// rules and not delivered further.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsRptConfig {
+    pub report_addresses: Vec<String>,
+    pub keep_days: u64,
+}
+
+impl Default for TlsRptConfig {
+    fn default() -> Self {
+        TlsRptConfig {
+            report_addresses: Vec::new(),
+            keep_days: 90,
         }
     }
 }
@@ -730,6 +752,16 @@ impl Config {
                 "listener",
                 "at least one [[listener]] is needed".into(),
             ));
+        }
+        for a in &self.tls_rpt.report_addresses {
+            if crate::smtp::address::Address::parse(a, true).is_none_or(|p| p.is_literal()) {
+                return Err(err(
+                    "tls_rpt",
+                    0,
+                    "report_addresses",
+                    format!("{a:?} is not a mail address (local@domain)"),
+                ));
+            }
         }
         // Every socket Moat binds, in order; two that overlap cannot both be bound.
         let mut sockets: Vec<(SocketAddr, String, &str, usize, &str)> = Vec::new();

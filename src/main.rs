@@ -152,17 +152,23 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum TlsrptCommand {
-    /// Read TLS-RPT aggregate reports from files and print them: a whole report mail (as
-    /// saved from a mailbox: multipart/report, gzip or JSON parts, base64 or not), a
-    /// `.json.gz` attachment or plain JSON. Reports are read leniently; what cannot be read is
+    /// Print TLS-RPT aggregate reports: from files (a whole report mail as saved from a
+    /// mailbox: multipart/report, gzip or JSON parts, base64 or not; a `.json.gz` attachment;
+    /// plain JSON), or with --days the ones received at `[tls_rpt] report_addresses` in the
+    /// last N days (from the data dir). Reports are read leniently; what cannot be read is
     /// said. Exit status 1 when a file holds no readable report.
     Show {
         /// Files to read.
-        #[arg(required = true, value_name = "FILE")]
+        #[arg(value_name = "FILE", required_unless_present = "days")]
         files: Vec<PathBuf>,
-        /// Print the normalised reports as JSON (one document: a list of files).
+        /// The reports received in the last N days instead of files.
+        #[arg(long, value_name = "N", conflicts_with = "files")]
+        days: Option<u64>,
+        /// Print the normalised reports as JSON (one document: a list of files or mails).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        source: Source,
     },
 }
 
@@ -517,6 +523,46 @@ fn probe(args: ProbeArgs) -> ExitCode {
     }
 }
 
+/// `moat tlsrpt show --days N`: the reports received in the last N days.
+fn tlsrpt_received(source: &Source, days: u64, json: bool) -> Result<(), String> {
+    let config = source.load()?;
+    let dir = config.data_dir.join("tlsrpt").join("received");
+    let stored = moat::tlsrpt::store::list_dir(&dir, moat::util::unix_now(), days.max(1));
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&stored).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    if stored.is_empty() {
+        println!(
+            "no TLS-RPT reports received in the last {days} day(s) (in {})",
+            dir.display()
+        );
+        return Ok(());
+    }
+    for s in &stored {
+        println!(
+            "{} received {} from {}{}:",
+            s.queue_id,
+            moat::util::utc_minutes(s.received),
+            if s.sender.is_empty() { "<>" } else { &s.sender },
+            s.report_domain
+                .as_deref()
+                .map(|d| format!(" about {d}"))
+                .unwrap_or_default()
+        );
+        for r in &s.reports {
+            print!("{}", moat::tlsrpt::render(r));
+        }
+        for p in &s.problems {
+            println!("  problem: {p}");
+        }
+    }
+    Ok(())
+}
+
 /// `moat tlsrpt show`: exit status 0 when every file held a readable report, else 1.
 fn tlsrpt_show(files: &[PathBuf], json: bool) -> Result<(), String> {
     let mut all_ok = true;
@@ -733,7 +779,13 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::User(cmd) => user(cmd),
         Command::Queue(cmd) => queue(cmd),
         Command::Status { source, json } => status(&source, json),
-        Command::Tlsrpt(TlsrptCommand::Show { files, json }) => tlsrpt_show(&files, json),
+        Command::Tlsrpt(TlsrptCommand::Show {
+            files,
+            days: Some(days),
+            json,
+            source,
+        }) if files.is_empty() => tlsrpt_received(&source, days, json),
+        Command::Tlsrpt(TlsrptCommand::Show { files, json, .. }) => tlsrpt_show(&files, json),
         Command::Dane(DaneCommand::Tlsa {
             source,
             port,

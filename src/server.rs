@@ -68,6 +68,12 @@ fn rules_from(config: &Config) -> Rules {
                 .filter_map(|d| DomainPattern::parse(d).ok())
                 .collect()
         }),
+        report_addresses: config
+            .tls_rpt
+            .report_addresses
+            .iter()
+            .map(|a| a.to_ascii_lowercase())
+            .collect(),
     }
 }
 
@@ -375,6 +381,13 @@ pub async fn serve(config: Config) -> Result<(), String> {
         sts,
         config: config.queue.clone(),
         dest_slots: Default::default(),
+        tlsrpt: (!config.tls_rpt.report_addresses.is_empty()).then(|| {
+            Arc::new(crate::tlsrpt::store::Received::new(
+                &config.data_dir,
+                &config.tls_rpt.report_addresses,
+                config.tls_rpt.keep_days,
+            ))
+        }),
     }
     .spawn(existing);
 

@@ -1,11 +1,16 @@
-//! `moat tlsrpt show` on report files as they are saved from a mailbox: a multipart/report
-//! mail with a base64 gzip part (made here with flate2 and base64, not by Moat), a bare
-//! `.json.gz` attachment, and a file that holds no report.
+//! Receiving TLS-RPT reports: `moat tlsrpt show` on report files as they are saved from a
+//! mailbox (a multipart/report mail with a base64 gzip part made here with flate2 and base64,
+//! not by Moat; a bare `.json.gz` attachment; a file with no report), and report mail sent
+//! over SMTP to a `[tls_rpt] report_addresses` address, stored and shown by `--days`.
+
+mod common;
 
 use std::io::Write;
 use std::process::Command;
+use std::time::Duration;
 
 use base64::Engine;
+use common::{Client, Moat, SMTP, moat_cli, wait_for};
 
 const REPORT: &str = r#"{"organization-name": "Reporter Org", "report-id": "rep-42",
   "contact-info": "tls-reports@reporter.example",
@@ -31,14 +36,16 @@ fn moat(args: &[&str]) -> (i32, String) {
     )
 }
 
-#[test]
-fn tlsrpt_show_reads_report_mails_and_attachments() {
-    let dir = tempfile::tempdir().unwrap();
+fn gzipped(data: &str) -> Vec<u8> {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(REPORT.as_bytes()).unwrap();
-    let gz = gz.finish().unwrap();
-    let b64 = base64::engine::general_purpose::STANDARD.encode(&gz);
-    let mail = format!(
+    gz.write_all(data.as_bytes()).unwrap();
+    gz.finish().unwrap()
+}
+
+/// A report mail in the RFC 8460 §5.3 form, its gzip part in base64.
+fn report_mail(gz: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(gz);
+    format!(
         "From: tls-reports@reporter.example\r\nTo: tlsrpt@moat.test\r\nSubject: Report Domain: mx.moat.test\r\n\
          TLS-Report-Domain: mx.moat.test\r\nTLS-Report-Submitter: Reporter Org\r\nMIME-Version: 1.0\r\n\
          Content-Type: multipart/report; report-type=\"tlsrpt\"; boundary=\"b\"\r\n\r\n\
@@ -50,9 +57,15 @@ fn tlsrpt_show_reads_report_mails_and_attachments() {
             .map(|c| std::str::from_utf8(c).unwrap())
             .collect::<Vec<_>>()
             .join("\r\n")
-    );
+    )
+}
+
+#[test]
+fn tlsrpt_show_reads_report_mails_and_attachments() {
+    let dir = tempfile::tempdir().unwrap();
+    let gz = gzipped(REPORT);
     let eml = dir.path().join("report.eml");
-    std::fs::write(&eml, mail).unwrap();
+    std::fs::write(&eml, report_mail(&gz)).unwrap();
     let attachment = dir.path().join("rep-42.json.gz");
     std::fs::write(&attachment, &gz).unwrap();
 
@@ -87,4 +100,72 @@ fn tlsrpt_show_reads_report_mails_and_attachments() {
         out.contains("problem: no report part found in the message"),
         "{out}"
     );
+}
+
+/// Mail to a report address is accepted although its domain is served by no rule, stored as
+/// a report (and not delivered anywhere else), and `moat tlsrpt show --days 1` prints it; a
+/// mail there with no report in it is accepted too and kept for inspection.
+#[test]
+fn report_mail_over_smtp_is_stored_and_shown() {
+    let m = Moat::start_with(
+        "127.0.21.71",
+        "[tls_rpt]\nreport_addresses = [\"TLSRPT@reports.moat.test\"]\n",
+        "",
+    );
+    let mut c = Client::connect(m.addr(SMTP));
+    c.ehlo();
+    // Another address at the same domain is not accepted: only the report address is.
+    let r = c.cmd("MAIL FROM:<tls-reports@reporter.example>");
+    assert!(r.is("250"), "{r}");
+    let r = c.cmd("RCPT TO:<someone@reports.moat.test>");
+    assert!(r.is("554 5.7.1"), "{r}");
+    c.cmd("RSET");
+    let mail = report_mail(&gzipped(REPORT));
+    let r = c.send_mail(
+        "tls-reports@reporter.example",
+        &["tlsrpt@Reports.Moat.Test"],
+        &mail,
+    );
+    assert!(r.is("250 2.0.0"), "{r}");
+    let r = c.send_mail(
+        "someone@reporter.example",
+        &["tlsrpt@reports.moat.test"],
+        "Subject: hello\r\n\r\nnot a report\r\n",
+    );
+    assert!(r.is("250 2.0.0"), "{r}");
+    let log = wait_for("both report mails stored", Duration::from_secs(20), || {
+        let log = m.log();
+        (log.matches("TLS-RPT report stored").count() >= 2).then_some(log)
+    });
+    assert!(
+        log.lines().any(|l| l.contains("TLS-RPT report stored")
+            && l.contains("reports=1")
+            && l.contains("successful=40")
+            && l.contains("failed=2")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("delivered") && l.contains("relay=tlsrpt")),
+        "{log}"
+    );
+    let (ok, out) = moat_cli(&m, &["tlsrpt", "show", "--days", "1"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("from tls-reports@reporter.example about mx.moat.test:"),
+        "{out}"
+    );
+    assert!(out.contains("report rep-42 from Reporter Org"), "{out}");
+    assert!(out.contains("    tlsa-invalid x2 mx=mx.moat.test"), "{out}");
+    assert!(
+        out.contains("problem: no report part found in the message"),
+        "{out}"
+    );
+    let (ok, out) = moat_cli(&m, &["tlsrpt", "show", "--days", "1", "--json"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2, "{out}");
+    assert_eq!(v[0]["reports"][0]["report_id"], "rep-42");
+    // Nothing went into a mailbox.
+    assert!(m.mailbox("tlsrpt").is_empty());
 }

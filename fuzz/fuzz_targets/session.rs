@@ -35,6 +35,7 @@ fn session(flags: u8) -> Session {
             DomainPattern::parse("certified.test").unwrap(),
             "relay.certified.test".into(),
         )],
+        report_addresses: Default::default(),
     };
     let listener = ListenerRules {
         starttls: flags & 1 != 0,

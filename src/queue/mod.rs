@@ -62,7 +62,12 @@ pub struct Queue {
     pub config: QueueConfig,
     /// One semaphore per destination, `max_per_destination` permits each.
     pub dest_slots: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// Where mail to TLS-RPT report addresses goes instead of its domain's route.
+    pub tlsrpt: Option<Arc<crate::tlsrpt::store::Received>>,
 }
+
+/// The group key of recipients that are TLS-RPT report addresses (no domain has it).
+const TLSRPT_GROUP: &str = "\0tlsrpt";
 
 impl Queue {
     /// Starts the scheduler with the messages already spooled; new ids go on the channel.
@@ -103,7 +108,11 @@ impl Queue {
             if st.rcpts[i].state.is_final() || st.rcpts[i].next_attempt > now {
                 continue;
             }
-            by_domain.entry(domain_of(r)).or_default().push(i);
+            let key = match &self.tlsrpt {
+                Some(t) if t.is_report_address(r) => TLSRPT_GROUP.to_string(),
+                _ => domain_of(r),
+            };
+            by_domain.entry(key).or_default().push(i);
         }
         let msg = Arc::new(msg);
         let mut tasks = tokio::task::JoinSet::new();
@@ -112,7 +121,11 @@ impl Queue {
             let msg = msg.clone();
             let this = self.clone();
             tasks.spawn(async move {
-                let results = this.deliver_group(&domain, route, &msg, &idx).await;
+                let results = if domain == TLSRPT_GROUP {
+                    this.store_reports(&msg, &idx).await
+                } else {
+                    this.deliver_group(&domain, route, &msg, &idx).await
+                };
                 idx.into_iter().zip(results).collect::<Vec<_>>()
             });
         }
@@ -389,6 +402,67 @@ impl Queue {
             }
             Err(e) => tracing::error!(queue_id = %msg.id, error = %e, "could not queue the DSN"),
         }
+    }
+
+    /// Mail to TLS-RPT report addresses: the reports in it are read and stored (once per
+    /// message, whatever it holds: a report mail is never refused), and that is its delivery.
+    async fn store_reports(&self, msg: &Arc<Spooled>, idx: &[usize]) -> Vec<RcptResult> {
+        let Some(store) = self.tlsrpt.clone() else {
+            return Vec::new();
+        };
+        let m = msg.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            store.store(&m.id, &m.envelope.sender, m.arrived, &m.message)
+        })
+        .await;
+        let result = match r {
+            Ok(Ok(stored)) => {
+                let (ok, failed) = stored
+                    .reports
+                    .iter()
+                    .map(crate::tlsrpt::report::Report::totals)
+                    .fold((0u64, 0u64), |(a, b), (x, y)| (a + x, b + y));
+                let orgs: Vec<&str> = stored
+                    .reports
+                    .iter()
+                    .map(|r| r.organization.as_str())
+                    .collect();
+                tracing::info!(queue_id = %msg.id, from = %msg.envelope.sender,
+                    reports = stored.reports.len(), organizations = ?orgs,
+                    successful = ok, failed, problems = ?stored.problems,
+                    "TLS-RPT report stored");
+                let reply = if stored.reports.is_empty() {
+                    format!(
+                        "no readable report ({}); kept for inspection",
+                        stored.problems.join("; ")
+                    )
+                } else {
+                    format!(
+                        "{} report(s) stored: {ok} successful, {failed} failed session(s)",
+                        stored.reports.len()
+                    )
+                };
+                Ok(reply)
+            }
+            Ok(Err(e)) => Err(format!("storing the TLS-RPT report failed: {e}")),
+            Err(e) => Err(format!("storing the TLS-RPT report failed: {e}")),
+        };
+        idx.iter()
+            .map(|_| match &result {
+                Ok(reply) => RcptResult::Delivered {
+                    tls: crate::report::TlsClass::Local,
+                    auth: crate::report::AuthClass::Local,
+                    dsn_passed: false,
+                    remote: "tlsrpt".into(),
+                    reply: reply.clone(),
+                },
+                Err(e) => RcptResult::NotDelivered(deliver::failure(
+                    Cause::LocalDelivery,
+                    None,
+                    e.clone(),
+                )),
+            })
+            .collect()
     }
 
     async fn deliver_group(

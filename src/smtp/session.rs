@@ -60,6 +60,8 @@ pub struct Rules {
     pub tls_required_sender_domains: Vec<DomainPattern>,
     /// Sender domain patterns whose clients must present a certificate issued to a name.
     pub sender_client_certs: Vec<(DomainPattern, String)>,
+    /// TLS-RPT report addresses (lowercase): accepted whatever their domain's rules.
+    pub report_addresses: std::collections::HashSet<String>,
 }
 
 /// Per-listener settings.
@@ -913,12 +915,18 @@ impl Session {
             return self.error("501 5.1.3 Bad recipient address syntax");
         };
         let may_relay = self.auth_user.is_some() || self.peer.trusted;
+        let report_address = !self.rules.report_addresses.is_empty()
+            && self
+                .rules
+                .report_addresses
+                .contains(&addr.to_string().to_ascii_lowercase());
         let kind = if addr.is_literal() {
             None
         } else {
             self.rules.domains.get(&canonical_or_lower(&addr.domain))
         };
         match kind {
+            _ if report_address => {}
             _ if addr.has_routing_chars() && !may_relay => {
                 return self.error("554 5.7.1 Relay access denied");
             }

@@ -76,6 +76,7 @@ fn rules() -> Rules {
             DomainPattern::parse("certified.test").unwrap(),
             "relay.certified.test".to_string(),
         )],
+        report_addresses: Default::default(),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod mail;
 pub mod report;
+pub mod store;
 
 use report::Report;
 

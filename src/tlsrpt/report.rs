@@ -5,7 +5,7 @@
 //! noted in [`Report::skipped`]; only input with no JSON object at all is an error. Pure: no
 //! I/O; sizes are bounded here ([`MAX_POLICIES`], [`MAX_DETAILS`], [`MAX_TEXT`]).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// Policies read from one report; the rest are skipped (and counted in `skipped`).
@@ -18,7 +18,8 @@ pub const MAX_TEXT: usize = 1_000;
 const MAX_WRAPPING: usize = 3;
 
 /// One aggregate report, normalised.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Report {
     /// `organization-name`: who sent it.
     pub organization: String,
@@ -33,7 +34,8 @@ pub struct Report {
 }
 
 /// One policy's results (RFC 8460 §4.4 `policies[]`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PolicyResult {
     /// `sts`, `tlsa`, `no-policy-found`, or whatever the reporter wrote (lowercased).
     pub policy_type: String,
@@ -46,7 +48,8 @@ pub struct PolicyResult {
 }
 
 /// One `failure-details` entry.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct FailureDetail {
     /// `result-type` as written (lowercased): `certificate-expired`, `starttls-not-supported`, …
     pub result_type: String,
