@@ -181,6 +181,7 @@ async fn route(req: &Request, ctx: &AdminCtx) -> Response {
             Response::json(200, &json!({ "certificates": certificates(ctx) }))
         }
         "/api/mta-sts" if get => Response::json(200, &mta_sts(ctx)),
+        "/api/tlsrpt" if get => tlsrpt(req, ctx).await,
         "/api/reload" if post => reload(ctx),
         "/metrics" if get => Response::new(
             200,
@@ -202,12 +203,36 @@ async fn route(req: &Request, ctx: &AdminCtx) -> Response {
             }
         }
         "/api/health" | "/api/version" | "/api/config" | "/api/queue" | "/api/certificates"
-        | "/api/mta-sts" | "/metrics" | "/report" | "/" => {
+        | "/api/mta-sts" | "/api/tlsrpt" | "/metrics" | "/report" | "/" => {
             error(405, "method not allowed").with_header("Allow", "GET, HEAD")
         }
         "/api/reload" => error(405, "method not allowed").with_header("Allow", "POST"),
         _ => error(404, "not found"),
     }
+}
+
+/// `GET /api/tlsrpt?days=N` (default 7, at most 400): the TLS-RPT reports received about
+/// our domains, summarised per reporter and day, and the stored report mails.
+async fn tlsrpt(req: &Request, ctx: &AdminCtx) -> Response {
+    let days = match req.param("days").map(str::parse::<u64>) {
+        None => 7,
+        Some(Ok(d)) if (1..=400).contains(&d) => d,
+        Some(_) => return error(400, "days must be a number from 1 to 400"),
+    };
+    let dir = ctx.config.data_dir.join("tlsrpt").join("received");
+    let stored =
+        tokio::task::spawn_blocking(move || crate::tlsrpt::store::list_dir(&dir, unix_now(), days))
+            .await
+            .unwrap_or_default();
+    Response::json(
+        200,
+        &json!({
+            "days": days,
+            "report_addresses": ctx.config.tls_rpt.report_addresses,
+            "summary": crate::tlsrpt::store::summarize(&stored),
+            "mails": stored,
+        }),
+    )
 }
 
 async fn queue_action(verb: &str, req: &Request, ctx: &AdminCtx) -> Response {

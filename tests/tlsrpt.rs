@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine;
-use common::{Client, Moat, SMTP, moat_cli, wait_for};
+use common::{Client, Moat, SMTP, http, moat_cli, wait_for};
 
 const REPORT: &str = r#"{"organization-name": "Reporter Org", "report-id": "rep-42",
   "contact-info": "tls-reports@reporter.example",
@@ -109,7 +109,7 @@ fn tlsrpt_show_reads_report_mails_and_attachments() {
 fn report_mail_over_smtp_is_stored_and_shown() {
     let m = Moat::start_with(
         "127.0.21.71",
-        "[tls_rpt]\nreport_addresses = [\"TLSRPT@reports.moat.test\"]\n",
+        "[tls_rpt]\nreport_addresses = [\"TLSRPT@reports.moat.test\"]\n\n[admin]\nlisten = \"127.0.21.71:2580\"\n",
         "",
     );
     let mut c = Client::connect(m.addr(SMTP));
@@ -166,6 +166,27 @@ fn report_mail_over_smtp_is_stored_and_shown() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 2, "{out}");
     assert_eq!(v[0]["reports"][0]["report_id"], "rep-42");
+    // The admin API: per reporter and day, failures by type and by our MX host.
+    let token = std::fs::read_to_string(m.data().join("admin.token")).unwrap();
+    let admin: std::net::SocketAddr = "127.0.21.71:2580".parse().unwrap();
+    let (status, body) = http(admin, "GET", "/api/tlsrpt?days=3", Some(token.trim()));
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["days"], 3);
+    let day = &v["summary"][0];
+    assert_eq!(day["organization"], "Reporter Org", "{body}");
+    assert_eq!(day["day"], "2026-12-02");
+    assert_eq!(
+        (day["successful"].as_u64(), day["failed"].as_u64()),
+        (Some(40), Some(2))
+    );
+    assert_eq!(day["by_result"]["tlsa-invalid"], 2);
+    assert_eq!(day["by_mx"]["mx.moat.test"], 2);
+    assert_eq!(v["mails"].as_array().unwrap().len(), 2);
+    let (status, _) = http(admin, "GET", "/api/tlsrpt?days=0", Some(token.trim()));
+    assert_eq!(status, 400);
+    let (status, _) = http(admin, "GET", "/api/tlsrpt", None);
+    assert_eq!(status, 401);
     // Nothing went into a mailbox.
     assert!(m.mailbox("tlsrpt").is_empty());
 }

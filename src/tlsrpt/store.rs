@@ -147,6 +147,69 @@ pub fn list_dir(dir: &Path, now: u64, days: u64) -> Vec<Stored> {
     out
 }
 
+/// Per reporting organisation and day (the report's start, else its arrival; UTC): sessions
+/// that succeeded and failed, failures by result type and by our MX host. Sorted by day,
+/// then organisation. For `/api/tlsrpt` and the report page.
+pub fn summarize(stored: &[Stored]) -> Vec<DaySummary> {
+    use std::collections::BTreeMap;
+    let mut by: BTreeMap<(String, String), DaySummary> = BTreeMap::new();
+    for s in stored {
+        for r in &s.reports {
+            let when = r
+                .begin
+                .and_then(|b| u64::try_from(b).ok())
+                .unwrap_or(s.received);
+            let day = crate::util::utc_day(when);
+            let org = if r.organization.is_empty() {
+                s.submitter.clone().unwrap_or_else(|| s.sender.clone())
+            } else {
+                r.organization.clone()
+            };
+            let e = by
+                .entry((day.clone(), org.clone()))
+                .or_insert_with(|| DaySummary {
+                    day,
+                    organization: org,
+                    ..DaySummary::default()
+                });
+            for p in &r.policies {
+                e.successful = e.successful.saturating_add(p.successful);
+                e.failed = e.failed.saturating_add(p.failed);
+                for d in &p.failures {
+                    let t = if d.result_type.is_empty() {
+                        "unknown".to_string()
+                    } else {
+                        d.result_type.clone()
+                    };
+                    *e.by_result.entry(t).or_default() += d.count;
+                    let mx = if d.receiving_mx_hostname.is_empty() {
+                        if d.receiving_ip.is_empty() {
+                            "unknown".to_string()
+                        } else {
+                            d.receiving_ip.clone()
+                        }
+                    } else {
+                        d.receiving_mx_hostname.clone()
+                    };
+                    *e.by_mx.entry(mx).or_default() += d.count;
+                }
+            }
+        }
+    }
+    by.into_values().collect()
+}
+
+/// One reporter's view of one day.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DaySummary {
+    pub day: String,
+    pub organization: String,
+    pub successful: u64,
+    pub failed: u64,
+    pub by_result: std::collections::BTreeMap<String, u64>,
+    pub by_mx: std::collections::BTreeMap<String, u64>,
+}
+
 fn is_day(name: &str) -> bool {
     name.len() == 10
         && name.bytes().enumerate().all(|(i, b)| {
@@ -220,5 +283,13 @@ mod tests {
         r.store("EF56", "rep@x", later, REPORT.as_bytes()).unwrap();
         assert!(!dir.path().join("tlsrpt/received/2026-12-01").exists());
         assert_eq!(r.list(later, 60).len(), 1);
+        // The summary: one reporter, the report's own day, failures by type.
+        let sum = summarize(&listed);
+        assert_eq!(sum.len(), 1, "{sum:?}");
+        assert_eq!(sum[0].day, "2026-12-01");
+        assert_eq!(sum[0].organization, "R");
+        assert_eq!((sum[0].successful, sum[0].failed), (9, 1));
+        assert_eq!(sum[0].by_result["certificate-expired"], 1);
+        assert_eq!(sum[0].by_mx["unknown"], 1);
     }
 }
