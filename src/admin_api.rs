@@ -578,7 +578,19 @@ fn report(req: &Request, ctx: &AdminCtx) -> Response {
         .param("token")
         .map(|t| format!("token={}", percent_encode(t)))
         .unwrap_or_default();
-    let page = crate::report::render_page(&summary, &certs, now, window, &token_query);
+    let days = match window {
+        Window::Day => 1,
+        Window::Week => 7,
+    };
+    let dir = ctx.config.data_dir.join("tlsrpt").join("received");
+    let rows = crate::tlsrpt::store::summarize(&crate::tlsrpt::store::list_dir(&dir, now, days));
+    let others = crate::report::OthersView {
+        days,
+        receiving: !ctx.config.tls_rpt.report_addresses.is_empty(),
+        rows: &rows,
+    };
+    let page =
+        crate::report::render_page_with(&summary, &certs, Some(&others), now, window, &token_query);
     Response::new(200, "text/html; charset=utf-8", page.into_bytes())
 }
 

@@ -1182,6 +1182,102 @@ fn causes_chart(out: &mut String, causes: &[CauseRow]) {
     );
 }
 
+/// "How others see us": the TLS-RPT reports received, per reporter and day (sessions that
+/// succeeded and failed, a chart), failures by result type (a chart) and by our MX host.
+fn others_section(out: &mut String, o: &OthersView<'_>) {
+    let _ = writeln!(
+        out,
+        "<section id=\"others\"><h2>How others see us: TLS-RPT reports received in the last {} days</h2>",
+        o.days
+    );
+    if o.rows.is_empty() {
+        let why = if o.receiving {
+            "No reports received yet."
+        } else {
+            "Not receiving reports: set [tls_rpt] report_addresses to the rua of your _smtp._tls records."
+        };
+        let _ = writeln!(out, "<p class=\"muted\">{}</p></section>", html_escape(why));
+        return;
+    }
+    let series = [
+        Series {
+            label: "successful sessions",
+            colour: RPT_OK_COLOUR,
+        },
+        Series {
+            label: "failed sessions",
+            colour: RPT_FAILED_COLOUR,
+        },
+    ];
+    let bars: Vec<Bar> = o
+        .rows
+        .iter()
+        .map(|r| Bar {
+            label: format!("{} {}", r.day, r.organization),
+            values: vec![r.successful, r.failed],
+            note: format!(
+                "{} ok · {} failed ({})",
+                r.successful,
+                r.failed,
+                percent(r.failed, r.successful.saturating_add(r.failed))
+            ),
+        })
+        .collect();
+    out.push_str("<figure class=\"wide\"><h3>Sessions per reporter and day</h3>\n");
+    stacked_chart(
+        out,
+        "chart-others",
+        "TLS sessions others report, per reporter and day",
+        &FULL,
+        &series,
+        &bars,
+    );
+    out.push_str("</figure>\n");
+    let mut by_result: std::collections::BTreeMap<&str, u64> = Default::default();
+    let mut by_mx: std::collections::BTreeMap<&str, u64> = Default::default();
+    for r in o.rows {
+        for (k, v) in &r.by_result {
+            *by_result.entry(k).or_default() += v;
+        }
+        for (k, v) in &r.by_mx {
+            *by_mx.entry(k).or_default() += v;
+        }
+    }
+    if !by_result.is_empty() {
+        let mut results: Vec<(&str, u64)> = by_result.into_iter().collect();
+        results.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        let fail = [Series {
+            label: "failed sessions",
+            colour: RPT_FAILED_COLOUR,
+        }];
+        let bars: Vec<Bar> = results
+            .iter()
+            .map(|(k, v)| Bar {
+                label: (*k).to_string(),
+                values: vec![*v],
+                note: v.to_string(),
+            })
+            .collect();
+        out.push_str("<figure class=\"wide\"><h3>Failures by result type</h3>\n");
+        stacked_chart(
+            out,
+            "chart-others-results",
+            "Failures others report, by result type",
+            &FULL,
+            &fail,
+            &bars,
+        );
+        out.push_str("</figure>\n<table id=\"others-mx\"><thead><tr><th>our MX host</th><th>failed sessions</th></tr></thead><tbody>\n");
+        let mut mx: Vec<(&str, u64)> = by_mx.into_iter().collect();
+        mx.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        for (host, n) in mx {
+            let _ = writeln!(out, "<tr><td>{}</td><td>{n}</td></tr>", html_escape(host));
+        }
+        out.push_str("</tbody></table>\n");
+    }
+    out.push_str("</section>\n");
+}
+
 fn cert_table(out: &mut String, certs: &[&CertStatus], now: u64) {
     out.push_str(
         "<table class=\"certs\"><thead><tr><th>Days left</th><th>Expires (UTC)</th>\
@@ -1256,6 +1352,31 @@ footer{margin-top:18px;color:#777;font-size:12px}
 pub fn render_page(
     summary: &Summary,
     certs: &[CertStatus],
+    now: u64,
+    window: Window,
+    token_query: &str,
+) -> String {
+    render_page_with(summary, certs, None, now, window, token_query)
+}
+
+/// What others report about us (TLS-RPT) for the page: per reporter and day, and the days
+/// the page covers.
+pub struct OthersView<'a> {
+    pub days: u64,
+    pub receiving: bool,
+    pub rows: &'a [crate::tlsrpt::store::DaySummary],
+}
+
+/// Colour of successful sessions in the TLS-RPT charts.
+pub const RPT_OK_COLOUR: &str = "#009e73";
+/// Colour of failed sessions in the TLS-RPT charts.
+pub const RPT_FAILED_COLOUR: &str = "#d55e00";
+
+/// [`render_page`] with the "how others see us" section (TLS-RPT reports received).
+pub fn render_page_with(
+    summary: &Summary,
+    certs: &[CertStatus],
+    others: Option<&OthersView<'_>>,
     now: u64,
     window: Window,
     token_query: &str,
@@ -1406,9 +1527,13 @@ pub fn render_page(
     } else {
         cert_table(&mut out, &sorted, now);
     }
+    out.push_str("</section>\n");
+    if let Some(o) = others {
+        others_section(&mut out, o);
+    }
     let _ = writeln!(
         out,
-        "</section></main>\n<footer>Generated {gen} UTC by Moat. One count per recipient and \
+        "</main>\n<footer>Generated {gen} UTC by Moat. One count per recipient and \
          attempt; percentages are of messages sent over the network. Events are kept for {keep} \
          days.</footer>\n</body></html>",
         gen = utc_minutes(now),
@@ -1935,5 +2060,49 @@ mod tests {
         }
         log.record_at(e, NOW);
         assert_eq!(lines(), 3);
+    }
+    #[test]
+    fn others_section_charts_reporters_results_and_hosts() {
+        use crate::tlsrpt::store::DaySummary;
+        let row = |day: &str, org: &str, ok: u64, failed: u64| DaySummary {
+            day: day.into(),
+            organization: org.into(),
+            successful: ok,
+            failed,
+            by_result: [("certificate-expired".to_string(), failed)].into(),
+            by_mx: [("mx1.moat.test".to_string(), failed)].into(),
+        };
+        let rows = vec![
+            row("2026-12-01", "Big <Mail>", 90, 10),
+            row("2026-12-02", "Other", 5, 0),
+        ];
+        let s = summarize(&[], NOW, Window::Week);
+        let view = OthersView {
+            days: 7,
+            receiving: true,
+            rows: &rows,
+        };
+        let html = render_page_with(&s, &[], Some(&view), NOW, Window::Week, "");
+        assert!(html.contains("How others see us: TLS-RPT reports received in the last 7 days"));
+        assert!(html.contains("id=\"chart-others\""), "{html}");
+        assert!(html.contains("2026-12-01 Big &lt;Mail&gt;"), "{html}");
+        assert!(html.contains("90 ok · 10 failed (10.0%)"), "{html}");
+        assert!(html.contains("id=\"chart-others-results\""));
+        assert!(html.contains("<td>mx1.moat.test</td><td>10</td>"));
+        assert!(html.contains(RPT_FAILED_COLOUR));
+        assert_eq!(
+            html.matches("<section").count(),
+            html.matches("</section>").count()
+        );
+        // Not receiving: the page says how to start.
+        let none = OthersView {
+            days: 1,
+            receiving: false,
+            rows: &[],
+        };
+        let html = render_page_with(&s, &[], Some(&none), NOW, Window::Day, "");
+        assert!(html.contains("set [tls_rpt] report_addresses"), "{html}");
+        // The page without the section is what it was.
+        assert!(!render_page(&s, &[], NOW, Window::Day, "").contains("id=\"others\""));
     }
 }

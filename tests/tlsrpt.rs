@@ -187,6 +187,12 @@ fn report_mail_over_smtp_is_stored_and_shown() {
     assert_eq!(status, 400);
     let (status, _) = http(admin, "GET", "/api/tlsrpt", None);
     assert_eq!(status, 401);
+    // The report page's "how others see us".
+    let (status, page) = http(admin, "GET", "/report?window=week", Some(token.trim()));
+    assert_eq!(status, 200);
+    assert!(page.contains("id=\"chart-others\""), "{page}");
+    assert!(page.contains("2026-12-02 Reporter Org"), "{page}");
+    assert!(page.contains("<td>mx.moat.test</td><td>2</td>"), "{page}");
     // Nothing went into a mailbox.
     assert!(m.mailbox("tlsrpt").is_empty());
 }
