@@ -149,6 +149,9 @@ impl Default for DaneConfig {
 pub struct TlsRptConfig {
     pub report_addresses: Vec<String>,
     pub keep_days: u64,
+    /// Take reports POSTed to `https://mta-sts.<domain>/tlsrpt` on the policy host's
+    /// listeners (`[mta_sts] listen`).
+    pub https_endpoint: bool,
 }
 
 impl Default for TlsRptConfig {
@@ -156,6 +159,7 @@ impl Default for TlsRptConfig {
         TlsRptConfig {
             report_addresses: Vec::new(),
             keep_days: 90,
+            https_endpoint: false,
         }
     }
 }

@@ -65,6 +65,14 @@ pub enum RequestError {
 
 /// Reads one request.
 pub async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Request, RequestError> {
+    read_request_with_body(stream, MAX_BODY).await
+}
+
+/// [`read_request`] with a body of at most `max_body` bytes (for an upload endpoint).
+pub async fn read_request_with_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    max_body: usize,
+) -> Result<Request, RequestError> {
     let mut buf = Vec::new();
     let head_end = loop {
         let found = buf.windows(4).position(|w| w == b"\r\n\r\n");
@@ -90,7 +98,7 @@ pub async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Reques
         ));
     }
     let len = content_length(&req).map_err(RequestError::Bad)?;
-    if len > MAX_BODY {
+    if len > max_body {
         return Err(RequestError::Bad("request body too large".into()));
     }
     let mut body = buf[head_end + 4..].to_vec();

@@ -278,7 +278,15 @@ async fn policy_host(config: &Config, smtp_store: &CertStore) -> Result<Arc<Cert
             served.push(name);
         }
     }
-    let policies = Arc::new(crate::sts::host::Policies::from_config(config, &served)?);
+    let mut policies = crate::sts::host::Policies::from_config(config, &served)?;
+    if config.tls_rpt.https_endpoint {
+        policies.reports = Some(Arc::new(crate::tlsrpt::store::Received::new(
+            &config.data_dir,
+            &config.tls_rpt.report_addresses,
+            config.tls_rpt.keep_days,
+        )));
+    }
+    let policies = Arc::new(policies);
     let acceptor =
         tokio_rustls::TlsAcceptor::from(crate::tls::server_config(store.clone(), None, true)?);
     for addr in &config.mta_sts.listen {

@@ -32,6 +32,8 @@ const MAX_PER_ADDRESS: usize = 32;
 #[derive(Debug, Clone, Default)]
 pub struct Policies {
     by_host: HashMap<String, String>,
+    /// `POST /tlsrpt` takes TLS-RPT reports into this store (`[tls_rpt] https_endpoint`).
+    pub reports: Option<Arc<crate::tlsrpt::store::Received>>,
 }
 
 impl Policies {
@@ -73,7 +75,10 @@ impl Policies {
                 policy.to_text(),
             );
         }
-        Ok(Policies { by_host })
+        Ok(Policies {
+            by_host,
+            reports: None,
+        })
     }
 
     /// The policy text served for `host`.
@@ -135,6 +140,62 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, policies: Arc<P
     }
 }
 
+/// Where reporters POST TLS-RPT reports (the `rua=https://mta-sts.<domain>/tlsrpt` URI).
+pub const TLSRPT_PATH: &str = "/tlsrpt";
+/// The largest report body taken (compressed or not).
+const MAX_REPORT_POST: usize = 5 * 1024 * 1024;
+
+/// `POST /tlsrpt`: a report as `application/tlsrpt+gzip` or `application/tlsrpt+json` (RFC
+/// 8460 §5.4; plain `application/json` and `application/gzip` too). 201 when stored, 415 for
+/// another type, 400 when the body holds no readable report.
+async fn post_report(
+    req: &http::Request,
+    policies: &Policies,
+    peer: std::net::SocketAddr,
+) -> Response {
+    let Some(store) = policies.reports.clone() else {
+        return Response::text(404, "not found\n");
+    };
+    let ctype = req
+        .header("content-type")
+        .unwrap_or_default()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    if !matches!(
+        ctype.as_str(),
+        "application/tlsrpt+gzip"
+            | "application/tlsrpt+json"
+            | "application/json"
+            | "application/gzip"
+    ) {
+        return Response::text(
+            415,
+            "a TLS-RPT report is application/tlsrpt+gzip or application/tlsrpt+json\n",
+        );
+    }
+    let body = req.body.clone();
+    let ip = peer.ip();
+    let stored =
+        tokio::task::spawn_blocking(move || store.store_post(ip, crate::util::unix_now(), &body))
+            .await;
+    match stored {
+        Ok(Ok(Some(s))) => {
+            tracing::info!(%peer, reports = s.reports.len(), id = %s.queue_id,
+                "TLS-RPT report stored (HTTPS)");
+            Response::text(201, "report stored\n")
+        }
+        Ok(Ok(None)) => Response::text(400, "no readable TLS-RPT report in the body\n"),
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, error = %e, "TLS-RPT report (HTTPS) not stored");
+            Response::text(503, "the report could not be stored now; try again later\n")
+        }
+        Err(_) => Response::text(500, "internal error\n"),
+    }
+}
+
 async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     sni: Option<String>,
@@ -143,7 +204,17 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     ticket: &http::gate::Ticket,
     head_deadline: tokio::time::Instant,
 ) {
-    let read = match tokio::time::timeout_at(head_deadline, http::read_request(&mut stream)).await {
+    let max_body = if policies.reports.is_some() {
+        MAX_REPORT_POST
+    } else {
+        http::MAX_BODY
+    };
+    let read = match tokio::time::timeout_at(
+        head_deadline,
+        http::read_request_with_body(&mut stream, max_body),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(_) => return,
     };
@@ -160,6 +231,9 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
                     None => Response::text(404, "no policy for this host\n"),
                 },
                 ("GET" | "HEAD", _) => Response::text(404, "not found\n"),
+                ("POST", TLSRPT_PATH) if policies.reports.is_some() => {
+                    post_report(&req, policies, peer).await
+                }
                 _ => Response::text(405, "method not allowed\n").with_header("Allow", "GET, HEAD"),
             };
             (r.with_header("Cache-Control", "max-age=300"), head_only)
@@ -230,5 +304,99 @@ mod tests {
                 assert!(out.ends_with("\r\n\r\n"), "{out}");
             }
         }
+    }
+
+    async fn exchange(policies: &Policies, req: &[u8]) -> String {
+        let peer: std::net::SocketAddr = ([127, 0, 0, 1], 1).into();
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let gate = http::gate::Gate::new(4, 4);
+        let ticket = gate.admit(peer.ip()).unwrap();
+        let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+        let req = req.to_vec();
+        let writer = tokio::spawn(async move {
+            // A refused body is not read to its end: the write may fail.
+            let _ = client.write_all(&req).await;
+            let mut out = String::new();
+            client.read_to_string(&mut out).await.unwrap();
+            out
+        });
+        answer(server, None, policies, peer, &ticket, deadline).await;
+        writer.await.unwrap()
+    }
+
+    fn post(ctype: &str, body: &[u8]) -> Vec<u8> {
+        let mut r = format!(
+            "POST /tlsrpt HTTP/1.1\r\nHost: mta-sts.example.com\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    #[tokio::test]
+    async fn reports_are_taken_by_post_only_when_enabled() {
+        use std::io::Write as _;
+        let report = br#"{"organization-name": "Poster", "report-id": "p1",
+            "date-range": {"start-datetime": "2026-12-01T00:00:00Z", "end-datetime": "2026-12-01T23:59:59Z"},
+            "policies": [{"policy": {"policy-type": "sts", "policy-domain": "example.com"},
+              "summary": {"total-successful-session-count": 1, "total-failure-session-count": 0}}]}"#;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(report).unwrap();
+        let gz = gz.finish().unwrap();
+        // Off by default: POST is not allowed.
+        let off = Policies::default();
+        assert!(
+            exchange(&off, &post("application/tlsrpt+gzip", &gz))
+                .await
+                .starts_with("HTTP/1.1 405")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let on = Policies {
+            reports: Some(Arc::new(crate::tlsrpt::store::Received::new(
+                dir.path(),
+                &[],
+                30,
+            ))),
+            ..Policies::default()
+        };
+        let out = exchange(&on, &post("application/tlsrpt+gzip", &gz)).await;
+        assert!(out.starts_with("HTTP/1.1 201"), "{out}");
+        let out = exchange(&on, &post("application/tlsrpt+json; charset=utf-8", report)).await;
+        assert!(out.starts_with("HTTP/1.1 201"), "{out}");
+        let stored = crate::tlsrpt::store::list_dir(
+            &dir.path().join("tlsrpt/received"),
+            crate::util::unix_now(),
+            1,
+        );
+        assert_eq!(stored.len(), 2);
+        assert_eq!(stored[0].reports[0].organization, "Poster");
+        assert!(stored[0].sender.starts_with("https from 127.0.0.1"));
+        // Wrong type, no report, too large: refused, nothing stored.
+        assert!(
+            exchange(&on, &post("text/plain", report))
+                .await
+                .starts_with("HTTP/1.1 415")
+        );
+        assert!(
+            exchange(&on, &post("application/json", b"{\"a\": 1}"))
+                .await
+                .starts_with("HTTP/1.1 400")
+        );
+        let big = vec![b' '; MAX_REPORT_POST + 1];
+        assert!(
+            exchange(&on, &post("application/json", &big))
+                .await
+                .starts_with("HTTP/1.1 400")
+        );
+        assert_eq!(
+            crate::tlsrpt::store::list_dir(
+                &dir.path().join("tlsrpt/received"),
+                crate::util::unix_now(),
+                1
+            )
+            .len(),
+            2
+        );
     }
 }

@@ -97,6 +97,23 @@ impl Received {
         Ok(stored)
     }
 
+    /// A report POSTed to the policy host (RFC 8460 §5.4): stored when it holds a readable
+    /// report (`None`, nothing stored, when not: an open endpoint keeps no junk).
+    pub fn store_post(
+        &self,
+        peer: std::net::IpAddr,
+        now: u64,
+        body: &[u8],
+    ) -> std::io::Result<Option<Stored>> {
+        let found = super::mail::reports_in_message(body);
+        if found.reports.is_empty() {
+            return Ok(None);
+        }
+        let id = format!("post{}", crate::util::new_queue_id());
+        self.store(&id, &format!("https from {peer}"), now, body)
+            .map(Some)
+    }
+
     /// Day directories older than `keep_days` before `now` are removed.
     fn prune(&self, now: u64) {
         let oldest = crate::util::utc_day(now.saturating_sub(self.keep_days * 86_400));
