@@ -757,6 +757,14 @@ impl Config {
                 "at least one [[listener]] is needed".into(),
             ));
         }
+        if self.tls_rpt.https_endpoint && self.mta_sts.listen.is_empty() {
+            return Err(err(
+                "tls_rpt",
+                0,
+                "https_endpoint",
+                "reports are taken on the MTA-STS policy host: set [mta_sts] listen too".into(),
+            ));
+        }
         for a in &self.tls_rpt.report_addresses {
             if crate::smtp::address::Address::parse(a, true).is_none_or(|p| p.is_literal()) {
                 return Err(err(
@@ -1277,6 +1285,16 @@ mod tests {
             Config::parse(&zero, "t.toml").unwrap_err().key,
             "limits[0].session_timeout_secs"
         );
+        let post = format!("{base}[tls_rpt]\nhttps_endpoint = true\n");
+        assert_eq!(
+            Config::parse(&post, "t.toml").unwrap_err().key,
+            "tls_rpt[0].https_endpoint"
+        );
+        let bad = format!("{base}[tls_rpt]\nreport_addresses = [\"no-at-sign\"]\n");
+        let e = Config::parse(&bad, "t.toml").unwrap_err();
+        assert_eq!(e.key, "tls_rpt[0].report_addresses");
+        let good = format!("{base}[tls_rpt]\nreport_addresses = [\"tlsrpt@example.com\"]\n");
+        assert!(Config::parse(&good, "t.toml").is_ok());
     }
 
     #[test]
