@@ -837,6 +837,11 @@ impl Session {
         if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
             return self.error("555 5.5.4 BODY=BINARYMIME not supported");
         }
+        // REQUIRETLS (RFC 8689) is not offered yet: taking the parameter and then relaying
+        // the message without its guarantee would be a silent downgrade, so it is refused.
+        if from.flags & smtp_proto::MAIL_REQUIRETLS != 0 {
+            return self.error("555 5.5.4 REQUIRETLS not supported here");
+        }
         if from.size.max(raw_size) > self.rules.max_message_size {
             return self.error("552 5.3.4 Message size exceeds fixed maximum message size");
         }

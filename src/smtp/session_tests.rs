@@ -1396,6 +1396,13 @@ fn unknown_and_unsupported_commands() {
         h.send("MAIL FROM:<a@example.test> BODY=BINARYMIME\r\n"),
         "555 5.5.4 BODY=BINARYMIME not supported\r\n"
     );
+    // Not advertised, so not taken: accepting it and relaying without the guarantee would be
+    // a downgrade (RFC 8689).
+    assert!(!h.send("EHLO c.test\r\n").contains("REQUIRETLS"));
+    assert_eq!(
+        h.send("MAIL FROM:<a@example.test> REQUIRETLS\r\n"),
+        "555 5.5.4 REQUIRETLS not supported here\r\n"
+    );
     assert_eq!(
         h.send("MAIL FROM:<a@example.test> BODY=9BIT\r\n"),
         "501 5.5.4 Invalid parameter BODY\r\n"
