@@ -135,6 +135,7 @@ async fn main() {
         mta_sts: None,
         sts_roots: &none,
         requiretls: false,
+        tls_required_no: false,
         dane_unavailable: None,
     });
     let (d, tl) = (&decision, &tlsa);

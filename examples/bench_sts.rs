@@ -101,6 +101,7 @@ fn decision(
         mta_sts: Some(applied),
         sts_roots: &roots,
         requiretls: false,
+        tls_required_no: false,
         dane_unavailable: None,
     })
     .requirement

@@ -276,6 +276,12 @@ pub struct OutboundConfig {
     /// under the enforced level and the others opportunistically (the message is split);
     /// false lifts every recipient of that message to the strictest matched level.
     pub opportunistic_for_unmatched: bool,
+    /// REQUIRETLS (RFC 8689): a `[[tls_policy]]` rule at `verify` (or with pins) counts as
+    /// authenticating a host, as DANE and MTA-STS `enforce` do. Off: only those two count.
+    pub requiretls_rules_count: bool,
+    /// RFC 8689 `TLS-Required: No` in a message (without REQUIRETLS): deliver it without
+    /// applying MTA-STS and DANE (the rules still apply). Off: the header is ignored.
+    pub honour_tls_required_no: bool,
 }
 
 impl Default for OutboundConfig {
@@ -287,6 +293,8 @@ impl Default for OutboundConfig {
             connect_timeout_secs: 30,
             dns_timeout_secs: 5,
             opportunistic_for_unmatched: true,
+            requiretls_rules_count: false,
+            honour_tls_required_no: true,
         }
     }
 }
@@ -325,6 +333,10 @@ pub struct ListenerConfig {
     /// `smtps` and `submission` (mail clients reconnect often).
     #[serde(default)]
     pub tls_session_tickets: Option<bool>,
+    /// Offer REQUIRETLS (RFC 8689) inside TLS. Default true; switch it off where mail goes
+    /// on to a next hop that cannot be authenticated (it would only bounce).
+    #[serde(default = "default_true")]
+    pub requiretls: bool,
 }
 
 impl ListenerConfig {

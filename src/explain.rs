@@ -70,9 +70,14 @@ fn requirement_words(req: &TlsRequirement) -> String {
     s
 }
 
-/// Runs the lookups and the decision for `address` (from `sender`) under `config`; the
-/// report as text.
-pub async fn explain(config: &Config, address: &str, sender: &str) -> Result<String, String> {
+/// Runs the lookups and the decision for `address` (from `sender`, with REQUIRETLS or not)
+/// under `config`; the report as text.
+pub async fn explain(
+    config: &Config,
+    address: &str,
+    sender: &str,
+    requiretls: bool,
+) -> Result<String, String> {
     let Some((_, domain)) = address.rsplit_once('@') else {
         return Err(format!("{address:?} is not an address (local@domain)"));
     };
@@ -122,6 +127,7 @@ pub async fn explain(config: &Config, address: &str, sender: &str) -> Result<Str
     let envelope = Envelope {
         sender: sender.to_string(),
         recipients: vec![address.to_string()],
+        requiretls,
         ..Envelope::default()
     };
     let out_ = &parts.outbound;
@@ -135,6 +141,7 @@ pub async fn explain(config: &Config, address: &str, sender: &str) -> Result<Str
         &domain,
         &hop,
         &envelope,
+        false,
     )
     .await;
     match &decision.mta_sts {

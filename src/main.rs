@@ -145,6 +145,10 @@ enum Command {
         /// The sender (sender-domain rules may apply).
         #[arg(long, default_value = "")]
         from: String,
+        /// Decide for a message sent with REQUIRETLS (RFC 8689): only hosts authenticated
+        /// by DANE or MTA-STS enforce may take it.
+        #[arg(long)]
+        requiretls: bool,
         #[command(flatten)]
         source: Source,
     },
@@ -816,11 +820,13 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Explain {
             address,
             from,
+            requiretls,
             source,
         } => {
             let (config, _) = source.read()?;
             let runtime = client_runtime()?;
-            let text = runtime.block_on(moat::explain::explain(&config, &address, &from))?;
+            let text =
+                runtime.block_on(moat::explain::explain(&config, &address, &from, requiretls))?;
             print!("{text}");
             Ok(())
         }

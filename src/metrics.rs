@@ -53,6 +53,8 @@ pub enum Metric {
     SpoolSyncSeconds,
     /// 1 when DNSSEC validation works (DANE is used), 0 when the self-check failed.
     DaneValidationWorking,
+    /// Deliveries where `TLS-Required: No` (RFC 8689) set MTA-STS or DANE aside, by what.
+    TlsRequiredNoTotal,
 }
 
 impl Metric {
@@ -77,6 +79,7 @@ impl Metric {
         Metric::CertificateExpirySeconds,
         Metric::SpoolSyncSeconds,
         Metric::DaneValidationWorking,
+        Metric::TlsRequiredNoTotal,
     ];
 
     /// The exposition name, e.g. `moat_connections_total`.
@@ -101,6 +104,7 @@ impl Metric {
             Metric::CertificateExpirySeconds => "moat_certificate_expiry_seconds",
             Metric::SpoolSyncSeconds => "moat_spool_sync_seconds",
             Metric::DaneValidationWorking => "moat_dane_validation_working",
+            Metric::TlsRequiredNoTotal => "moat_tls_required_no_total",
         }
     }
 
@@ -126,6 +130,7 @@ impl Metric {
             Metric::CertificateExpirySeconds => "gauge",
             Metric::SpoolSyncSeconds => "histogram",
             Metric::DaneValidationWorking => "gauge",
+            Metric::TlsRequiredNoTotal => "counter",
         }
     }
 
@@ -168,6 +173,9 @@ impl Metric {
             }
             Metric::DaneValidationWorking => {
                 "1 when DNSSEC validation works and DANE is used, 0 when the self-check failed."
+            }
+            Metric::TlsRequiredNoTotal => {
+                "Deliveries where TLS-Required: No (RFC 8689) set MTA-STS or DANE aside, by what (mta_sts, dane)."
             }
         }
     }

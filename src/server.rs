@@ -347,6 +347,8 @@ pub fn policy_from(config: &Config) -> Result<TlsPolicy, String> {
         opportunistic_for_unmatched: config.outbound.opportunistic_for_unmatched,
         default: TlsRequirement::level(TlsLevel::May),
         dane_off,
+        requiretls_rules_count: config.outbound.requiretls_rules_count,
+        honour_tls_required_no: config.outbound.honour_tls_required_no,
     })
 }
 
@@ -445,6 +447,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
                 require_auth: lc.requires_auth(),
                 auth: lc.auth,
                 bare_newline: lc.bare_newline,
+                requiretls: lc.requiretls,
             }),
             implicit_tls: lc.mode == ListenerMode::Smtps,
         });

@@ -47,6 +47,7 @@ fn session(flags: u8) -> Session {
         } else {
             BareNewline::Reject
         },
+        requiretls: flags & 64 != 0,
     };
     let peer = Peer {
         ip: "127.0.0.1".parse().unwrap(),

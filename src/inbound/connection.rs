@@ -412,7 +412,7 @@ fn new_message(
         trace,
         &shared.rules.hostname,
         &id,
-        &envelope.recipients,
+        envelope,
         &util::rfc5322_date(now),
     );
     (id, now, received)

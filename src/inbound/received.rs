@@ -1,11 +1,12 @@
 //! The Received header stamped on every accepted message (RFC 5321 §4.4), with the TLS
 //! parameters in the form Postfix uses, and the protocol keywords of RFC 3848 / RFC 6531.
 
-use crate::smtp::session::Trace;
+use crate::smtp::session::{Envelope, Trace};
 
 /// Builds the header, folded, ending in CRLF. `rcpt` is named only for single-recipient
-/// messages, so one copy never reveals the other (Bcc) recipients.
-pub fn stamp(trace: &Trace, hostname: &str, id: &str, recipients: &[String], date: &str) -> String {
+/// messages, so one copy never reveals the other (Bcc) recipients. A message sent with
+/// REQUIRETLS (RFC 8689) says so in a comment after its id.
+pub fn stamp(trace: &Trace, hostname: &str, id: &str, envelope: &Envelope, date: &str) -> String {
     let helo: String = trace
         .helo
         .chars()
@@ -32,7 +33,10 @@ pub fn stamp(trace: &Trace, hostname: &str, id: &str, recipients: &[String], dat
         "\tby {hostname} (Moat) with {} id {id}",
         trace.protocol
     ));
-    if let [only] = recipients {
+    if envelope.requiretls {
+        h.push_str(" (REQUIRETLS)");
+    }
+    if let [only] = envelope.recipients.as_slice() {
         h.push_str(&format!("\r\n\tfor <{only}>"));
     }
     h.push_str(&format!("; {date}\r\n"));
@@ -60,16 +64,26 @@ mod tests {
             }),
             auth_user: None,
         };
+        let mut env = Envelope {
+            recipients: vec!["b@mx.test".into()],
+            ..Envelope::default()
+        };
         let h = stamp(
             &t,
             "mx.test",
             "ABC",
-            &["b@mx.test".into()],
+            &env,
             "Mon, 23 Nov 2026 21:06:56 +0000",
         );
         assert_eq!(
             h,
             "Received: from client.test ([127.0.0.5])\r\n\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits) key-exchange X25519MLKEM768)\r\n\tby mx.test (Moat) with ESMTPS id ABC\r\n\tfor <b@mx.test>; Mon, 23 Nov 2026 21:06:56 +0000\r\n"
+        );
+        env.requiretls = true;
+        let h = stamp(&t, "mx.test", "ABC", &env, "D");
+        assert!(
+            h.contains("with ESMTPS id ABC (REQUIRETLS)\r\n\tfor <b@mx.test>; D\r\n"),
+            "{h}"
         );
     }
 
@@ -82,7 +96,11 @@ mod tests {
             tls: None,
             auth_user: None,
         };
-        let h = stamp(&t, "mx.test", "ABC", &["a@x".into(), "b@x".into()], "D");
+        let env = Envelope {
+            recipients: vec!["a@x".into(), "b@x".into()],
+            ..Envelope::default()
+        };
+        let h = stamp(&t, "mx.test", "ABC", &env, "D");
         assert_eq!(
             h,
             "Received: from evil_x__ ([127.0.0.5])\r\n\tby mx.test (Moat) with ESMTP id ABC; D\r\n"

@@ -295,6 +295,7 @@ pub async fn decide(
     domain: &str,
     hop: &NextHop,
     envelope: &Envelope,
+    tls_required_no: bool,
 ) -> DomainDecision {
     let applied = match (sts, hop) {
         (Some(s), NextHop::Mx) => s.policy_for(domain).await,
@@ -304,20 +305,37 @@ pub async fn decide(
         Some(s) => s.roots_for(rule),
         None => rule.cloned(),
     };
-    crate::policy::decide(&Facts {
+    let decision = crate::policy::decide(&Facts {
         rules,
         sender: &envelope.sender,
         domain,
         recipients: &envelope.recipients,
         mta_sts: applied.as_ref(),
         sts_roots: &sts_roots,
-        requiretls: false,
+        requiretls: envelope.requiretls,
+        tls_required_no,
         dane_unavailable: match (&out.dane, hop) {
             (_, NextHop::Relay { .. }) => Some("DANE is used for MX delivery only".into()),
             (None, _) => Some("DANE is disabled ([dane] enabled = false)".into()),
             (Some(d), NextHop::Mx) => d.unavailable(),
         },
-    })
+    });
+    if tls_required_no && !envelope.requiretls && rules.honour_tls_required_no {
+        let what = match (&applied, &out.dane, hop) {
+            (Some(p), _, _) if p.mode() != crate::sts::policy::Mode::None => Some("mta_sts"),
+            (_, Some(_), NextHop::Mx) => Some("dane"),
+            _ => None,
+        };
+        if let Some(what) = what {
+            tracing::info!(domain, set_aside = what, why = %decision.why,
+                "TLS-Required: No: the message is delivered without MTA-STS and DANE (RFC 8689)");
+            crate::metrics::inc(
+                crate::metrics::Metric::TlsRequiredNoTotal,
+                &[("what", what)],
+            );
+        }
+    }
+    decision
 }
 
 /// Delivers `msg` to `domain` under `decision`; one result per recipient of `msg`, in order.
@@ -456,10 +474,13 @@ pub async fn deliver(
             sts_notes.push(format!("would skip {}", unmatched.join(", ")));
         }
     }
+    // A temporary reason beats a permanent one: a REQUIRETLS message whose only
+    // authenticated host had a DNS failure waits for it rather than bouncing.
     if hosts.is_empty()
         && let Some((host, cause, words)) = skipped
             .iter()
-            .find(|(_, c, _)| *c != Cause::StsMxMismatch)
+            .find(|(_, c, _)| *c != Cause::StsMxMismatch && !c.is_permanent())
+            .or_else(|| skipped.iter().find(|(_, c, _)| *c != Cause::StsMxMismatch))
             .or(skipped.first())
     {
         return all(failure(
@@ -727,6 +748,11 @@ fn rcpt_result(
             host,
             format!("{host} said: {}", r.one_line()),
         )),
+        RcptOutcome::NoRequireTls => RcptResult::NotDelivered(failure(
+            Cause::RequireTlsNotOffered,
+            Some(host.to_string()),
+            format!("{host} does not offer REQUIRETLS, which the message demands (RFC 8689)"),
+        )),
         RcptOutcome::NotSent {
             permanent,
             enhanced,
@@ -762,7 +788,22 @@ async fn attempt(
     plain: bool,
 ) -> HostResult {
     let mut tls = String::from("none");
-    let result = attempt_inner(out, who, req, msg, plain, &mut tls).await;
+    let mut result = attempt_inner(out, who, req, msg, plain, &mut tls).await;
+    // A host that cannot carry a REQUIRETLS message is a failure of that host: the next
+    // one may offer it (RFC 8689 §4.2.1).
+    if let HostResult::Done(r, ..) = &result
+        && !r.is_empty()
+        && r.iter().all(|o| *o == RcptOutcome::NoRequireTls)
+    {
+        result = HostResult::Failed(failure(
+            Cause::RequireTlsNotOffered,
+            Some(who.host.to_string()),
+            format!(
+                "{} does not offer REQUIRETLS, which the message demands (RFC 8689)",
+                who.host
+            ),
+        ));
+    }
     let outcome = match &result {
         HostResult::Done(r, ..) => {
             let ok = r

@@ -139,6 +139,11 @@ pub enum Cause {
     DaneDnssec,
     /// DANE-TA: the certificate is not valid for the MX host or TLSA base name: 4.7.325.
     DaneName,
+    /// REQUIRETLS (RFC 8689 §4.2.1): no host of the destination is authenticated by DANE or
+    /// an MTA-STS `enforce` policy (or a rule, where config lets rules count): 5.7.30 at once.
+    RequireTlsUnauthenticated,
+    /// REQUIRETLS: the host does not offer REQUIRETLS (or TLS) after all: 4.7.30, then 5.7.30.
+    RequireTlsNotOffered,
     /// Relay credentials would have to be sent without TLS: 4.7.0.
     RelayAuthWithoutTls,
     /// The relay offers no AUTH mechanism we speak: 4.7.0.
@@ -181,6 +186,8 @@ impl Cause {
             Cause::DaneNoMatch => ("4.7.323", "5.7.323"),
             Cause::DaneDnssec => ("4.7.324", "5.7.324"),
             Cause::DaneName => ("4.7.325", "5.7.325"),
+            Cause::RequireTlsUnauthenticated => ("5.7.30", "5.7.30"),
+            Cause::RequireTlsNotOffered => ("4.7.30", "5.7.30"),
             Cause::RelayAuthWithoutTls | Cause::RelayAuthNotOffered => ("4.7.0", "5.7.0"),
             Cause::RelayAuthRefused => ("4.7.8", "5.7.8"),
             Cause::Protocol => ("4.5.0", "5.5.0"),
@@ -210,6 +217,8 @@ impl Cause {
                 | Cause::DaneNoMatch
                 | Cause::DaneDnssec
                 | Cause::DaneName
+                | Cause::RequireTlsUnauthenticated
+                | Cause::RequireTlsNotOffered
                 | Cause::RelayAuthWithoutTls
         )
     }
@@ -238,6 +247,8 @@ impl Cause {
             Cause::DaneNoMatch => "DANE: no TLSA record matched",
             Cause::DaneDnssec => "DANE: DNSSEC validation failed",
             Cause::DaneName => "DANE: certificate name mismatch",
+            Cause::RequireTlsUnauthenticated => "REQUIRETLS: no authenticated host",
+            Cause::RequireTlsNotOffered => "REQUIRETLS not offered",
             Cause::RelayAuthWithoutTls => "no TLS for relay credentials",
             Cause::RelayAuthNotOffered => "relay offers no AUTH",
             Cause::RelayAuthRefused => "relay refused credentials",
@@ -279,6 +290,8 @@ impl Cause {
             Cause::DaneNoMatch => "dane:no-match",
             Cause::DaneDnssec => "dane:dnssec",
             Cause::DaneName => "dane:name",
+            Cause::RequireTlsUnauthenticated => "requiretls:unauthenticated",
+            Cause::RequireTlsNotOffered => "requiretls:not-offered",
             Cause::RelayAuthWithoutTls => "relay-auth-without-tls",
             Cause::RelayAuthNotOffered => "relay-auth-not-offered",
             Cause::RelayAuthRefused => "relay-auth-refused",
@@ -307,7 +320,9 @@ impl Cause {
         Cause::SIMPLE.into_iter().find(|c| c.label() == s)
     }
 
-    const SIMPLE: [Cause; 25] = [
+    const SIMPLE: [Cause; 27] = [
+        Cause::RequireTlsUnauthenticated,
+        Cause::RequireTlsNotOffered,
         Cause::DaneStartTls,
         Cause::DaneExpired,
         Cause::DaneNoMatch,
@@ -444,6 +459,12 @@ impl Cause {
             Cause::NullMx => format!("{domain} publishes a null MX: it accepts no mail."),
             Cause::Administrator => format!(
                 "The administrator of this mail server returned the message for {rcpt} before it could be delivered."
+            ),
+            Cause::RequireTlsUnauthenticated => format!(
+                "The message was sent with REQUIRETLS (RFC 8689): it may only travel to a mail server authenticated by DNSSEC (DANE) or by an MTA-STS policy in enforce mode, and no mail server of {domain} is. The administrator of {domain} must publish DANE TLSA records or an MTA-STS enforce policy for it; or send the message without REQUIRETLS."
+            ),
+            Cause::RequireTlsNotOffered => format!(
+                "The message was sent with REQUIRETLS (RFC 8689) and {host} does not offer REQUIRETLS, so the message was not passed to it. Its administrator must enable REQUIRETLS; or send the message without REQUIRETLS."
             ),
             Cause::TlsHandshake | Cause::RelayAuthWithoutTls => format!(
                 "TLS with {host} failed and the policy for {domain} requires it. Its administrator must fix TLS on {host}."

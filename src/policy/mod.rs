@@ -3,7 +3,7 @@
 //! [`decide`] is a pure function. Its input, [`Facts`], is what is known about one delivery
 //! before routing: the sender and recipients, the `[[tls_policy]]` rules ([`TlsPolicy`]), the
 //! recipient domain's MTA-STS policy as the cache holds it, and the message's REQUIRETLS flag
-//! (recorded only, for now). Its output, a [`DomainDecision`], gives per MX host
+//! and `TLS-Required: No` header (RFC 8689). Its output, a [`DomainDecision`], gives per MX host
 //! ([`DomainDecision::for_host`]) either the [`TlsRequirement`] to meet and the [`Why`] behind
 //! it, or a reason not to use that host at all. `outbound` gathers the facts (DNS, the MTA-STS
 //! cache) before, and executes the decision after; `queue` only schedules. Logs, `queue show`,
@@ -23,6 +23,12 @@
 //! MTA-STS `testing` changes nothing about delivery: under a rule that asks for no
 //! authentication, its trust anchors are added so the log can say what `enforce` would have
 //! done.
+//!
+//! RFC 8689 on top of that: a message sent with REQUIRETLS goes only to hosts authenticated
+//! by DANE or an MTA-STS `enforce` policy (or, when `requiretls_rules_count`, a rule at
+//! `verify` or with pins); other hosts are skipped (5.7.30, permanent when none is left). A
+//! message without REQUIRETLS that says `TLS-Required: No` (when honoured) is delivered
+//! without MTA-STS and DANE: the rules alone decide.
 //!
 //! Why a delivery failed is a [`cause::Cause`].
 
@@ -143,6 +149,11 @@ pub struct TlsPolicy {
     /// Recipient domains whose rule says `dane = "off"`: DANE is not applied to their hosts
     /// (an emergency switch, logged on every use).
     pub dane_off: Vec<DomainPattern>,
+    /// See `OutboundConfig::requiretls_rules_count`: a rule at `verify` (or with pins)
+    /// authenticates a host for a REQUIRETLS message, as DANE and MTA-STS `enforce` do.
+    pub requiretls_rules_count: bool,
+    /// See `OutboundConfig::honour_tls_required_no`.
+    pub honour_tls_required_no: bool,
 }
 
 /// The first rule whose pattern matches `domain` (canonicalised first, so a rule written with
@@ -357,8 +368,11 @@ pub struct Facts<'a> {
     /// rule's and the policy's as one store (memoised by the caller, so a merged store keeps
     /// one identity for session reuse).
     pub sts_roots: &'a RootsMerge<'a>,
-    /// The message asked for REQUIRETLS (RFC 8689); recorded, not yet acted on.
+    /// The message asked for REQUIRETLS (RFC 8689): only authenticated hosts may take it.
     pub requiretls: bool,
+    /// The message says `TLS-Required: No` (RFC 8689; [`says_tls_required_no`]): unless
+    /// `requiretls`, or the rules do not honour it, MTA-STS and DANE are not applied.
+    pub tls_required_no: bool,
     /// Why DANE cannot be used at all (disabled, or our resolver cannot validate); `None`
     /// when it can.
     pub dane_unavailable: Option<String>,
@@ -378,6 +392,8 @@ pub struct DomainDecision {
     /// The policy whose MX patterns restrict (enforce) or are reported on (testing).
     pub mta_sts: Option<Applied>,
     pub requiretls: bool,
+    /// Whether a rule authenticates a host for REQUIRETLS ([`TlsPolicy::requiretls_rules_count`]).
+    pub requiretls_rules_count: bool,
 }
 
 /// The judgement for one MX host.
@@ -454,13 +470,57 @@ pub fn dane_applies(mx: &Dnssec, addresses: &Dnssec) -> bool {
     *mx == Dnssec::Secure && *addresses == Dnssec::Secure
 }
 
+/// Whether the message's header section has `TLS-Required: No` (RFC 8689: the sender asks
+/// that MTA-STS and DANE failures not stop delivery). Field name and value are
+/// case-insensitive; folded values and surrounding blanks are allowed.
+pub fn says_tls_required_no(message: &[u8]) -> bool {
+    let end = message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(message.len(), |p| p + 2);
+    let header = &message[..end];
+    let mut fields: Vec<Vec<u8>> = Vec::new();
+    for line in header.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        match (line.first(), fields.last_mut()) {
+            (Some(b' ' | b'\t'), Some(f)) => f.extend_from_slice(line),
+            (Some(_), _) => fields.push(line.to_vec()),
+            (None, _) => break,
+        }
+    }
+    fields.iter().any(|f| {
+        let Some(colon) = f.iter().position(|&b| b == b':') else {
+            return false;
+        };
+        f[..colon]
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"TLS-Required")
+            && f[colon + 1..].trim_ascii().eq_ignore_ascii_case(b"No")
+    })
+}
+
 /// The decision (pure; see the module documentation for the precedence).
 pub fn decide(facts: &Facts<'_>) -> DomainDecision {
     let (base, mut why) = facts
         .rules
         .by_rules(facts.domain, facts.sender, facts.recipients);
     let rules = (base.clone(), why.clone());
+    let tls_required_no =
+        facts.tls_required_no && !facts.requiretls && facts.rules.honour_tls_required_no;
+    let mta_sts = match facts.mta_sts {
+        Some(p) if tls_required_no && p.mode() != Mode::None => {
+            why.notes.push(format!(
+                "{} not applied: the message says TLS-Required: No (RFC 8689)",
+                p.describe()
+            ));
+            None
+        }
+        other => other,
+    };
     let dane_off = match (&facts.dane_unavailable, Domain::parse(facts.domain)) {
+        _ if tls_required_no => {
+            Some("DANE is not applied: the message says TLS-Required: No (RFC 8689)".into())
+        }
         (Some(why), _) => Some(why.clone()),
         (None, Ok(d)) => facts
             .rules
@@ -470,7 +530,7 @@ pub fn decide(facts: &Facts<'_>) -> DomainDecision {
             .map(|p| format!("DANE is off for \"{p}\" by rule")),
         (None, Err(_)) => None,
     };
-    let requirement = match facts.mta_sts {
+    let requirement = match mta_sts {
         Some(p) if p.mode() == Mode::Enforce => {
             let mut sts_why = Why::new(Source::MtaSts(p.describe()));
             if !matches!(why.source, Source::Default) {
@@ -516,8 +576,9 @@ pub fn decide(facts: &Facts<'_>) -> DomainDecision {
         why,
         rules,
         dane_off,
-        mta_sts: facts.mta_sts.cloned(),
+        mta_sts: mta_sts.cloned(),
         requiretls: facts.requiretls,
+        requiretls_rules_count: facts.rules.requiretls_rules_count,
     }
 }
 
@@ -531,7 +592,38 @@ impl DomainDecision {
     ///   §2.2), on top of what MTA-STS and the rules demand;
     /// * otherwise MTA-STS and the rules decide: under `enforce` only hosts the policy names
     ///   are used; under `testing` the others are used and the mismatch reported.
+    ///
+    /// A REQUIRETLS message then goes only to a host authenticated by DANE, MTA-STS
+    /// `enforce` or (when rules count) a rule (RFC 8689 §4.2.1); the others are skipped.
     pub fn for_host(&self, h: &HostFacts<'_>) -> HostVerdict {
+        let verdict = self.judge(h);
+        if !self.requiretls {
+            return verdict;
+        }
+        let req = match &verdict {
+            HostVerdict::Skip(..) => return verdict,
+            HostVerdict::Use { .. } => &self.requirement,
+            HostVerdict::Own { requirement, .. } => requirement,
+        };
+        let by_rule =
+            self.requiretls_rules_count && (req.level >= TlsLevel::Verify || !req.pins.is_empty());
+        if req.dane.is_some() || req.mta_sts || by_rule {
+            return verdict;
+        }
+        let rules = if self.requiretls_rules_count {
+            ", nor held to verify by a rule"
+        } else {
+            ""
+        };
+        HostVerdict::Skip(
+            cause::Cause::RequireTlsUnauthenticated,
+            format!(
+                "not authenticated by DANE or an MTA-STS enforce policy{rules}, which the message's REQUIRETLS demands (RFC 8689 §4.2.1)"
+            ),
+        )
+    }
+
+    fn judge(&self, h: &HostFacts<'_>) -> HostVerdict {
         if self.dane_off.is_none()
             && let Some((cause, why)) = [h.mx, h.addresses].into_iter().find_map(Dnssec::failure)
         {
@@ -714,6 +806,8 @@ mod tests {
             default: TlsRequirement::level(TlsLevel::May),
             opportunistic_for_unmatched: opp,
             dane_off: Vec::new(),
+            requiretls_rules_count: false,
+            honour_tls_required_no: true,
         };
         let policy = (sts != "-").then(|| applied(sts));
         let merge = |_: Option<&Arc<RootCertStore>>| Some(roots.clone());
@@ -726,6 +820,7 @@ mod tests {
             mta_sts: policy.as_ref(),
             sts_roots: &merge,
             requiretls: false,
+            tls_required_no: false,
             dane_unavailable: None,
         })
     }
@@ -1215,6 +1310,7 @@ mod tests {
             mta_sts: None,
             sts_roots: &none,
             requiretls: false,
+            tls_required_no: false,
             dane_unavailable: None,
         });
         let tlsa = TlsaLookup::Records {
@@ -1268,6 +1364,7 @@ mod tests {
             mta_sts: Some(&policy),
             sts_roots: &none,
             requiretls: false,
+            tls_required_no: false,
             dane_unavailable: None,
         });
         assert_eq!(d.requirement.level, TlsLevel::Verify);
@@ -1333,6 +1430,7 @@ mod tests {
             mta_sts: None,
             sts_roots: &none,
             requiretls: false,
+            tls_required_no: false,
             dane_unavailable: None,
         });
         assert_eq!(d.requirement.level, TlsLevel::Verify);
@@ -1348,6 +1446,127 @@ mod tests {
             "rule \"bank.test\" (sender domain bank.test); raises the recipient domain's rule \"dest.test\" (encrypt)"
         );
         assert_eq!(d.why.source.label(), "rule");
+    }
+    /// REQUIRETLS (RFC 8689 §4.2.1) and `TLS-Required: No` on top of the sources: the
+    /// recipient domain's rule x MTA-STS mode x DANE state of its MX host x whether rules
+    /// count for REQUIRETLS. Columns: rule, MTA-STS, DANE, rules count -> the verdict for a
+    /// REQUIRETLS message; the verdict for a message that says `TLS-Required: No` (honoured)
+    /// and, for it, whether MTA-STS codes apply.
+    #[test]
+    fn requiretls_and_tls_required_no_table() {
+        #[rustfmt::skip]
+        let table: &[(&str, &str, &str, bool, &str, &str)] = &[
+        // A host without authentication never takes a REQUIRETLS message.
+        ("-", "-", "insecure", false, "skip:requiretls:unauthenticated", "use"),
+        ("encrypt", "-", "insecure", false, "skip:requiretls:unauthenticated", "use"),
+        ("verify", "-", "insecure", false, "skip:requiretls:unauthenticated", "use"),
+        // ... unless config lets a verify rule count.
+        ("verify", "-", "insecure", true, "use", "use"),
+        ("encrypt", "-", "insecure", true, "skip:requiretls:unauthenticated", "use"),
+        // MTA-STS testing is not enough; enforce is.
+        ("-", "testing", "insecure", false, "skip:requiretls:unauthenticated", "use"),
+        ("-", "enforce", "insecure", false, "use", "use"),
+        ("verify", "enforce", "insecure", false, "use", "use"),
+        // DANE authenticates; TLS-Required: No sets it aside (the rules decide).
+        ("-", "-", "usable", false, "own", "use"),
+        ("-", "testing", "usable", false, "own", "use"),
+        ("-", "enforce", "usable", false, "own", "use"),
+        // TLSA records all unusable: encrypted, not authenticated, unless enforce.
+        ("-", "-", "unusable", false, "skip:requiretls:unauthenticated", "use"),
+        ("-", "enforce", "unusable", false, "own", "use"),
+        // A bogus TLSA lookup stops both (never a downgrade for REQUIRETLS); TLS-Required:
+        // No ignores DANE, so the host is used under the rules.
+        ("-", "-", "bogus", false, "skip:dane:dnssec", "use"),
+        ("-", "enforce", "bogus", false, "skip:dane:dnssec", "use"),
+        ];
+        let roots = Arc::new(RootCertStore::empty());
+        for &(rule, sts, dane, rules_count, want_rt, want_no) in table {
+            let row = format!("rule {rule}, MTA-STS {sts}, DANE {dane}, rules count {rules_count}");
+            let mut rules = Vec::new();
+            if rule != "-" {
+                rules.push((pat("dest.test"), TlsRequirement::level(level(rule))));
+            }
+            let rules = TlsPolicy {
+                rules,
+                sender_rules: Vec::new(),
+                default: TlsRequirement::level(TlsLevel::May),
+                opportunistic_for_unmatched: true,
+                dane_off: Vec::new(),
+                requiretls_rules_count: rules_count,
+                honour_tls_required_no: true,
+            };
+            let policy = (sts != "-").then(|| applied(sts));
+            let merge = |_: Option<&Arc<RootCertStore>>| Some(roots.clone());
+            let recipients = ["rcpt@dest.test".to_string()];
+            let (dnssec, tlsa) = match dane {
+                "insecure" => (INSECURE, TlsaLookup::NotLooked),
+                "usable" => (SECURE, tlsa_records("3 1 1")),
+                "bogus" => (SECURE, TlsaLookup::Failed("SERVFAIL".into())),
+                _ => (SECURE, tlsa_records("1 1 1")),
+            };
+            let decide_with = |requiretls: bool, tls_required_no: bool| {
+                decide(&Facts {
+                    rules: &rules,
+                    sender: "s@sender.test",
+                    domain: "dest.test",
+                    recipients: &recipients,
+                    mta_sts: policy.as_ref(),
+                    sts_roots: &merge,
+                    requiretls,
+                    tls_required_no,
+                    dane_unavailable: None,
+                })
+            };
+            let d = decide_with(true, false);
+            let v = d.for_host(&host("mx.dest.test", &dnssec, &tlsa));
+            assert_eq!(kind(&v), want_rt, "REQUIRETLS, {row}");
+            if let HostVerdict::Skip(c, words) = &v
+                && *c == cause::Cause::RequireTlsUnauthenticated
+            {
+                assert!(words.contains("RFC 8689"), "{words}");
+                assert_eq!(c.code(false), Some("5.7.30"));
+            }
+            // REQUIRETLS wins over the header.
+            let both = decide_with(true, true).for_host(&host("mx.dest.test", &dnssec, &tlsa));
+            assert_eq!(kind(&both), want_rt, "REQUIRETLS + TLS-Required: No, {row}");
+            // TLS-Required: No: the rules alone.
+            let d = decide_with(false, true);
+            let v = d.for_host(&host("mx.dest.test", &dnssec, &tlsa));
+            assert_eq!(kind(&v), want_no, "TLS-Required: No, {row}");
+            assert!(!d.requirement.mta_sts, "{row}");
+            assert!(d.mta_sts.is_none(), "{row}");
+            let want_level = if rule == "-" {
+                TlsLevel::May
+            } else {
+                level(rule)
+            };
+            assert_eq!(d.requirement.level, want_level, "{row}");
+            if sts != "-" {
+                assert!(
+                    d.why.to_string().contains("TLS-Required: No"),
+                    "{row}: {}",
+                    d.why
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn tls_required_no_is_read_from_the_header_section_only() {
+        assert!(says_tls_required_no(
+            b"Subject: x\r\nTLS-Required: No\r\n\r\nbody\r\n"
+        ));
+        assert!(says_tls_required_no(b"tls-required:   no  \r\n\r\n"));
+        assert!(says_tls_required_no(
+            b"Subject: x\r\nTLS-Required:\r\n No\r\n\r\n"
+        ));
+        assert!(!says_tls_required_no(b"TLS-Required: Yes\r\n\r\n"));
+        assert!(!says_tls_required_no(b"TLS-Required: Nope\r\n\r\n"));
+        assert!(!says_tls_required_no(b"X-TLS-Required: No\r\n\r\n"));
+        assert!(!says_tls_required_no(
+            b"Subject: x\r\n\r\nTLS-Required: No\r\n"
+        ));
+        assert!(!says_tls_required_no(b""));
     }
 }
 
@@ -1376,6 +1595,8 @@ mod rules_tests {
             default: TlsRequirement::level(TlsLevel::May),
             opportunistic_for_unmatched: split,
             dane_off: Vec::new(),
+            requiretls_rules_count: false,
+            honour_tls_required_no: true,
         }
     }
 

@@ -145,6 +145,8 @@ pub struct MessageInfo {
     pub age_secs: u64,
     pub size: usize,
     pub sender: String,
+    /// Sent with REQUIRETLS (RFC 8689).
+    pub requiretls: bool,
     pub recipients: Vec<RcptInfo>,
 }
 
@@ -154,6 +156,7 @@ fn info(m: &Spooled, st: &MessageState, now: u64) -> MessageInfo {
         age_secs: now.saturating_sub(m.arrived),
         size: m.message.len(),
         sender: m.envelope.sender.clone(),
+        requiretls: m.envelope.requiretls,
         recipients: m
             .envelope
             .recipients
@@ -216,6 +219,9 @@ fn describe(queue: &Queue, m: &Spooled, st: &MessageState, now: u64, detail: boo
         m.message.len(),
         m.envelope.sender
     );
+    if m.envelope.requiretls {
+        s.push_str("    REQUIRETLS: only to hosts authenticated by DANE or MTA-STS enforce that offer REQUIRETLS (RFC 8689)\n");
+    }
     for (rcpt, r) in m.envelope.recipients.iter().zip(&st.rcpts) {
         let next = if r.state == RcptState::Deferred {
             format!(
@@ -313,7 +319,8 @@ fn describe(queue: &Queue, m: &Spooled, st: &MessageState, now: u64, detail: boo
                 recipients: &m.envelope.recipients,
                 mta_sts: applied.as_ref(),
                 sts_roots: &sts_roots,
-                requiretls: false,
+                requiretls: m.envelope.requiretls,
+                tls_required_no: crate::policy::says_tls_required_no(&m.message),
                 // `queue show` makes no lookups, so it cannot say what DANE would find.
                 dane_unavailable: Some("not looked up by queue show".into()),
             });

@@ -381,7 +381,8 @@ impl Queue {
             sender: &msg.envelope.sender,
             recipients,
             original_message: &msg.message,
-            return_full: msg.envelope.ret_full == Some(true),
+            // RFC 8689 §5: a notice about a REQUIRETLS message carries its header only.
+            return_full: msg.envelope.ret_full == Some(true) && !msg.envelope.requiretls,
             kind,
         };
         let Some(body) = dsn::build_dsn(&input) else {
@@ -392,6 +393,8 @@ impl Queue {
             recipients: vec![msg.envelope.sender.clone()],
             smtputf8: !msg.envelope.sender.is_ascii(),
             eight_bit: !body.is_ascii(),
+            // RFC 8689 §5: and it travels under REQUIRETLS itself, never in clear.
+            requiretls: msg.envelope.requiretls,
             ..Envelope::default()
         };
         let id = crate::util::new_queue_id();
@@ -555,6 +558,7 @@ impl Queue {
             ret_full: msg.envelope.ret_full,
             envid: msg.envelope.envid.clone(),
             dsn: idx.iter().map(|&i| msg.envelope.dsn_of(i)).collect(),
+            requiretls: msg.envelope.requiretls,
         };
         let key = match &hop {
             NextHop::Relay { host, port, .. } => format!("{host}:{port}"),
@@ -578,6 +582,7 @@ impl Queue {
             domain,
             &hop,
             &msg.envelope,
+            crate::policy::says_tls_required_no(&msg.message),
         )
         .await;
         tracing::debug!(queue_id = %msg.id, domain, level = decision.requirement.level.as_str(),

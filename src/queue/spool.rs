@@ -1239,6 +1239,9 @@ fn encode_header(arrived: u64, env: &Envelope) -> Vec<u8> {
     if let Some(id) = &env.envid {
         h.push_str(&format!("envid {}\n", xtext_encode(id)));
     }
+    if env.requiretls {
+        h.push_str("requiretls 1\n");
+    }
     for (i, d) in env.dsn.iter().enumerate() {
         if *d != RcptDsn::default() {
             let orcpt = d
@@ -1272,6 +1275,7 @@ fn decode(id: &str, data: &[u8]) -> Option<Spooled> {
             "8bit" => env.eight_bit = v == "1",
             "ret" => env.ret_full = Some(v == "full"),
             "envid" => env.envid = xtext_decode(v),
+            "requiretls" => env.requiretls = v == "1",
             "dsn" => {
                 let mut f = v.split(' ');
                 let (Some(i), Some(notify), Some(orcpt)) = (f.next(), f.next(), f.next()) else {
@@ -1328,6 +1332,7 @@ mod tests {
                 },
                 RcptDsn::default(),
             ],
+            requiretls: true,
         }
     }
 

@@ -71,6 +71,8 @@ pub struct Capabilities {
     pub chunking: bool,
     /// DSN (RFC 3461): NOTIFY, ORCPT, RET and ENVID may be passed on.
     pub dsn: bool,
+    /// REQUIRETLS (RFC 8689): a message that demands it may be passed on.
+    pub requiretls: bool,
     pub auth_plain: bool,
     pub auth_login: bool,
     /// `SIZE n`; 0 or absent means no fixed limit.
@@ -95,6 +97,7 @@ impl Capabilities {
                 "SMTPUTF8" => c.smtputf8 = true,
                 "CHUNKING" => c.chunking = true,
                 "DSN" => c.dsn = true,
+                "REQUIRETLS" => c.requiretls = true,
                 "AUTH" => {
                     for m in words.by_ref() {
                         match m.to_ascii_uppercase().as_str() {
@@ -149,6 +152,8 @@ pub struct Outgoing {
     pub envid: Option<String>,
     /// Per recipient, parallel to `recipients` (missing entries: none given).
     pub dsn: Vec<crate::smtp::session::RcptDsn>,
+    /// Sent with `REQUIRETLS` (RFC 8689): only over TLS to a server that offers it.
+    pub requiretls: bool,
 }
 
 /// What happened to one recipient.
@@ -158,6 +163,9 @@ pub enum RcptOutcome {
     Delivered(Reply),
     /// The server refused (at MAIL, RCPT, DATA or after the data): 4xx or 5xx.
     Refused(Reply),
+    /// We did not send: the message demands REQUIRETLS and this session is not TLS or the
+    /// server does not offer it (RFC 8689); another host may.
+    NoRequireTls,
     /// We did not send: a capability the message needs is missing.
     NotSent {
         permanent: bool,
@@ -417,6 +425,9 @@ impl Client {
                 n
             ]))
         };
+        if msg.requiretls && !(self.tls && self.caps.requiretls) {
+            return Some(Event::Transaction(vec![RcptOutcome::NoRequireTls; n]));
+        }
         if msg.smtputf8 && !self.caps.smtputf8 {
             return refuse(
                 true,
@@ -444,6 +455,9 @@ impl Client {
         }
         if msg.smtputf8 {
             mail.push_str(" SMTPUTF8");
+        }
+        if msg.requiretls {
+            mail.push_str(" REQUIRETLS");
         }
         if self.caps.dsn {
             match msg.ret_full {

@@ -23,6 +23,7 @@ fn msg(rcpts: &[&str]) -> Outgoing {
         ret_full: None,
         envid: None,
         dsn: Vec::new(),
+        requiretls: false,
     }
 }
 

@@ -76,6 +76,8 @@ pub struct ListenerRules {
     /// AUTH can be offered (a users file exists).
     pub auth: bool,
     pub bare_newline: BareNewline,
+    /// REQUIRETLS (RFC 8689) is offered inside TLS.
+    pub requiretls: bool,
 }
 
 /// Facts about the peer known to the connection layer.
@@ -106,6 +108,8 @@ pub struct Envelope {
     pub envid: Option<String>,
     /// DSN parameters per recipient, parallel to `recipients` (may be shorter: defaults).
     pub dsn: Vec<RcptDsn>,
+    /// `MAIL FROM:<…> REQUIRETLS` (RFC 8689): every hop must be authenticated TLS.
+    pub requiretls: bool,
 }
 
 /// `NOTIFY` bits (RFC 3461 §4.1); 0 means not given.
@@ -240,6 +244,7 @@ struct Transaction {
     ret_full: Option<bool>,
     envid: Option<String>,
     dsn: Vec<RcptDsn>,
+    requiretls: bool,
     /// BDAT in progress: accumulated content and line-ending checks.
     bdat: Option<BdatContent>,
     /// Octets of BDAT content received so far (before any line-ending rewrite).
@@ -257,6 +262,7 @@ impl Transaction {
             ret_full: self.ret_full,
             envid: self.envid.clone(),
             dsn: self.dsn.clone(),
+            requiretls: self.requiretls,
         }
     }
 
@@ -269,6 +275,7 @@ impl Transaction {
             ret_full: self.ret_full,
             envid: self.envid,
             dsn: self.dsn,
+            requiretls: self.requiretls,
         }
     }
 }
@@ -688,6 +695,10 @@ impl Session {
         if self.listener.auth && self.peer.tls.is_some() && self.auth_user.is_none() {
             lines.push("AUTH PLAIN LOGIN".to_string());
         }
+        // RFC 8689: offered only where this hop itself is protected.
+        if self.listener.requiretls && self.peer.tls.is_some() {
+            lines.push("REQUIRETLS".to_string());
+        }
         let n = lines.len();
         for (i, l) in lines.iter().enumerate() {
             let sep = if i + 1 == n { ' ' } else { '-' };
@@ -837,10 +848,15 @@ impl Session {
         if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
             return self.error("555 5.5.4 BODY=BINARYMIME not supported");
         }
-        // REQUIRETLS (RFC 8689) is not offered yet: taking the parameter and then relaying
-        // the message without its guarantee would be a silent downgrade, so it is refused.
-        if from.flags & smtp_proto::MAIL_REQUIRETLS != 0 {
-            return self.error("555 5.5.4 REQUIRETLS not supported here");
+        // RFC 8689: REQUIRETLS is taken only over TLS (and offered only there).
+        let requiretls = from.flags & smtp_proto::MAIL_REQUIRETLS != 0;
+        if requiretls && self.peer.tls.is_none() {
+            return self.error(
+                "530 5.7.10 REQUIRETLS needs this session to be encrypted: issue STARTTLS first",
+            );
+        }
+        if requiretls && !self.listener.requiretls {
+            return self.error("555 5.5.4 REQUIRETLS is not offered by this listener");
         }
         if from.size.max(raw_size) > self.rules.max_message_size {
             return self.error("552 5.3.4 Message size exceeds fixed maximum message size");
@@ -882,6 +898,7 @@ impl Session {
             eight_bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
             ret_full,
             envid: from.env_id.filter(|e| !e.chars().any(char::is_control)),
+            requiretls,
             ..Transaction::default()
         });
         self.reply(&reply);

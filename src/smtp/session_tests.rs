@@ -88,6 +88,7 @@ fn mx() -> ListenerRules {
         require_auth: false,
         auth: true,
         bare_newline: BareNewline::Reject,
+        requiretls: true,
     }
 }
 
@@ -99,6 +100,7 @@ fn submission() -> ListenerRules {
         require_auth: true,
         auth: true,
         bare_newline: BareNewline::Reject,
+        requiretls: true,
     }
 }
 
@@ -396,7 +398,10 @@ fn ehlo_without_starttls_listener() {
 fn ehlo_inside_tls_offers_auth_not_starttls() {
     let mut h = H::mx();
     h.send("EHLO client.test\r\nSTARTTLS\r\n");
-    assert_eq!(h.ehlo(), format!("{EHLO_CAPS}250 AUTH PLAIN LOGIN\r\n"));
+    assert_eq!(
+        h.ehlo(),
+        format!("{EHLO_CAPS}250-AUTH PLAIN LOGIN\r\n250 REQUIRETLS\r\n")
+    );
 }
 
 #[test]
@@ -406,7 +411,7 @@ fn ehlo_inside_tls_without_auth_listener() {
         ..mx()
     });
     h.send("EHLO client.test\r\nSTARTTLS\r\n");
-    assert_eq!(h.ehlo(), EHLO_CAPS.replace("250-CHUNKING", "250 CHUNKING"));
+    assert_eq!(h.ehlo(), format!("{EHLO_CAPS}250 REQUIRETLS\r\n"));
 }
 
 #[test]
@@ -422,14 +427,17 @@ fn ehlo_on_implicit_tls_offers_auth() {
             ..peer()
         },
     );
-    assert_eq!(h.ehlo(), format!("{EHLO_CAPS}250 AUTH PLAIN LOGIN\r\n"));
+    assert_eq!(
+        h.ehlo(),
+        format!("{EHLO_CAPS}250-AUTH PLAIN LOGIN\r\n250 REQUIRETLS\r\n")
+    );
 }
 
 #[test]
 fn ehlo_after_auth_no_longer_offers_auth() {
     let mut h = H::mx();
     h.login();
-    assert_eq!(h.ehlo(), EHLO_CAPS.replace("250-CHUNKING", "250 CHUNKING"));
+    assert_eq!(h.ehlo(), format!("{EHLO_CAPS}250 REQUIRETLS\r\n"));
 }
 
 #[test]
@@ -585,6 +593,36 @@ fn starttls_waits_for_the_handshake() {
     h.s.tls_started(tls_info());
     assert_eq!(h.s.tls(), Some(&tls_info()));
     assert_eq!(h.send("NOOP\r\n"), OK);
+}
+
+#[test]
+fn requiretls_is_offered_and_taken_only_inside_tls() {
+    let mut h = H::mx();
+    assert!(!h.send("EHLO c.test\r\n").contains("REQUIRETLS"));
+    assert!(
+        h.send("MAIL FROM:<a@example.test> REQUIRETLS\r\n")
+            .starts_with("530 5.7.10 ")
+    );
+    h.tls();
+    let ehlo = h.send("EHLO c.test\r\n");
+    assert!(
+        ehlo.contains("250-REQUIRETLS\r\n") || ehlo.contains("250 REQUIRETLS\r\n"),
+        "{ehlo}"
+    );
+    assert_eq!(
+        h.send("MAIL FROM:<a@example.test> REQUIRETLS\r\n"),
+        sender_ok("a@example.test")
+    );
+    h.send("RCPT TO:<b@example.test>\r\n");
+    assert_eq!(h.send("DATA\r\n"), DATA_GO);
+    h.send("hi\r\n.\r\n");
+    // A message without the parameter on the same session is not flagged.
+    h.send("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
+    h.send("hi\r\n.\r\n");
+    let q = h.queued();
+    assert_eq!(q.len(), 2);
+    assert!(q[0].0.requiretls);
+    assert!(!q[1].0.requiretls);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1396,12 +1434,11 @@ fn unknown_and_unsupported_commands() {
         h.send("MAIL FROM:<a@example.test> BODY=BINARYMIME\r\n"),
         "555 5.5.4 BODY=BINARYMIME not supported\r\n"
     );
-    // Not advertised, so not taken: accepting it and relaying without the guarantee would be
-    // a downgrade (RFC 8689).
+    // Outside TLS REQUIRETLS is neither offered nor taken (RFC 8689): 5.7.10.
     assert!(!h.send("EHLO c.test\r\n").contains("REQUIRETLS"));
     assert_eq!(
         h.send("MAIL FROM:<a@example.test> REQUIRETLS\r\n"),
-        "555 5.5.4 REQUIRETLS not supported here\r\n"
+        "530 5.7.10 REQUIRETLS needs this session to be encrypted: issue STARTTLS first\r\n"
     );
     assert_eq!(
         h.send("MAIL FROM:<a@example.test> BODY=9BIT\r\n"),

@@ -619,6 +619,7 @@ mod tests {
             mta_sts: Some(a),
             sts_roots: &roots,
             requiretls: false,
+            tls_required_no: false,
             dane_unavailable: None,
         })
         .requirement

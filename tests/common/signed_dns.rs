@@ -18,7 +18,7 @@ use hickory_server::proto::dnssec::rdata::{DNSKEY, DNSSECRData, DS};
 use hickory_server::proto::dnssec::{Algorithm, DigestType, DnssecSigner, SigningKey};
 use hickory_server::proto::op::{Header, HeaderCounts, Metadata, ResponseCode};
 use hickory_server::proto::rr::rdata::tlsa::{CertUsage, Matching, Selector};
-use hickory_server::proto::rr::rdata::{A, CNAME, MX, NS, SOA, TLSA};
+use hickory_server::proto::rr::rdata::{A, CNAME, MX, NS, SOA, TLSA, TXT};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
@@ -34,6 +34,7 @@ pub enum Srr {
     /// TLSA usage, selector, matching type, data.
     Tlsa(String, u8, u8, u8, Vec<u8>),
     Cname(String, String),
+    Txt(String, String),
 }
 
 /// How a child zone is delegated from the anchor zone.
@@ -112,6 +113,7 @@ fn to_record(r: &Srr) -> Record {
             )),
         ),
         Srr::Cname(name, target) => rec(name, RData::CNAME(CNAME(n(target)))),
+        Srr::Txt(name, text) => rec(name, RData::TXT(TXT::new(vec![text.clone()]))),
     }
 }
 
