@@ -813,6 +813,33 @@ async fn resolve(
         return Some(vec![addr]);
     }
     let host = opts.host.as_str();
+    // With DANE, the address comes from the validating resolver whose answers are judged
+    // (`--nameserver`), not from the system's.
+    if let Some(v) = &opts.dane {
+        let ips = match tokio::time::timeout(clock.limit(), v.ips(host)).await {
+            Ok(ips) => ips,
+            Err(_) => {
+                r.fail(
+                    Kind::Timeout,
+                    format!("timed out resolving {host}: {}", clock.timed_out()),
+                );
+                return None;
+            }
+        };
+        if ips.is_empty() {
+            r.fail(
+                Kind::DnsFailure,
+                format!("{host} does not resolve through the DANE resolver (no addresses)"),
+            );
+            return None;
+        }
+        let addrs: Vec<SocketAddr> = ips
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, opts.port))
+            .collect();
+        r.addresses = addrs.iter().map(ToString::to_string).collect();
+        return Some(addrs);
+    }
     let found =
         tokio::time::timeout(clock.limit(), tokio::net::lookup_host((host, opts.port))).await;
     let addrs: Vec<SocketAddr> = match found {

@@ -421,6 +421,26 @@ fn dane_authenticates_defers_and_never_downgrades() {
         out.contains("FAIL  DANE:") && out.contains("4.7.323"),
         "{out}"
     );
+    // By name: the address comes from the DANE nameserver (the system resolver knows
+    // nothing of these zones).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args([
+            "probe",
+            "mx1.secure.dane.test:2525",
+            "--timeout",
+            "5",
+            "--dane",
+        ])
+        .arg("--nameserver")
+        .arg(dns.addr.to_string())
+        .arg("--trust-anchor")
+        .arg(&dns.anchor_file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("127.0.21.11:2525"), "{text}");
+    assert!(text.contains("verified: TLSA 3 1 1"), "{text}");
     let (code, out) = probe("mx.insecure.dane.test");
     assert_eq!(code, Some(1), "{out}");
     assert!(

@@ -758,6 +758,23 @@ impl Validator {
         self.addresses_expanded(host).await.0
     }
 
+    /// The addresses of `host` as this resolver answers them (A, then AAAA; empty when it
+    /// has none), so what is connected to is what was validated.
+    pub async fn ips(&self, host: &str) -> Vec<IpAddr> {
+        let (a, aaaa) = tokio::join!(
+            self.state(host, RecordType::A),
+            self.state(host, RecordType::AAAA)
+        );
+        a.1.iter()
+            .chain(aaaa.1.iter())
+            .filter_map(|r| match &r.data {
+                RData::A(ip) => Some(IpAddr::V4(ip.0)),
+                RData::AAAA(ip) => Some(IpAddr::V6(ip.0)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Like [`Validator::addresses`], with the name the address records are at when `host`
     /// is an alias (the end of its CNAME chain; `None` when there is no CNAME).
     pub async fn addresses_expanded(&self, host: &str) -> (Dnssec, Option<String>) {
