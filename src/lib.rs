@@ -8,6 +8,7 @@
 pub mod admin_api;
 pub mod config;
 pub mod dane;
+pub mod dkim;
 pub mod dns;
 pub mod domain;
 pub mod explain;

@@ -135,6 +135,9 @@ enum Command {
     /// TLS-RPT (RFC 8460): the reports other organisations send about our domains.
     #[command(subcommand)]
     Tlsrpt(TlsrptCommand),
+    /// DKIM (RFC 6376, RFC 8463): the key that signs the TLS-RPT reports Moat sends.
+    #[command(subcommand)]
+    Dkim(DkimCommand),
     /// Explain the outbound TLS decision for one recipient: run the real lookups (routes, MX,
     /// MTA-STS, DNSSEC, TLSA) and the real decision under the config, and print per MX host
     /// the requirement and every reason behind it, and what happens if the host refuses
@@ -174,6 +177,42 @@ enum TlsrptCommand {
         #[command(flatten)]
         source: Source,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum DkimCommand {
+    /// Make a DKIM signing key: write the private key (PKCS#8 PEM, mode 0600) to FILE, print
+    /// the TXT record to publish at `SELECTOR._domainkey.DOMAIN` (`s=tlsrpt`: the key signs
+    /// TLS reports only, RFC 8460 §3), and on standard error the `[tls_rpt]` settings that
+    /// use it. An existing FILE is kept unless --force.
+    #[command(
+        after_long_help = "Example:\n  moat dkim generate --domain example.com --selector tlsrpt1 --out /etc/moat/dkim.pem"
+    )]
+    Generate {
+        /// The signing domain (`d=`), usually the mail domain the reports come from.
+        #[arg(long)]
+        domain: String,
+        /// The selector (`s=`): a new one for each new key, so the old record can stay until
+        /// mail signed with the old key has been delivered.
+        #[arg(long)]
+        selector: String,
+        /// RSA (2048 bits) is verified everywhere; Ed25519 (RFC 8463) is small but not yet by
+        /// every receiver.
+        #[arg(long, value_enum, default_value_t = DkimKeyType::Rsa)]
+        key_type: DkimKeyType,
+        /// Where to write the private key.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DkimKeyType {
+    Rsa,
+    Ed25519,
 }
 
 #[derive(Debug, Subcommand)]
@@ -790,6 +829,13 @@ fn run(cli: Cli) -> Result<(), String> {
             source,
         }) if files.is_empty() => tlsrpt_received(&source, days, json),
         Command::Tlsrpt(TlsrptCommand::Show { files, json, .. }) => tlsrpt_show(&files, json),
+        Command::Dkim(DkimCommand::Generate {
+            domain,
+            selector,
+            key_type,
+            out,
+            force,
+        }) => dkim_generate(&domain, &selector, key_type, &out, force),
         Command::Dane(DaneCommand::Tlsa {
             source,
             port,
@@ -853,6 +899,59 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// `moat dkim generate`: the key to FILE (created 0600; replaced only with --force), the
+/// record on stdout, the config hint on stderr.
+fn dkim_generate(
+    domain: &str,
+    selector: &str,
+    key_type: DkimKeyType,
+    out: &std::path::Path,
+    force: bool,
+) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    moat::dkim::check_names(domain, selector)?;
+    let kind = match key_type {
+        DkimKeyType::Rsa => moat::dkim::KeyType::Rsa,
+        DkimKeyType::Ed25519 => moat::dkim::KeyType::Ed25519,
+    };
+    let (pem, p) = moat::dkim::generate(kind)?;
+    let fail = |e: std::io::Error| format!("{}: {e}", out.display());
+    if force {
+        // Removed first so that the new file is created 0600 whatever the old one's mode.
+        match std::fs::remove_file(out) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(e)),
+            _ => {}
+        }
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                format!(
+                    "{} exists and is kept (--force replaces it; then publish the new record too)",
+                    out.display()
+                )
+            } else {
+                fail(e)
+            }
+        })?;
+    f.write_all(pem.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(fail)?;
+    println!("{}", moat::dkim::dns_record(selector, domain, kind, &p));
+    let path = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
+    eprintln!(
+        "moat: key written; in the config: [tls_rpt] dkim_key = \"{}\", dkim_selector = \"{selector}\", dkim_domain = \"{}\"",
+        path.display(),
+        domain.trim_end_matches('.')
+    );
+    Ok(())
 }
 
 fn queue(cmd: QueueCommand) -> Result<(), String> {
