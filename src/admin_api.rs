@@ -56,6 +56,8 @@ pub struct AdminCtx {
     pub config: Config,
     /// Log lines about refused (unauthenticated) requests, at most a few a minute.
     pub refusals: http::gate::LogLimit,
+    /// The TLS-RPT report sender (`POST /api/tlsrpt/send`) and its recorded results.
+    pub reports: Arc<crate::tlsrpt::send::Sender>,
 }
 
 /// The token file's path for `config`.
@@ -182,6 +184,8 @@ async fn route(req: &Request, ctx: &AdminCtx) -> Response {
         }
         "/api/mta-sts" if get => Response::json(200, &mta_sts(ctx)),
         "/api/tlsrpt" if get => tlsrpt(req, ctx).await,
+        "/api/tlsrpt/results" if get => tlsrpt_results(req, ctx),
+        "/api/tlsrpt/send" if post => tlsrpt_send(req, ctx).await,
         "/api/reload" if post => reload(ctx),
         "/metrics" if get => Response::new(
             200,
@@ -206,7 +210,10 @@ async fn route(req: &Request, ctx: &AdminCtx) -> Response {
         | "/api/mta-sts" | "/api/tlsrpt" | "/metrics" | "/report" | "/" => {
             error(405, "method not allowed").with_header("Allow", "GET, HEAD")
         }
-        "/api/reload" => error(405, "method not allowed").with_header("Allow", "POST"),
+        "/api/reload" | "/api/tlsrpt/send" => {
+            error(405, "method not allowed").with_header("Allow", "POST")
+        }
+        "/api/tlsrpt/results" => error(405, "method not allowed").with_header("Allow", "GET"),
         _ => error(404, "not found"),
     }
 }
@@ -232,6 +239,53 @@ async fn tlsrpt(req: &Request, ctx: &AdminCtx) -> Response {
             "summary": crate::tlsrpt::store::summarize(&stored),
             "mails": stored,
         }),
+    )
+}
+
+/// The `day` parameter (`YYYY-MM-DD`, default today, UTC).
+fn day_param(req: &Request) -> Result<u64, Response> {
+    match req.param("day") {
+        None | Some("today") => Ok(crate::tlsrpt::results::day_of(unix_now())),
+        Some("yesterday") => Ok(crate::tlsrpt::results::day_of(unix_now()).saturating_sub(1)),
+        Some(d) => crate::tlsrpt::results::parse_day(d)
+            .ok_or_else(|| error(400, "day must be YYYY-MM-DD, today or yesterday")),
+    }
+}
+
+/// `GET /api/tlsrpt/results?day=YYYY-MM-DD`: the results of our own sessions recorded for
+/// the reports we send, per policy domain, and which were reported.
+fn tlsrpt_results(req: &Request, ctx: &AdminCtx) -> Response {
+    let day = match day_param(req) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let d = ctx.reports.results().day(day).unwrap_or_default();
+    Response::json(
+        200,
+        &json!({
+            "day": crate::util::utc_day(day * 86_400),
+            "send_reports": ctx.config.tls_rpt.send_reports,
+            "policies": d.policies.values().collect::<Vec<_>>(),
+            "reported": d.sent,
+            "dropped": d.dropped,
+        }),
+    )
+}
+
+/// `POST /api/tlsrpt/send?day=YYYY-MM-DD` (default yesterday): makes that day's reports now,
+/// for the domains not yet reported, whatever the hour and `send_reports`.
+async fn tlsrpt_send(req: &Request, ctx: &AdminCtx) -> Response {
+    let day = match req.param("day") {
+        None => crate::tlsrpt::results::day_of(unix_now()).saturating_sub(1),
+        Some(_) => match day_param(req) {
+            Ok(d) => d,
+            Err(r) => return r,
+        },
+    };
+    let outcomes = ctx.reports.send_day(day).await;
+    Response::json(
+        200,
+        &json!({ "day": crate::util::utc_day(day * 86_400), "reports": outcomes }),
     )
 }
 
@@ -606,13 +660,29 @@ fn percent_encode(s: &str) -> String {
 
 /// A GET to the admin API (for `moat status`): the status and the body.
 pub async fn get(addr: SocketAddr, path: &str, token: &str) -> Result<(u16, String), String> {
+    request(addr, "GET", path, token, Duration::from_secs(10)).await
+}
+
+/// One request with an empty body (`GET`, or `POST` for an action) and the answer.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    limit: Duration,
+) -> Result<(u16, String), String> {
     use tokio::io::AsyncWriteExt;
     let work = async {
         let mut s = TcpStream::connect(addr).await.map_err(|e| {
             format!("cannot reach the admin API at {addr}: {e} (is moat serve running?)")
         })?;
+        let body = if method == "GET" {
+            ""
+        } else {
+            "Content-Length: 0\r\n"
+        };
         let req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n{body}Connection: close\r\n\r\n"
         );
         s.write_all(req.as_bytes())
             .await
@@ -622,9 +692,12 @@ pub async fn get(addr: SocketAddr, path: &str, token: &str) -> Result<(u16, Stri
             .map_err(|e| e.to_string())?;
         Ok((r.status, String::from_utf8_lossy(&r.body).into_owned()))
     };
-    tokio::time::timeout(Duration::from_secs(10), work)
-        .await
-        .map_err(|_| format!("the admin API at {addr} did not answer in 10 s"))?
+    tokio::time::timeout(limit, work).await.map_err(|_| {
+        format!(
+            "the admin API at {addr} did not answer in {} s",
+            limit.as_secs()
+        )
+    })?
 }
 
 /// `moat status`: the health answer in a few lines.

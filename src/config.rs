@@ -144,6 +144,11 @@ impl Default for DaneConfig {
 /// domains' `_smtp._tls` records) is read as aggregate reports and kept under
 /// `<data_dir>/tlsrpt/received` for `keep_days`; it is accepted whatever the domain's other
 /// rules and not delivered further.
+///
+/// Sending: the results of our own MX sessions are always counted (per UTC day and policy,
+/// under `<data_dir>/tlsrpt/results`); with `send_reports` the previous day's are reported
+/// after midnight UTC to each policy domain that publishes `_smtp._tls` (RFC 8460 §3), by
+/// DKIM-signed mail (`dkim_key`) or HTTPS POST.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsRptConfig {
@@ -152,6 +157,28 @@ pub struct TlsRptConfig {
     /// Take reports POSTed to `https://mta-sts.<domain>/tlsrpt` on the policy host's
     /// listeners (`[mta_sts] listen`).
     pub https_endpoint: bool,
+    /// Send aggregate reports about our outbound sessions.
+    pub send_reports: bool,
+    /// Also report days without a failed session (by default only days with one).
+    pub send_always: bool,
+    /// `organization-name` and `TLS-Report-Submitter` (default: the hostname).
+    pub submitter: Option<String>,
+    /// `contact-info` (default: `mailto:postmaster@<hostname>`).
+    pub contact: Option<String>,
+    /// The From and envelope sender of report mails (default: `noreply-tlsrpt@<hostname>`).
+    pub from: Option<String>,
+    /// PKCS#8 PEM key (RSA or Ed25519) that signs report mails (`moat dkim generate`);
+    /// without it no report goes by mail (RFC 8460 §5.3 requires DKIM).
+    pub dkim_key: Option<PathBuf>,
+    pub dkim_selector: String,
+    /// `d=` of the signature (default: the domain of `from`).
+    pub dkim_domain: Option<String>,
+    /// Reports sent per hour at most, over all domains; the rest wait.
+    pub max_reports_per_hour: u32,
+    /// Reports are spread over this many seconds after midnight UTC (plus ten minutes).
+    pub spread_secs: u64,
+    /// Days of recorded results kept.
+    pub results_keep_days: u64,
 }
 
 impl Default for TlsRptConfig {
@@ -160,6 +187,17 @@ impl Default for TlsRptConfig {
             report_addresses: Vec::new(),
             keep_days: 90,
             https_endpoint: false,
+            send_reports: false,
+            send_always: false,
+            submitter: None,
+            contact: None,
+            from: None,
+            dkim_key: None,
+            dkim_selector: "moat".into(),
+            dkim_domain: None,
+            max_reports_per_hour: 1000,
+            spread_secs: 4 * 3600,
+            results_keep_days: 8,
         }
     }
 }
@@ -776,6 +814,24 @@ impl Config {
                 "https_endpoint",
                 "reports are taken on the MTA-STS policy host: set [mta_sts] listen too".into(),
             ));
+        }
+        if let Some(a) = &self.tls_rpt.from
+            && crate::smtp::address::Address::parse(a, true).is_none_or(|p| p.is_literal())
+        {
+            return Err(err(
+                "tls_rpt",
+                0,
+                "from",
+                format!("{a:?} is not a mail address (local@domain)"),
+            ));
+        }
+        if self.tls_rpt.send_reports
+            && let Some(k) = &self.tls_rpt.dkim_key
+        {
+            let path = self.data_path(k);
+            if let Err(e) = crate::dkim::Signer::from_pem_file(&path, "check.invalid", "check") {
+                return Err(err("tls_rpt", 0, "dkim_key", e));
+            }
         }
         for a in &self.tls_rpt.report_addresses {
             if crate::smtp::address::Address::parse(a, true).is_none_or(|p| p.is_literal()) {

@@ -159,6 +159,33 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum TlsrptCommand {
+    /// Print what the running server has recorded of its own outbound TLS sessions for one
+    /// UTC day, per policy (sts, tlsa, no-policy-found) and policy domain: successful and
+    /// failed sessions and the failure details, i.e. what the reports it sends will say.
+    Results {
+        /// `YYYY-MM-DD`, `today` or `yesterday` (UTC).
+        #[arg(long, default_value = "today")]
+        day: String,
+        /// Print the API's JSON answer.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        source: Source,
+    },
+    /// Make the reports for one UTC day now (default yesterday), for the policy domains not
+    /// yet reported for it, whatever the hour: each domain's `_smtp._tls` record is looked
+    /// up and the report mailed (DKIM-signed, through the queue) or POSTed. Prints what
+    /// became of each. Works whether or not `[tls_rpt] send_reports` is on.
+    Send {
+        /// `YYYY-MM-DD`, `today` or `yesterday` (UTC).
+        #[arg(long, default_value = "yesterday")]
+        day: String,
+        /// Print the API's JSON answer.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        source: Source,
+    },
     /// Print TLS-RPT aggregate reports: from files (a whole report mail as saved from a
     /// mailbox: multipart/report, gzip or JSON parts, base64 or not; a `.json.gz` attachment;
     /// plain JSON), or with --days the ones received at `[tls_rpt] report_addresses` in the
@@ -783,6 +810,41 @@ fn status(source: &Source, json: bool) -> Result<(), String> {
     }
 }
 
+/// `moat tlsrpt results|send`: one admin API call, its answer as text or JSON.
+fn tlsrpt_admin(source: &Source, method: &str, path: &str, json: bool) -> Result<(), String> {
+    let config = source.load()?;
+    let addr = config
+        .admin
+        .listen
+        .ok_or("no admin API in this config: set [admin] listen (e.g. \"127.0.0.1:2580\")")?;
+    let token_file = moat::admin_api::token_path(&config);
+    let token = std::fs::read_to_string(&token_file).map_err(|e| {
+        format!(
+            "{}: {e} (has moat serve run with this data dir?)",
+            token_file.display()
+        )
+    })?;
+    let runtime = client_runtime()?;
+    let (code, body) = runtime.block_on(moat::admin_api::request(
+        addr,
+        method,
+        path,
+        token.trim(),
+        std::time::Duration::from_secs(60),
+    ))?;
+    if code != 200 {
+        return Err(format!("the admin API answered {code}: {}", body.trim()));
+    }
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| format!("bad answer from the admin API: {e}"))?;
+    print!("{}", moat::tlsrpt::render_admin(&v));
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve(source) => {
@@ -836,6 +898,18 @@ fn run(cli: Cli) -> Result<(), String> {
             out,
             force,
         }) => dkim_generate(&domain, &selector, key_type, &out, force),
+        Command::Tlsrpt(TlsrptCommand::Results { day, json, source }) => tlsrpt_admin(
+            &source,
+            "GET",
+            &format!("/api/tlsrpt/results?day={day}"),
+            json,
+        ),
+        Command::Tlsrpt(TlsrptCommand::Send { day, json, source }) => tlsrpt_admin(
+            &source,
+            "POST",
+            &format!("/api/tlsrpt/send?day={day}"),
+            json,
+        ),
         Command::Dane(DaneCommand::Tlsa {
             source,
             port,

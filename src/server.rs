@@ -180,6 +180,7 @@ fn outbound_from(config: &Config) -> Result<Outbound, String> {
         pool: Default::default(),
         our_addrs: config.listeners.iter().map(|l| l.address).collect(),
         dane: dane_from(config)?,
+        tlsrpt: None,
     })
 }
 
@@ -250,6 +251,61 @@ fn sts_with_cache(
     };
     let sts = crate::sts::Sts::new(fetcher, cache)?;
     Ok(Some(Arc::new(sts)))
+}
+
+/// The TLS-RPT report sender: its DKIM key and the HTTPS client of the MTA-STS fetch (same
+/// trust: system roots plus `[mta_sts] ca_file`).
+fn report_sender(
+    config: &Config,
+    queue: &Arc<Queue>,
+    requeue: &tokio::sync::mpsc::UnboundedSender<String>,
+    results: &Arc<crate::tlsrpt::results::Results>,
+) -> Result<crate::tlsrpt::send::Sender, String> {
+    let t = &config.tls_rpt;
+    let from = t
+        .from
+        .clone()
+        .unwrap_or_else(|| format!("noreply-tlsrpt@{}", config.hostname));
+    let signer = match (&t.dkim_key, t.send_reports) {
+        (Some(k), true) => {
+            let domain = t
+                .dkim_domain
+                .clone()
+                .unwrap_or_else(|| crate::policy::domain_of(&from));
+            Some(crate::dkim::Signer::from_pem_file(
+                &config.data_path(k),
+                &domain,
+                &t.dkim_selector,
+            )?)
+        }
+        (None, true) => {
+            tracing::warn!(
+                "[tls_rpt] send_reports without dkim_key: reports go only to https: rua, not by mail (RFC 8460 §5.3 requires DKIM)"
+            );
+            None
+        }
+        _ => None,
+    };
+    let extra_roots = match &config.mta_sts.ca_file {
+        Some(f) => Some(Arc::new(crate::tls::load_roots(&config.data_path(f))?)),
+        None => None,
+    };
+    let fetcher = crate::sts::fetch::Fetcher {
+        resolver: queue.outbound.resolver.clone(),
+        connector: queue.outbound.connector.clone(),
+        extra_roots,
+        port: config.mta_sts.fetch_port,
+        timeout: Duration::from_secs(config.mta_sts.fetch_timeout_secs),
+    };
+    Ok(crate::tlsrpt::send::Sender::new(
+        queue.clone(),
+        requeue.clone(),
+        results.clone(),
+        t.clone(),
+        config.hostname.clone(),
+        signer,
+        fetcher,
+    ))
 }
 
 /// Starts the MTA-STS policy host on each `[mta_sts] listen` address; returns its certificate
@@ -367,7 +423,13 @@ pub async fn serve(config: Config) -> Result<(), String> {
         tracing::info!(messages = existing.len(), "recovered queued messages");
     }
     let routes = routes_from(&config)?;
-    let outbound = outbound_from(&config)?;
+    let mut outbound = outbound_from(&config)?;
+    let results = Arc::new(crate::tlsrpt::results::Results::open(
+        &config.data_dir,
+        config.tls_rpt.results_keep_days,
+        crate::util::unix_now(),
+    ));
+    outbound.tlsrpt = Some(results.clone());
     if let Some(d) = &outbound.dane {
         // Before the queue starts: no delivery is decided before DANE's state is known.
         d.check().await;
@@ -400,6 +462,8 @@ pub async fn serve(config: Config) -> Result<(), String> {
         }),
     }
     .spawn(existing);
+    let reports = Arc::new(report_sender(&config, &queue, &deliver, &results)?);
+    tokio::spawn(reports.clone().run());
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let l = &config.limits;
@@ -574,6 +638,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
             started: std::time::Instant::now(),
             config: config.clone(),
             refusals: crate::http::gate::LogLimit::new(5, Duration::from_secs(60)),
+            reports: reports.clone(),
         });
         tokio::spawn(crate::admin_api::serve(socket, ctx));
     }
@@ -624,6 +689,9 @@ pub async fn serve(config: Config) -> Result<(), String> {
     }
     // Deliveries since the last second: their dead marks on disk, so none comes back.
     shared.spool.flush();
+    if let Err(e) = results.flush(crate::util::unix_now()) {
+        tracing::warn!(error = %e, "TLS-RPT results could not be written at shutdown");
+    }
     tracing::info!(sessions_left = counter.total(), "stopped");
     Ok(())
 }

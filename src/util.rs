@@ -56,6 +56,12 @@ pub fn utc_day(unix: u64) -> String {
     format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day())
 }
 
+/// `HH:MM:SS` in UTC.
+pub fn utc_seconds(unix: u64) -> String {
+    let t = utc(unix);
+    format!("{:02}:{:02}:{:02}", t.hour(), t.minute(), t.second())
+}
+
 /// `YYYY-MM-DD HH:MM` in UTC.
 pub fn utc_minutes(unix: u64) -> String {
     let t = utc(unix);

@@ -60,6 +60,115 @@ pub struct Outbound {
     pub our_addrs: Vec<SocketAddr>,
     /// DANE (validating resolver and its self-check); `None` when disabled.
     pub dane: Option<Arc<crate::dane::Dane>>,
+    /// Where the results of MX sessions are counted for the TLS-RPT reports we send.
+    pub tlsrpt: Option<Arc<crate::tlsrpt::results::Results>>,
+}
+
+/// Counts the TLS sessions of one delivery for TLS-RPT (RFC 8460 §4.4): under which policy
+/// each host was tried and how it went.
+struct Recorder<'a> {
+    results: &'a crate::tlsrpt::results::Results,
+    domain: &'a str,
+    sts: Option<&'a crate::sts::Applied>,
+}
+
+impl Recorder<'_> {
+    fn policy(&self, req: Option<&TlsRequirement>, host: &str) -> crate::tlsrpt::results::PolicyId {
+        use crate::tlsrpt::results::PolicyId;
+        if let Some(d) = req.and_then(|r| r.dane.as_ref()) {
+            return PolicyId {
+                kind: "tlsa",
+                domain: if d.base.is_empty() {
+                    host.to_string()
+                } else {
+                    d.base.clone()
+                },
+                strings: d.records.iter().map(ToString::to_string).collect(),
+                mx_hosts: Vec::new(),
+            };
+        }
+        match self.sts {
+            Some(p) => PolicyId {
+                kind: "sts",
+                domain: self.domain.to_string(),
+                strings: p
+                    .entry
+                    .policy
+                    .to_text()
+                    .lines()
+                    .map(|l| l.trim_end().to_string())
+                    .filter(|l| !l.is_empty())
+                    .collect(),
+                mx_hosts: p
+                    .entry
+                    .policy
+                    .mx
+                    .iter()
+                    .map(|m| m.as_str().to_string())
+                    .collect(),
+            },
+            None => PolicyId {
+                kind: "no-policy-found",
+                domain: self.domain.to_string(),
+                strings: Vec::new(),
+                mx_hosts: Vec::new(),
+            },
+        }
+    }
+
+    /// A host not tried, for a cause of its own: DNSSEC or TLSA trouble counts as a failed
+    /// session under its `tlsa` policy, an MX host outside an `enforce` policy as one under
+    /// `sts` (under testing it is tried, and counted, like any other).
+    fn skipped(&self, host: &str, cause: Cause) {
+        let req = match cause {
+            Cause::StsMxMismatch
+                if self
+                    .sts
+                    .is_some_and(|p| p.mode() == crate::sts::policy::Mode::Enforce) =>
+            {
+                None
+            }
+            Cause::DaneDnssec | Cause::DaneNoMatch | Cause::DaneStartTls => Some(TlsRequirement {
+                dane: Some(Arc::new(crate::policy::DaneTrust {
+                    records: Vec::new(),
+                    names: Vec::new(),
+                    base: host.to_string(),
+                })),
+                ..TlsRequirement::default()
+            }),
+            _ => return,
+        };
+        self.session(req.as_ref(), host, None, Err(cause));
+    }
+
+    /// One session with `host` at `ip`: `Ok` it had TLS as required, `Err` the cause.
+    /// Causes that are not about TLS (a refused connection) are no TLS session and not counted.
+    fn session(
+        &self,
+        req: Option<&TlsRequirement>,
+        host: &str,
+        ip: Option<IpAddr>,
+        outcome: Result<(), Cause>,
+    ) {
+        let policy = self.policy(req, host);
+        let failure = match outcome {
+            Ok(()) => None,
+            Err(cause) => {
+                let Some(result_type) = cause.tlsrpt_result() else {
+                    return;
+                };
+                Some(crate::tlsrpt::results::Failed {
+                    result_type,
+                    receiving_mx_hostname: host.to_string(),
+                    receiving_ip: ip.map(|i| i.to_string()).unwrap_or_default(),
+                    reason_code: cause.label(),
+                    ..Default::default()
+                })
+            }
+        };
+        self.results
+            .record(crate::util::unix_now(), &policy, failure.as_ref());
+    }
 }
 
 /// How long an idle outbound session is kept for reuse.
@@ -400,6 +509,16 @@ pub async fn deliver(
         NextHop::Mx => out.port,
     };
     let dane = dane_facts(out, decision, domain, dane_port, &hosts).await;
+    let recorder = match (&out.tlsrpt, hop) {
+        (Some(results), NextHop::Mx) if !crate::policy::is_tlsrpt_report(&msg.message) => {
+            Some(Recorder {
+                results,
+                domain,
+                sts,
+            })
+        }
+        _ => None,
+    };
     for (h, d) in hosts.into_iter().zip(dane) {
         let facts = HostFacts {
             host: &h.host,
@@ -421,6 +540,9 @@ pub async fn deliver(
                 kept.push(h);
             }
             HostVerdict::Skip(cause, words) => {
+                if let Some(r) = &recorder {
+                    r.skipped(&h.host, cause);
+                }
                 if cause == Cause::StsMxMismatch {
                     unmatched.push(h.host.clone());
                 } else {
@@ -539,7 +661,30 @@ pub async fn deliver(
             let mut handshake_failed = None;
             if let HostResult::RetryPlain(f) = &result {
                 handshake_failed = Some(f.reason.clone());
+                if let Some(r) = &recorder {
+                    r.session(Some(req), &h.host, Some(*ip), Err(f.cause));
+                }
                 result = attempt(out, &who, req, msg.clone(), true).await;
+            }
+            if let Some(r) = &recorder
+                && req.level != crate::policy::TlsLevel::None
+            {
+                match &result {
+                    HostResult::Done(_, _, _, Some(_)) => {
+                        r.session(Some(req), &h.host, Some(*ip), Ok(()))
+                    }
+                    // Plaintext after a failed handshake: that session was counted above.
+                    HostResult::Done(_, _, _, None) if handshake_failed.is_none() => {
+                        r.session(
+                            Some(req),
+                            &h.host,
+                            Some(*ip),
+                            Err(Cause::StartTlsNotOffered),
+                        );
+                    }
+                    HostResult::Failed(f) => r.session(Some(req), &h.host, Some(*ip), Err(f.cause)),
+                    _ => {}
+                }
             }
             match result {
                 HostResult::Done(outcomes, mut tls, dsn, seen) => {

@@ -474,6 +474,22 @@ pub fn dane_applies(mx: &Dnssec, addresses: &Dnssec) -> bool {
 /// that MTA-STS and DANE failures not stop delivery). Field name and value are
 /// case-insensitive; folded values and surrounding blanks are allowed.
 pub fn says_tls_required_no(message: &[u8]) -> bool {
+    header_fields(message).iter().any(|(name, value)| {
+        name.eq_ignore_ascii_case(b"TLS-Required") && value.eq_ignore_ascii_case(b"No")
+    })
+}
+
+/// Whether the message is a TLS-RPT report (RFC 8460 §5.3: it has a `TLS-Report-Domain`
+/// field). Deliveries of reports are not themselves recorded for reports (no report about
+/// a report).
+pub fn is_tlsrpt_report(message: &[u8]) -> bool {
+    header_fields(message)
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case(b"TLS-Report-Domain"))
+}
+
+/// The header section's fields as (name, unfolded value), both trimmed.
+fn header_fields(message: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
     let end = message
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -488,15 +504,16 @@ pub fn says_tls_required_no(message: &[u8]) -> bool {
             (None, _) => break,
         }
     }
-    fields.iter().any(|f| {
-        let Some(colon) = f.iter().position(|&b| b == b':') else {
-            return false;
-        };
-        f[..colon]
-            .trim_ascii()
-            .eq_ignore_ascii_case(b"TLS-Required")
-            && f[colon + 1..].trim_ascii().eq_ignore_ascii_case(b"No")
-    })
+    fields
+        .iter()
+        .filter_map(|f| {
+            let colon = f.iter().position(|&b| b == b':')?;
+            Some((
+                f[..colon].trim_ascii().to_vec(),
+                f[colon + 1..].trim_ascii().to_vec(),
+            ))
+        })
+        .collect()
 }
 
 /// The decision (pure; see the module documentation for the precedence).

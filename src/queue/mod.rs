@@ -587,6 +587,30 @@ impl Queue {
         .await;
         tracing::debug!(queue_id = %msg.id, domain, level = decision.requirement.level.as_str(),
             why = %decision.why, "TLS requirement");
+        // A domain whose MTA-STS policy could not be had (RFC 8460 §4.3.2): one failed
+        // session of its `sts` policy per delivery; the sessions themselves go under
+        // `no-policy-found`, which is what they were.
+        if let (Some(results), Some(sts), NextHop::Mx, None) =
+            (&self.outbound.tlsrpt, &self.sts, &hop, &decision.mta_sts)
+            && let Some((kind, why)) = sts.policy_failure(domain)
+            && !crate::policy::is_tlsrpt_report(&msg.message)
+        {
+            tracing::debug!(queue_id = %msg.id, domain, result = kind, %why, "TLS-RPT: MTA-STS policy failure counted");
+            results.record(
+                unix_now(),
+                &crate::tlsrpt::results::PolicyId {
+                    kind: "sts",
+                    domain: domain.to_string(),
+                    strings: Vec::new(),
+                    mx_hosts: Vec::new(),
+                },
+                Some(&crate::tlsrpt::results::Failed {
+                    result_type: kind,
+                    reason_code: why.chars().take(200).collect(),
+                    ..Default::default()
+                }),
+            );
+        }
         deliver::deliver(&self.outbound, &msg.id, domain, &hop, &decision, out).await
     }
 }

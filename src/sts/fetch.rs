@@ -202,6 +202,113 @@ impl Fetcher {
 }
 
 impl Fetcher {
+    /// POSTs `body` to the `https:` URL `url` (a TLS-RPT report, RFC 8460 §5.4) under the
+    /// trust rules of the policy fetch (verified chain and name, no redirects followed, one
+    /// deadline) and returns the status. A URL without a port uses [`Fetcher::port`].
+    pub async fn post(
+        &self,
+        url: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> Result<u16, FetchError> {
+        let rest = url
+            .get(..8)
+            .filter(|s| s.eq_ignore_ascii_case("https://"))
+            .map(|_| &url[8..])
+            .ok_or_else(|| FetchError::Http(format!("{url}: not an https: URL")))?;
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) if rest[i..].starts_with('/') => (&rest[..i], &rest[i..]),
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let path = if path.starts_with('?') {
+            format!("/{path}")
+        } else {
+            path.to_string()
+        };
+        if authority.contains('@') || authority.is_empty() || path.contains(['\r', '\n', ' ']) {
+            return Err(FetchError::Http(format!("{url}: unusable URL")));
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.contains(']') || h.ends_with(']') => match p.parse::<u16>() {
+                Ok(p) => (h, p),
+                Err(_) => return Err(FetchError::Http(format!("{url}: bad port"))),
+            },
+            _ => (authority, self.port),
+        };
+        let host = host.to_ascii_lowercase();
+        let start = Instant::now();
+        let work = async {
+            let addrs = self
+                .resolver
+                .addresses(&host)
+                .await
+                .map_err(FetchError::Dns)?;
+            let mut last = None;
+            let per_address = (self.timeout / 3).max(Duration::from_secs(1));
+            for ip in addrs {
+                let addr = SocketAddr::new(ip, port);
+                let tcp = match tokio::time::timeout(per_address, TcpStream::connect(addr)).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        last = Some(FetchError::Connect {
+                            host: format!("{host} [{addr}]"),
+                            detail: e.to_string(),
+                        });
+                        continue;
+                    }
+                    Err(_) => {
+                        last = Some(FetchError::Connect {
+                            host: format!("{host} [{addr}]"),
+                            detail: format!("timed out after {}s", per_address.as_secs()),
+                        });
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let req = TlsRequirement {
+                    level: TlsLevel::Verify,
+                    extra_roots: self.extra_roots.clone(),
+                    ..TlsRequirement::default()
+                };
+                let mut tls = match self.connector.handshake(tcp, &host, &req).await {
+                    Ok((t, _)) => t,
+                    Err(failure) => {
+                        last = Some(FetchError::Tls {
+                            host: host.clone(),
+                            failure,
+                        });
+                        continue;
+                    }
+                };
+                let head = format!(
+                    "POST {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: Moat/{}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    env!("CARGO_PKG_VERSION"),
+                    body.len()
+                );
+                tls.write_all(head.as_bytes())
+                    .await
+                    .map_err(|e| FetchError::Http(format!("sending the request: {e}")))?;
+                tls.write_all(body)
+                    .await
+                    .map_err(|e| FetchError::Http(format!("sending the body: {e}")))?;
+                tls.flush()
+                    .await
+                    .map_err(|e| FetchError::Http(format!("sending the body: {e}")))?;
+                let response = read_response(&mut tls, 64 * 1024).await?;
+                return Ok(response.status);
+            }
+            Err(last.unwrap_or_else(|| FetchError::Connect {
+                host: host.clone(),
+                detail: "no address".into(),
+            }))
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(FetchError::Timeout(start.elapsed())),
+        }
+    }
+
     /// TLS, request and response on one connection.
     async fn exchange(
         &self,

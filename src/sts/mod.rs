@@ -138,6 +138,10 @@ const TXT_FAILURE_MEMORY: u64 = 60;
 /// Bound for the failure memo and the in-flight map.
 const MAX_TRACKED: usize = 10_000;
 
+/// A remembered lookup or fetch failure: the TXT id it was for (empty: the TXT lookup),
+/// until when it is remembered, why, and its TLS-RPT result type (empty: none).
+type Failure = (String, u64, String, &'static str);
+
 /// Policy discovery and cache for the sending side.
 #[derive(Debug)]
 pub struct Sts {
@@ -147,7 +151,7 @@ pub struct Sts {
     dir: Option<PathBuf>,
     cache: std::sync::Mutex<HashMap<String, Arc<Entry>>>,
     /// Recent failures by domain: `(TXT id or "" for the TXT lookup, until, why)`.
-    failures: std::sync::Mutex<HashMap<String, (String, u64, String)>>,
+    failures: std::sync::Mutex<HashMap<String, Failure>>,
     /// One fetch at a time per domain.
     inflight: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Rule trust anchors merged with `extra_roots`, by the rule store's address (rule stores
@@ -268,20 +272,43 @@ impl Sts {
     fn failed_recently(&self, domain: &str, id: &str, now: u64) -> Option<String> {
         lock(&self.failures)
             .get(domain)
-            .filter(|(i, until, _)| i == id && *until > now)
-            .map(|(_, _, why)| why.clone())
+            .filter(|(i, until, _, _)| i == id && *until > now)
+            .map(|(_, _, why, _)| why.clone())
     }
 
-    fn remember_failure(&self, domain: &str, id: &str, for_secs: u64, why: String) {
+    /// When `domain` publishes an MTA-STS TXT record but its policy could not be had
+    /// recently: the TLS-RPT result type (`sts-policy-fetch-error`, `sts-policy-invalid`,
+    /// `sts-webpki-invalid`, RFC 8460 §4.3.2) and why.
+    pub fn policy_failure(&self, domain: &str) -> Option<(&'static str, String)> {
+        let domain = canonical(domain)?;
+        lock(&self.failures)
+            .get(&domain)
+            .filter(|(id, until, _, kind)| {
+                !id.is_empty() && !kind.is_empty() && *until > unix_now()
+            })
+            .map(|(_, _, why, kind)| (*kind, why.clone()))
+    }
+
+    fn remember_failure(
+        &self,
+        domain: &str,
+        id: &str,
+        for_secs: u64,
+        why: String,
+        kind: &'static str,
+    ) {
         let now = unix_now();
         let mut f = lock(&self.failures);
         if f.len() >= MAX_TRACKED {
-            f.retain(|_, (_, until, _)| *until > now);
+            f.retain(|_, (_, until, _, _)| *until > now);
             if f.len() >= MAX_TRACKED {
                 f.clear();
             }
         }
-        f.insert(domain.to_string(), (id.to_string(), now + for_secs, why));
+        f.insert(
+            domain.to_string(),
+            (id.to_string(), now + for_secs, why, kind),
+        );
     }
 
     /// The policy in force for `domain`, if any; `mode: none` counts as none.
@@ -332,7 +359,7 @@ impl Sts {
             Err(e) => {
                 tracing::debug!(domain, error = %e, "MTA-STS TXT lookup failed");
                 if e.is_temporary() && cached.is_none() {
-                    self.remember_failure(&domain, "", TXT_FAILURE_MEMORY, e.to_string());
+                    self.remember_failure(&domain, "", TXT_FAILURE_MEMORY, e.to_string(), "");
                 }
                 return use_cached(cached, format!("cached; TXT lookup failed: {e}"));
             }
@@ -397,7 +424,18 @@ impl Sts {
                         self.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(domain, error = %e, cached = cached.is_some(),
                             "MTA-STS policy fetch failed");
-                        self.remember_failure(&domain, &record.id, FAILURE_MEMORY, e.to_string());
+                        let kind = match &e {
+                            StsError::Policy(_) => "sts-policy-invalid",
+                            StsError::Fetch(f) if f.certificate().is_some() => "sts-webpki-invalid",
+                            StsError::Fetch(_) => "sts-policy-fetch-error",
+                        };
+                        self.remember_failure(
+                            &domain,
+                            &record.id,
+                            FAILURE_MEMORY,
+                            e.to_string(),
+                            kind,
+                        );
                         Err((cached, e.to_string()))
                     }
                 }

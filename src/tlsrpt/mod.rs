@@ -3,6 +3,8 @@
 
 pub mod mail;
 pub mod report;
+pub mod results;
+pub mod send;
 pub mod store;
 
 use report::Report;
@@ -82,6 +84,77 @@ pub fn render(r: &Report) -> String {
     }
     for s in &r.skipped {
         out.push_str(&format!("  (skipped: {s})\n"));
+    }
+    out
+}
+
+/// The admin API's answer to `/api/tlsrpt/results` or `/api/tlsrpt/send` as text.
+pub fn render_admin(v: &serde_json::Value) -> String {
+    let s = |x: &serde_json::Value| x.as_str().unwrap_or("").to_string();
+    let n = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+    let day = s(&v["day"]);
+    let mut out = String::new();
+    if let Some(reports) = v["reports"].as_array() {
+        if reports.is_empty() {
+            out.push_str(&format!("{day}: no results recorded, no report to make\n"));
+        }
+        for r in reports {
+            out.push_str(&format!("{day} {}: {}", s(&r["domain"]), s(&r["result"])));
+            if let Some(id) = r["report_id"].as_str() {
+                out.push_str(&format!(" (report {id})"));
+            }
+            out.push('\n');
+            for u in r["rua"].as_array().into_iter().flatten() {
+                out.push_str(&format!("  {}: {}\n", s(&u[0]), s(&u[1])));
+            }
+        }
+        return out;
+    }
+    let policies = v["policies"].as_array().cloned().unwrap_or_default();
+    out.push_str(&format!(
+        "{day}: {} policy domain(s) with results{}\n",
+        policies.len(),
+        if v["send_reports"].as_bool() == Some(true) {
+            ""
+        } else {
+            " ([tls_rpt] send_reports is off: reports are made only by moat tlsrpt send)"
+        }
+    ));
+    let reported: Vec<String> = v["reported"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(&s)
+        .collect();
+    for p in policies {
+        let domain = s(&p["policy_domain"]);
+        out.push_str(&format!(
+            "  {} {domain}: {} successful, {} failed{}\n",
+            s(&p["policy_type"]),
+            n(&p["successful"]),
+            n(&p["failed"]),
+            if reported.contains(&domain) {
+                " (reported)"
+            } else {
+                ""
+            }
+        ));
+        for d in p["failures"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "    {} x{} mx={} ip={} reason={}\n",
+                s(&d["result_type"]),
+                n(&d["count"]),
+                s(&d["receiving_mx_hostname"]),
+                s(&d["receiving_ip"]),
+                s(&d["reason_code"])
+            ));
+        }
+    }
+    if n(&v["dropped"]) > 0 {
+        out.push_str(&format!(
+            "  ({} session(s) not recorded: the day was full)\n",
+            n(&v["dropped"])
+        ));
     }
     out
 }
