@@ -779,7 +779,14 @@ fn client_runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("starting the runtime: {e}"))
 }
 
-fn status(source: &Source, json: bool) -> Result<(), String> {
+/// One request to the running server's admin API (`[admin] listen`, with the token from the
+/// data dir): the status and body.
+fn admin_call(
+    source: &Source,
+    method: &str,
+    path: &str,
+    limit: std::time::Duration,
+) -> Result<(u16, String), String> {
     let config = source.load()?;
     let addr = config
         .admin
@@ -793,7 +800,22 @@ fn status(source: &Source, json: bool) -> Result<(), String> {
         )
     })?;
     let runtime = client_runtime()?;
-    let (code, body) = runtime.block_on(moat::admin_api::get(addr, "/api/health", token.trim()))?;
+    runtime.block_on(moat::admin_api::request(
+        addr,
+        method,
+        path,
+        token.trim(),
+        limit,
+    ))
+}
+
+fn status(source: &Source, json: bool) -> Result<(), String> {
+    let (code, body) = admin_call(
+        source,
+        "GET",
+        "/api/health",
+        std::time::Duration::from_secs(10),
+    )?;
     if code != 200 {
         return Err(format!("the admin API answered {code}: {}", body.trim()));
     }
@@ -812,26 +834,7 @@ fn status(source: &Source, json: bool) -> Result<(), String> {
 
 /// `moat tlsrpt results|send`: one admin API call, its answer as text or JSON.
 fn tlsrpt_admin(source: &Source, method: &str, path: &str, json: bool) -> Result<(), String> {
-    let config = source.load()?;
-    let addr = config
-        .admin
-        .listen
-        .ok_or("no admin API in this config: set [admin] listen (e.g. \"127.0.0.1:2580\")")?;
-    let token_file = moat::admin_api::token_path(&config);
-    let token = std::fs::read_to_string(&token_file).map_err(|e| {
-        format!(
-            "{}: {e} (has moat serve run with this data dir?)",
-            token_file.display()
-        )
-    })?;
-    let runtime = client_runtime()?;
-    let (code, body) = runtime.block_on(moat::admin_api::request(
-        addr,
-        method,
-        path,
-        token.trim(),
-        std::time::Duration::from_secs(60),
-    ))?;
+    let (code, body) = admin_call(source, method, path, std::time::Duration::from_secs(60))?;
     if code != 200 {
         return Err(format!("the admin API answered {code}: {}", body.trim()));
     }

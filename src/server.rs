@@ -229,6 +229,26 @@ fn sts_from(config: &Config, outbound: &Outbound) -> Result<Option<Arc<crate::st
     sts_with_cache(config, outbound, Some(config.data_dir.join("sts")))
 }
 
+/// The HTTPS client of the MTA-STS fetch (and of TLS-RPT POSTs, under the same trust):
+/// system roots plus `[mta_sts] ca_file`, `fetch_port`, `fetch_timeout_secs`.
+fn fetcher_from(
+    config: &Config,
+    outbound: &Outbound,
+) -> Result<crate::sts::fetch::Fetcher, String> {
+    let c = &config.mta_sts;
+    let extra_roots = match &c.ca_file {
+        Some(f) => Some(Arc::new(crate::tls::load_roots(&config.data_path(f))?)),
+        None => None,
+    };
+    Ok(crate::sts::fetch::Fetcher {
+        resolver: outbound.resolver.clone(),
+        connector: outbound.connector.clone(),
+        extra_roots,
+        port: c.fetch_port,
+        timeout: Duration::from_secs(c.fetch_timeout_secs),
+    })
+}
+
 fn sts_with_cache(
     config: &Config,
     outbound: &Outbound,
@@ -238,18 +258,7 @@ fn sts_with_cache(
     if !c.enabled {
         return Ok(None);
     }
-    let extra_roots = match &c.ca_file {
-        Some(f) => Some(Arc::new(crate::tls::load_roots(&config.data_path(f))?)),
-        None => None,
-    };
-    let fetcher = crate::sts::fetch::Fetcher {
-        resolver: outbound.resolver.clone(),
-        connector: outbound.connector.clone(),
-        extra_roots,
-        port: c.fetch_port,
-        timeout: Duration::from_secs(c.fetch_timeout_secs),
-    };
-    let sts = crate::sts::Sts::new(fetcher, cache)?;
+    let sts = crate::sts::Sts::new(fetcher_from(config, outbound)?, cache)?;
     Ok(Some(Arc::new(sts)))
 }
 
@@ -286,17 +295,7 @@ fn report_sender(
         }
         _ => None,
     };
-    let extra_roots = match &config.mta_sts.ca_file {
-        Some(f) => Some(Arc::new(crate::tls::load_roots(&config.data_path(f))?)),
-        None => None,
-    };
-    let fetcher = crate::sts::fetch::Fetcher {
-        resolver: queue.outbound.resolver.clone(),
-        connector: queue.outbound.connector.clone(),
-        extra_roots,
-        port: config.mta_sts.fetch_port,
-        timeout: Duration::from_secs(config.mta_sts.fetch_timeout_secs),
-    };
+    let fetcher = fetcher_from(config, &queue.outbound)?;
     Ok(crate::tlsrpt::send::Sender::new(
         queue.clone(),
         requeue.clone(),
