@@ -168,13 +168,13 @@ async fn route(req: &Request, ctx: &AdminCtx) -> Response {
     let get = matches!(req.method.as_str(), "GET" | "HEAD");
     let post = req.method == "POST";
     match req.path.as_str() {
-        "/api/health" if get => Response::json(200, &health(ctx)),
+        "/api/health" if get => Response::json(200, &health(ctx).await),
         "/api/version" if get => {
             Response::json(200, &json!({ "version": env!("CARGO_PKG_VERSION") }))
         }
         "/api/config" if get => Response::json(200, &config_summary(&ctx.config)),
         "/api/queue" if get => {
-            match admin::messages(&ctx.queue, req.param("domain"), req.param("state")) {
+            match admin::messages(&ctx.queue, req.param("domain"), req.param("state")).await {
                 Ok(list) => Response::json(200, &json!({ "count": list.len(), "messages": list })),
                 Err(e) => error(500, e),
             }
@@ -190,7 +190,7 @@ async fn route(req: &Request, ctx: &AdminCtx) -> Response {
         "/metrics" if get => Response::new(
             200,
             "text/plain; version=0.0.4; charset=utf-8",
-            metrics_text(ctx).into_bytes(),
+            metrics_text(ctx).await.into_bytes(),
         ),
         "/report" | "/" if get => report(req, ctx),
         p if p.starts_with("/api/queue/") => {
@@ -198,7 +198,7 @@ async fn route(req: &Request, ctx: &AdminCtx) -> Response {
             match (rest, get, post) {
                 ("retry" | "delete" | "bounce", _, true) => queue_action(rest, req, ctx).await,
                 (id, true, _) if crate::util::is_queue_id(id) => {
-                    match admin::message(&ctx.queue, id) {
+                    match admin::message(&ctx.queue, id).await {
                         Some(m) => Response::json(200, &m),
                         None => error(404, format!("no message {id} in the queue")),
                     }
@@ -324,8 +324,8 @@ pub struct QueueCounts {
 /// present; and the number of messages. `None` when the spool cannot be listed.
 type ByState = std::collections::BTreeMap<&'static str, (u64, u64)>;
 
-fn queue_by_state(queue: &Queue) -> Option<(usize, ByState)> {
-    let list = admin::messages(queue, None, None).ok()?;
+async fn queue_by_state(queue: &Queue) -> Option<(usize, ByState)> {
+    let list = admin::messages(queue, None, None).await.ok()?;
     let mut by: ByState = ["pending", "deferred", "delivered", "failed"]
         .into_iter()
         .map(|s| (s, (0, 0)))
@@ -340,8 +340,8 @@ fn queue_by_state(queue: &Queue) -> Option<(usize, ByState)> {
     Some((list.len(), by))
 }
 
-fn queue_counts(queue: &Queue) -> QueueCounts {
-    let Some((messages, by)) = queue_by_state(queue) else {
+async fn queue_counts(queue: &Queue) -> QueueCounts {
+    let Some((messages, by)) = queue_by_state(queue).await else {
         return QueueCounts::default();
     };
     let n = |s: &str| by.get(s).map_or(0, |e| e.0 as usize);
@@ -354,7 +354,7 @@ fn queue_counts(queue: &Queue) -> QueueCounts {
     }
 }
 
-fn health(ctx: &AdminCtx) -> serde_json::Value {
+async fn health(ctx: &AdminCtx) -> serde_json::Value {
     let certs = certificates(ctx);
     let expiring: Vec<&CertInfo> = certs.iter().filter(|c| c.warning).collect();
     let since = unix_now().saturating_sub(86_400);
@@ -367,7 +367,7 @@ fn health(ctx: &AdminCtx) -> serde_json::Value {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": ctx.started.elapsed().as_secs(),
         "hostname": ctx.config.hostname,
-        "queue": queue_counts(&ctx.queue),
+        "queue": queue_counts(&ctx.queue).await,
         "last_24h": {
             "delivered": count(&|e| e.outcome == Outcome::Delivered),
             "deferred": count(&|e| e.outcome == Outcome::Deferred),
@@ -380,6 +380,8 @@ fn health(ctx: &AdminCtx) -> serde_json::Value {
             "dane": count(&|e| e.outcome == Outcome::Delivered && e.auth == AuthClass::Dane),
         },
         "dane": dane_state(ctx),
+        "store": ctx.queue.store.kind(),
+        "cluster": ctx.queue.store.cluster().await,
         "certificates_expiring": expiring,
     })
 }
@@ -549,13 +551,13 @@ fn reload(ctx: &AdminCtx) -> Response {
     )
 }
 
-fn metrics_text(ctx: &AdminCtx) -> String {
+async fn metrics_text(ctx: &AdminCtx) -> String {
     let reg = crate::metrics::global();
     let now = unix_now();
     // Queue gauges, fresh for this scrape.
     reg.clear(crate::metrics::Metric::QueueRecipients);
     reg.clear(crate::metrics::Metric::QueueOldestSeconds);
-    if let Some((_, by)) = queue_by_state(&ctx.queue) {
+    if let Some((_, by)) = queue_by_state(&ctx.queue).await {
         for (state, (n, oldest)) in by {
             reg.set(
                 crate::metrics::Metric::QueueRecipients,
@@ -749,6 +751,25 @@ pub fn render_status(h: &serde_json::Value) -> String {
         )),
         Some("disabled") => out.push_str("DANE: disabled ([dane] enabled = false)\n"),
         _ => {}
+    }
+    let cluster = &h["cluster"];
+    if let Some(db) = cluster["database"].as_str() {
+        out.push_str(&format!(
+            "queue store: PostgreSQL at {db}, this node {}\n",
+            cluster["node"].as_str().unwrap_or("?")
+        ));
+        if let Some(e) = cluster["error"].as_str() {
+            out.push_str(&format!("WARN {e}\n"));
+        }
+        for node in cluster["nodes"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "  node {}  version {}  last heartbeat {} ago  {} leased\n",
+                node["id"].as_str().unwrap_or("?"),
+                node["version"].as_str().unwrap_or("?"),
+                crate::util::human_duration(n(&node["heartbeat_age_secs"])),
+                n(&node["leased"])
+            ));
+        }
     }
     match h["certificates_expiring"].as_array() {
         Some(list) if !list.is_empty() => {

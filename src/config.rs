@@ -50,6 +50,9 @@ pub struct Config {
     pub dane: DaneConfig,
     #[serde(default)]
     pub tls_rpt: TlsRptConfig,
+    /// The shared queue store, with `[queue] store = "postgres"`.
+    #[serde(default)]
+    pub postgres: PostgresConfig,
     #[serde(default)]
     pub admin: AdminConfig,
     /// The file this config was read from (set by [`Config::load`]; used by reload).
@@ -283,6 +286,50 @@ pub struct QueueConfig {
     pub max_per_destination: usize,
     /// Send a "still trying" DSN once a recipient has been deferred this long; 0 = never.
     pub delay_warning_secs: u64,
+    /// Where queued mail is kept: `embedded` (the journal under the data dir, one node) or
+    /// `postgres` (a database several nodes share, see `[postgres]`).
+    pub store: StoreKind,
+}
+
+/// Which store holds the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Embedded,
+    Postgres,
+}
+
+/// The PostgreSQL store (`[queue] store = "postgres"`): several nodes share one queue.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// `postgresql://user@host:port/dbname` (or `host=... user=...`); no password in it.
+    pub url: String,
+    /// File holding the database password (first line), relative to the data dir.
+    pub password_file: Option<PathBuf>,
+    /// Connections this node keeps open at most.
+    pub pool_size: usize,
+    /// How long a node's claim on a message lasts unless renewed: a node that dies loses its
+    /// messages to the others this long after its last renewal.
+    pub lease_secs: u64,
+    /// This node's name in the cluster; default the hostname.
+    pub node_id: Option<String>,
+    /// Seconds to wait for a connection (pool, connect) before an operation fails.
+    pub timeout_secs: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: String::new(),
+            password_file: None,
+            pool_size: 16,
+            lease_secs: 60,
+            node_id: None,
+            timeout_secs: 5,
+        }
+    }
 }
 
 impl Default for QueueConfig {
@@ -294,6 +341,7 @@ impl Default for QueueConfig {
             max_concurrent_deliveries: 20,
             max_per_destination: 10,
             delay_warning_secs: 0,
+            store: StoreKind::Embedded,
         }
     }
 }
@@ -1066,6 +1114,43 @@ impl Config {
                 "max_per_destination",
                 "must be greater than 0".into(),
             ));
+        }
+        if self.queue.store == StoreKind::Postgres {
+            if self.postgres.url.trim().is_empty() {
+                return Err(err(
+                    "postgres",
+                    0,
+                    "url",
+                    "store = \"postgres\" needs [postgres] url".into(),
+                ));
+            }
+            if let Err(e) = self.postgres.url.parse::<tokio_postgres::Config>() {
+                return Err(err(
+                    "postgres",
+                    0,
+                    "url",
+                    format!("not a PostgreSQL address: {e}"),
+                ));
+            }
+            if self.postgres.pool_size == 0 || self.postgres.pool_size > 1000 {
+                return Err(err("postgres", 0, "pool_size", "must be 1 to 1000".into()));
+            }
+            if self.postgres.lease_secs < 10 || self.postgres.lease_secs > 86_400 {
+                return Err(err(
+                    "postgres",
+                    0,
+                    "lease_secs",
+                    "must be 10 to 86400".into(),
+                ));
+            }
+            if self.postgres.timeout_secs == 0 || self.postgres.timeout_secs > 600 {
+                return Err(err(
+                    "postgres",
+                    0,
+                    "timeout_secs",
+                    "must be 1 to 600".into(),
+                ));
+            }
         }
         if self.queue.max_concurrent_deliveries == 0 {
             return Err(err(

@@ -138,6 +138,9 @@ enum Command {
     /// DKIM (RFC 6376, RFC 8463): the key that signs the TLS-RPT reports Moat sends.
     #[command(subcommand)]
     Dkim(DkimCommand),
+    /// The shared queue database (`[queue] store = "postgres"`).
+    #[command(subcommand)]
+    Db(DbCommand),
     /// Explain the outbound TLS decision for one recipient: run the real lookups (routes, MX,
     /// MTA-STS, DNSSEC, TLSA) and the real decision under the config, and print per MX host
     /// the requirement and every reason behind it, and what happens if the host refuses
@@ -203,6 +206,24 @@ enum TlsrptCommand {
         json: bool,
         #[command(flatten)]
         source: Source,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DbCommand {
+    /// Create the schema in an empty database (the same as migrate; `moat serve` also does
+    /// it at start).
+    Init(Source),
+    /// Bring the schema up to this version of Moat; refuses a database whose schema is newer.
+    Migrate(Source),
+    /// Print the schema version, the cluster's nodes with their last heartbeat and leased
+    /// messages, and the queue's size.
+    Status {
+        #[command(flatten)]
+        source: Source,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -848,6 +869,71 @@ fn tlsrpt_admin(source: &Source, method: &str, path: &str, json: bool) -> Result
     Ok(())
 }
 
+/// `moat db`: the PostgreSQL queue store's schema and cluster.
+fn db(cmd: DbCommand) -> Result<(), String> {
+    use moat::queue::pg;
+    let (source, migrate, json) = match &cmd {
+        DbCommand::Init(s) | DbCommand::Migrate(s) => (s, true, false),
+        DbCommand::Status { source, json } => (source, false, *json),
+    };
+    let config = source.load()?;
+    if config.postgres.url.trim().is_empty() {
+        return Err("no [postgres] url in the config".into());
+    }
+    let runtime = client_runtime()?;
+    runtime.block_on(async {
+        let (pool, target) = pg::pool(&config)?;
+        if migrate {
+            let (from, to) = pg::migrate(&pool)
+                .await
+                .map_err(|e| format!("{target}: {e}"))?;
+            if from == to {
+                println!("{target}: schema version {to}, up to date");
+            } else {
+                println!("{target}: schema migrated from version {from} to {to}");
+            }
+            return Ok(());
+        }
+        let version = pg::schema_version(&pool)
+            .await
+            .map_err(|e| format!("{target}: {e}"))?;
+        if version == 0 {
+            return Err(format!("{target}: no Moat schema yet (run `moat db init`)"));
+        }
+        let nodes = pg::nodes(&pool)
+            .await
+            .map_err(|e| format!("{target}: {e}"))?;
+        let queued = pg::queued(&pool)
+            .await
+            .map_err(|e| format!("{target}: {e}"))?;
+        if json {
+            let v = serde_json::json!({
+                "database": target,
+                "schema_version": version,
+                "this_version": pg::SCHEMA_VERSION,
+                "queued_messages": queued,
+                "nodes": nodes,
+            });
+            println!("{v:#}");
+            return Ok(());
+        }
+        println!(
+            "{target}: schema version {version} (this Moat: {}), {queued} queued message(s)",
+            pg::SCHEMA_VERSION
+        );
+        for n in &nodes {
+            println!(
+                "  node {}  version {}  last heartbeat {} ago  {} leased",
+                n.id,
+                n.version,
+                moat::util::human_duration(n.heartbeat_age_secs.max(0) as u64),
+                n.leased
+            );
+        }
+        Ok(())
+    })
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve(source) => {
@@ -894,6 +980,7 @@ fn run(cli: Cli) -> Result<(), String> {
             source,
         }) if files.is_empty() => tlsrpt_received(&source, days, json),
         Command::Tlsrpt(TlsrptCommand::Show { files, json, .. }) => tlsrpt_show(&files, json),
+        Command::Db(cmd) => db(cmd),
         Command::Dkim(DkimCommand::Generate {
             domain,
             selector,

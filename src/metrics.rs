@@ -55,6 +55,9 @@ pub enum Metric {
     DaneValidationWorking,
     /// Deliveries where `TLS-Required: No` (RFC 8689) set MTA-STS or DANE aside, by what.
     TlsRequiredNoTotal,
+    /// Delivery passes that ended after this node's lease on the message ran out (a shared
+    /// store: another node may have delivered the same recipients too).
+    LeaseLostTotal,
 }
 
 impl Metric {
@@ -80,6 +83,7 @@ impl Metric {
         Metric::SpoolSyncSeconds,
         Metric::DaneValidationWorking,
         Metric::TlsRequiredNoTotal,
+        Metric::LeaseLostTotal,
     ];
 
     /// The exposition name, e.g. `moat_connections_total`.
@@ -105,6 +109,7 @@ impl Metric {
             Metric::SpoolSyncSeconds => "moat_spool_sync_seconds",
             Metric::DaneValidationWorking => "moat_dane_validation_working",
             Metric::TlsRequiredNoTotal => "moat_tls_required_no_total",
+            Metric::LeaseLostTotal => "moat_queue_leases_lost_total",
         }
     }
 
@@ -131,6 +136,7 @@ impl Metric {
             Metric::SpoolSyncSeconds => "histogram",
             Metric::DaneValidationWorking => "gauge",
             Metric::TlsRequiredNoTotal => "counter",
+            Metric::LeaseLostTotal => "counter",
         }
     }
 
@@ -176,6 +182,9 @@ impl Metric {
             }
             Metric::TlsRequiredNoTotal => {
                 "Deliveries where TLS-Required: No (RFC 8689) set MTA-STS or DANE aside, by what (mta_sts, dane)."
+            }
+            Metric::LeaseLostTotal => {
+                "Delivery passes that ended after this node's lease on the message ran out (shared store)."
             }
         }
     }

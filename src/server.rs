@@ -24,6 +24,7 @@ use crate::inbound::connection::{ListenerCtx, Shared, handle};
 use crate::outbound::deliver::Outbound;
 use crate::outbound::tls::{Connector, Pin, TlsLevel, TlsRequirement};
 use crate::queue::spool::Spool;
+use crate::queue::store::Store;
 use crate::queue::{Queue, Route, TlsPolicy};
 use crate::smtp::session::{DomainKind, ListenerRules, Rules};
 use crate::tls::CertStore;
@@ -407,6 +408,24 @@ pub fn policy_from(config: &Config) -> Result<TlsPolicy, String> {
     })
 }
 
+/// Opens the queue's store: the embedded journal under the data dir, or the shared database.
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>, String> {
+    match config.queue.store {
+        crate::config::StoreKind::Embedded => {
+            let (spool, existing) = Spool::open(&config.data_dir.join("spool"))
+                .map_err(|e| format!("opening the spool: {e}"))?;
+            if !existing.is_empty() {
+                tracing::info!(messages = existing.len(), "recovered queued messages");
+            }
+            Ok(Arc::new(spool))
+        }
+        crate::config::StoreKind::Postgres => {
+            let pg = crate::queue::pg::PgStore::open(config).await?;
+            Ok(Arc::new(pg))
+        }
+    }
+}
+
 /// Runs the server until a termination signal.
 pub async fn serve(config: Config) -> Result<(), String> {
     std::fs::create_dir_all(&config.data_dir)
@@ -416,11 +435,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
         Some(p) => Some(crate::tls::load_roots(&config.data_path(p))?),
         None => None,
     };
-    let (spool, existing) = Spool::open(&config.data_dir.join("spool"))
-        .map_err(|e| format!("opening the spool: {e}"))?;
-    if !existing.is_empty() {
-        tracing::info!(messages = existing.len(), "recovered queued messages");
-    }
+    let spool = open_store(&config).await?;
     let routes = routes_from(&config)?;
     let mut outbound = outbound_from(&config)?;
     let results = Arc::new(crate::tlsrpt::results::Results::open(
@@ -440,7 +455,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
         s.spawn_refresher(Duration::from_secs(config.mta_sts.refresh_interval_secs));
     }
     let (deliver, queue) = Queue {
-        spool: spool.clone(),
+        store: spool.clone(),
         routes,
         hostname: config.hostname.clone(),
         outbound,
@@ -460,7 +475,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
             ))
         }),
     }
-    .spawn(existing);
+    .spawn();
     let reports = Arc::new(report_sender(&config, &queue, &deliver, &results)?);
     tokio::spawn(reports.clone().run());
 
@@ -549,7 +564,18 @@ pub async fn serve(config: Config) -> Result<(), String> {
             ),
         }
     }
-    println!("moat: queue in {}", config.data_dir.join("spool").display());
+    match config.queue.store {
+        crate::config::StoreKind::Embedded => {
+            println!("moat: queue in {}", config.data_dir.join("spool").display())
+        }
+        crate::config::StoreKind::Postgres => println!(
+            "moat: queue in PostgreSQL ({}), node {}",
+            crate::queue::pg::pg_config(&config)
+                .map(|c| crate::queue::pg::describe(&c))
+                .unwrap_or_default(),
+            crate::queue::pg::node_id(&config)
+        ),
+    }
     let admin_path = config.data_dir.join(crate::queue::admin::SOCKET);
     let admin = crate::queue::admin::bind(&admin_path)
         .map_err(|e| format!("admin socket {}: {e}", admin_path.display()))?;
@@ -687,7 +713,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Deliveries since the last second: their dead marks on disk, so none comes back.
-    shared.spool.flush();
+    shared.spool.flush().await;
     if let Err(e) = results.flush(crate::util::unix_now()) {
         tracing::warn!(error = %e, "TLS-RPT results could not be written at shutdown");
     }

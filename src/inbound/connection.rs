@@ -19,7 +19,8 @@ use super::auth::Authenticator;
 use super::received;
 use crate::config::{IpNet, Limits};
 use crate::metrics;
-use crate::queue::spool::{Incoming, Spool};
+use crate::queue::spool::Incoming;
+use crate::queue::store::Store;
 use crate::smtp::session::{Action, AuthOutcome, ListenerRules, Peer, Rules, Session};
 use crate::util;
 
@@ -27,7 +28,7 @@ use crate::util;
 pub struct Shared {
     pub rules: Arc<Rules>,
     pub limits: Limits,
-    pub spool: Spool,
+    pub spool: Arc<dyn Store>,
     pub deliver: mpsc::UnboundedSender<String>,
     pub auth: Authenticator,
     pub trusted: Vec<IpNet>,

@@ -94,11 +94,10 @@ fn stuff(body: &str) -> String {
 }
 
 /// Which messages a retry/delete/bounce applies to.
-fn select(queue: &Queue, words: &[&str]) -> Result<Vec<String>, String> {
-    let ids = queue.spool.list().map_err(|e| e.to_string())?;
+async fn select(queue: &Queue, words: &[&str]) -> Result<Vec<String>, String> {
     match words {
         ["id", id] => {
-            if queue.spool.exists(id) {
+            if queue.store.exists(id).await.unwrap_or(false) {
                 Ok(vec![id.to_string()])
             } else {
                 Err(format!("no message {id} in the queue"))
@@ -106,12 +105,9 @@ fn select(queue: &Queue, words: &[&str]) -> Result<Vec<String>, String> {
         }
         ["domain", d] => {
             let d = crate::domain::canonical_or_lower(d);
-            Ok(ids
-                .into_iter()
-                .filter(|id| queue.spool.load(id).is_ok_and(|m| has_domain(&m, &d)))
-                .collect())
+            queue.store.with_domain(&d).await.map_err(|e| e.to_string())
         }
-        ["all"] => Ok(ids),
+        ["all"] => queue.store.list().await.map_err(|e| e.to_string()),
         _ => Err("give `id ID`, `domain DOMAIN` or `all`".into()),
     }
 }
@@ -177,15 +173,19 @@ fn info(m: &Spooled, st: &MessageState, now: u64) -> MessageInfo {
 }
 
 /// The queued messages, optionally only those with a recipient in `domain` or in `state`.
-pub fn messages(
+pub async fn messages(
     queue: &Queue,
     domain: Option<&str>,
     state: Option<&str>,
 ) -> Result<Vec<MessageInfo>, String> {
     let now = unix_now();
     let mut out = Vec::new();
-    for id in queue.spool.list().map_err(|e| e.to_string())? {
-        let Ok((m, st)) = load(queue, &id) else {
+    let ids = match domain {
+        Some(d) => queue.store.with_domain(d).await,
+        None => queue.store.list().await,
+    };
+    for id in ids.map_err(|e| e.to_string())? {
+        let Ok((m, st)) = queue.store.load(&id).await else {
             continue;
         };
         if domain.is_some_and(|d| !has_domain(&m, d)) {
@@ -200,15 +200,9 @@ pub fn messages(
 }
 
 /// One queued message.
-pub fn message(queue: &Queue, id: &str) -> Option<MessageInfo> {
-    let (m, st) = load(queue, id).ok()?;
+pub async fn message(queue: &Queue, id: &str) -> Option<MessageInfo> {
+    let (m, st) = queue.store.load(id).await.ok()?;
     Some(info(&m, &st, unix_now()))
-}
-
-fn load(queue: &Queue, id: &str) -> io::Result<(Spooled, MessageState)> {
-    let m = queue.spool.load(id)?;
-    let st = queue.spool.load_state(id, m.envelope.recipients.len())?;
-    Ok((m, st))
 }
 
 fn describe(queue: &Queue, m: &Spooled, st: &MessageState, now: u64, detail: bool) -> String {
@@ -354,7 +348,7 @@ pub(crate) async fn run(
     };
     match *verb {
         "count" => {
-            let n = queue.spool.list().map_err(|e| e.to_string())?.len();
+            let n = queue.store.count().await.map_err(|e| e.to_string())?;
             Ok(format!("{n}\n"))
         }
         "list" => {
@@ -378,8 +372,12 @@ pub(crate) async fn run(
             let mut out = String::new();
             let mut n = 0;
             let mut unreadable = Vec::new();
-            for id in queue.spool.list().map_err(|e| e.to_string())? {
-                let (m, st) = match load(queue, &id) {
+            let ids = match &domain {
+                Some(d) => queue.store.with_domain(d).await,
+                None => queue.store.list().await,
+            };
+            for id in ids.map_err(|e| e.to_string())? {
+                let (m, st) = match queue.store.load(&id).await {
                     Ok(loaded) => loaded,
                     // Removed since it was listed.
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -415,7 +413,7 @@ pub(crate) async fn run(
                 }
             }
             out.push_str(&format!("{n} message(s)\n"));
-            let lost = queue.spool.lost();
+            let lost = queue.store.lost();
             if !lost.is_empty() {
                 out.push_str(&format!(
                     "{} damaged journal record(s) found at start-up; their messages are lost if \
@@ -440,21 +438,26 @@ pub(crate) async fn run(
             let [id] = args else {
                 return Err("usage: show ID".into());
             };
-            let (m, st) = load(queue, id).map_err(|_| format!("no message {id} in the queue"))?;
+            let (m, st) = queue
+                .store
+                .load(id)
+                .await
+                .map_err(|_| format!("no message {id} in the queue"))?;
             Ok(describe(queue, &m, &st, now, true))
         }
         "retry" => {
             let mut out = String::new();
-            for id in select(queue, args)? {
-                let Ok((_, mut st)) = load(queue, &id) else {
+            for id in select(queue, args).await? {
+                let Ok((_, mut st)) = queue.store.load(&id).await else {
                     continue;
                 };
                 for r in st.rcpts.iter_mut().filter(|r| !r.state.is_final()) {
                     r.next_attempt = 0;
                 }
                 queue
-                    .spool
+                    .store
                     .save_state(&id, &st)
+                    .await
                     .map_err(|e| e.to_string())?;
                 let _ = requeue.send(id.clone());
                 out.push_str(&format!("retrying {id}\n"));
@@ -463,8 +466,12 @@ pub(crate) async fn run(
         }
         "delete" => {
             let mut out = String::new();
-            for id in select(queue, args)? {
-                queue.spool.remove(&id).map_err(|e| format!("{id}: {e}"))?;
+            for id in select(queue, args).await? {
+                queue
+                    .store
+                    .remove(&id)
+                    .await
+                    .map_err(|e| format!("{id}: {e}"))?;
                 tracing::info!(queue_id = %id, "deleted by the administrator");
                 out.push_str(&format!("deleted {id}\n"));
             }
@@ -472,8 +479,8 @@ pub(crate) async fn run(
         }
         "bounce" => {
             let mut out = String::new();
-            for id in select(queue, args)? {
-                let Ok((m, mut st)) = load(queue, &id) else {
+            for id in select(queue, args).await? {
+                let Ok((m, mut st)) = queue.store.load(&id).await else {
                     continue;
                 };
                 let mut failed = Vec::new();
@@ -497,7 +504,11 @@ pub(crate) async fn run(
                 if !failed.is_empty() {
                     queue.bounce(&m, &st, &failed, now, requeue).await;
                 }
-                queue.spool.remove(&id).map_err(|e| format!("{id}: {e}"))?;
+                queue
+                    .store
+                    .remove(&id)
+                    .await
+                    .map_err(|e| format!("{id}: {e}"))?;
                 tracing::info!(queue_id = %id, recipients = failed.len(), "bounced by the administrator");
                 out.push_str(&format!("bounced {id} ({} recipient(s))\n", failed.len()));
             }

@@ -11,8 +11,10 @@ pub mod admin;
 pub mod dsn;
 pub mod journal;
 pub mod local;
+pub mod pg;
 pub mod spool;
 pub mod state;
+pub mod store;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
@@ -28,8 +30,9 @@ use crate::report::{AuthClass, DeliveryEvent, Outcome, TlsClass};
 use crate::smtp::client::Outgoing;
 use crate::smtp::session::Envelope;
 use crate::util::unix_now;
-use spool::{Spool, Spooled};
+use spool::Spooled;
 use state::{MessageState, RcptState};
+use store::Store;
 
 /// Where one domain's mail goes.
 #[derive(Debug, Clone)]
@@ -49,7 +52,8 @@ pub use crate::policy::{TlsPolicy, domain_of};
 /// Everything delivery needs.
 #[derive(Debug)]
 pub struct Queue {
-    pub spool: Spool,
+    /// Where queued mail is kept: the embedded journal or a shared database.
+    pub store: Arc<dyn Store>,
     pub routes: HashMap<String, Route>,
     pub hostname: String,
     pub outbound: Outbound,
@@ -72,10 +76,10 @@ const TLSRPT_GROUP: &str = "\0tlsrpt";
 impl Queue {
     /// Starts the scheduler with the messages already spooled; new ids go on the channel.
     /// Returns the channel for new ids and the shared queue (for the admin socket).
-    pub fn spawn(self, existing: Vec<String>) -> (mpsc::UnboundedSender<String>, Arc<Queue>) {
+    pub fn spawn(self) -> (mpsc::UnboundedSender<String>, Arc<Queue>) {
         let (tx, rx) = mpsc::unbounded_channel::<String>();
         let this = Arc::new(self);
-        tokio::spawn(scheduler(this.clone(), existing, rx, tx.clone()));
+        tokio::spawn(scheduler(this.clone(), rx, tx.clone()));
         (tx, this)
     }
 
@@ -85,23 +89,12 @@ impl Queue {
         id: &str,
         requeue: &mpsc::UnboundedSender<String>,
     ) -> std::io::Result<Option<u64>> {
-        let spool = self.spool.clone();
-        let id_owned = id.to_string();
-        let load = move || -> std::io::Result<_> {
-            let msg = spool.load(&id_owned)?;
-            let st = spool.load_state(&id_owned, msg.envelope.recipients.len())?;
-            Ok((msg, st))
-        };
-        // A message on its first pass was just written to the journal and is read back from
-        // the page cache: done here, as two thread hand-offs would cost more than the read.
-        let hot = self.spool.in_journal(id);
-        let (msg, mut st) = if hot {
-            load()?
-        } else {
-            tokio::task::spawn_blocking(load)
-                .await
-                .map_err(std::io::Error::other)??
-        };
+        if !self.store.take(id).await? {
+            // Another node holds it and delivers it.
+            return Ok(None);
+        }
+        let hot = self.store.hot(id);
+        let (msg, mut st) = self.store.load(id).await?;
         let now = unix_now();
         let mut by_domain: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, r) in msg.envelope.recipients.iter().enumerate() {
@@ -241,42 +234,25 @@ impl Queue {
             self.notify(&msg, &st, &succeeded, dsn::DsnKind::Success, now, requeue)
                 .await;
         }
-        let spool = self.spool.clone();
-        let id_owned = id.to_string();
         let done = st.all_final();
         let next = st.next_due();
         let log = self.events.clone();
-        // The common end, a message delivered on its first pass: one appended log line and a
-        // one-byte dead mark, done here. Rewriting the event log, parking a message into a
-        // file and saving its state take longer: on a blocking thread.
-        let quick = done && hot && !log.rewrite_due();
-        let finish = move || {
+        // The common end, a message delivered on its first pass: one appended log line, done
+        // here. Rewriting the event log takes longer: on a blocking thread.
+        let record = move || {
             for ev in events {
                 crate::metrics::delivery(&ev);
                 log.record(ev);
             }
-            if done {
-                spool.remove(&id_owned)
-            } else if !spool.exists(&id_owned) {
-                // Deleted by the administrator during this pass.
-                Ok(())
-            } else {
-                spool.save_state(&id_owned, &st)?;
-                // It waits for a retry: out of the journal, into a file of its own. If that
-                // fails (a full disk), it simply stays in the journal a while longer.
-                if let Err(e) = spool.park(&id_owned) {
-                    tracing::warn!(queue_id = %id_owned, error = %e, "could not move a deferred message out of the journal");
-                }
-                Ok(())
-            }
         };
-        if quick {
-            finish()?;
+        if done && hot && !self.events.rewrite_due() {
+            record();
         } else {
-            tokio::task::spawn_blocking(finish)
+            tokio::task::spawn_blocking(record)
                 .await
-                .map_err(std::io::Error::other)??;
+                .map_err(std::io::Error::other)?;
         }
+        self.store.finish(id, st).await?;
         Ok(if done { None } else { next })
     }
 
@@ -398,7 +374,7 @@ impl Queue {
             ..Envelope::default()
         };
         let id = crate::util::new_queue_id();
-        match self.spool.store(&id, now, &envelope, &body).await {
+        match self.store.store(&id, now, &envelope, &body).await {
             Ok(()) => {
                 tracing::info!(queue_id = %msg.id, dsn_id = %id, to = %msg.envelope.sender, kind = ?kind, "DSN queued");
                 let _ = requeue.send(id);
@@ -690,24 +666,13 @@ fn explain(rcpt: &str, r: &state::RcptStatus) -> String {
 /// Dispatches due messages, at most `max_concurrent_deliveries` at a time.
 async fn scheduler(
     queue: Arc<Queue>,
-    existing: Vec<String>,
     mut incoming: mpsc::UnboundedReceiver<String>,
     requeue: mpsc::UnboundedSender<String>,
 ) {
-    let mut due: BTreeSet<(u64, String)> = BTreeSet::new();
-    for id in existing {
-        let next = match queue.spool.load(&id) {
-            Ok(m) => queue
-                .spool
-                .load_state(&id, m.envelope.recipients.len())
-                .ok()
-                .and_then(|s| s.next_due()),
-            Err(e) => {
-                tracing::error!(queue_id = %id, error = %e, "cannot read queued message; left in place");
-                continue;
-            }
-        };
-        due.insert((next.unwrap_or(0), id));
+    let mut due: BTreeSet<(u64, String)> = queue.store.recovered().await.into_iter().collect();
+    let shared = queue.store.shared();
+    if shared {
+        tokio::spawn(claimer(queue.clone(), requeue.clone()));
     }
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Option<u64>)>();
     let mut running: HashSet<String> = HashSet::new();
@@ -749,12 +714,46 @@ async fn scheduler(
             },
             Some((id, next)) = done_rx.recv() => {
                 running.remove(&id);
-                if let Some(t) = next {
+                // A shared store's message goes back to the store, from which whichever node
+                // is free when it is due claims it.
+                if let Some(t) = next.filter(|_| !shared) {
                     due.insert((t, id));
                 }
             }
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+/// How often a node of a shared store looks for due work no node holds.
+const CLAIM_EVERY: Duration = Duration::from_secs(2);
+
+/// Shared stores: claims due messages (deferred ones now due, and those of a node whose lease
+/// ran out) and hands them to the scheduler.
+async fn claimer(queue: Arc<Queue>, requeue: mpsc::UnboundedSender<String>) {
+    let max = queue.config.max_concurrent_deliveries;
+    let mut failing = false;
+    loop {
+        match queue.store.claim_due(max).await {
+            Ok(ids) => {
+                if failing {
+                    tracing::info!("queue store reachable again; claiming due work");
+                    failing = false;
+                }
+                for id in ids {
+                    if requeue.send(id).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot claim due work from the queue store; deliveries paused until it answers");
+                    failing = true;
+                }
+            }
+        }
+        tokio::time::sleep(CLAIM_EVERY).await;
     }
 }
 

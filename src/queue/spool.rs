@@ -80,6 +80,35 @@ pub struct Incoming {
 }
 
 impl Incoming {
+    /// Creates `dir/<id>` and writes the envelope. Blocking.
+    pub(crate) fn create(
+        dir: &Path,
+        id: &str,
+        arrived: u64,
+        envelope: &Envelope,
+    ) -> io::Result<Incoming> {
+        check_id(id)?;
+        let path = dir.join(id);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let mut incoming = Incoming {
+            id: id.to_string(),
+            path,
+            file,
+            len: 0,
+            committed: false,
+        };
+        incoming.file.write_all(&encode_header(arrived, envelope))?;
+        Ok(incoming)
+    }
+
+    /// The file it is written to.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -579,21 +608,7 @@ impl Spool {
     /// beginning with its envelope. Blocking (it creates and writes a file): call it from a
     /// blocking thread, as [`Incoming::append`].
     pub fn begin(&self, id: &str, arrived: u64, envelope: &Envelope) -> io::Result<Incoming> {
-        check_id(id)?;
-        let path = self.root.join("tmp").join(id);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        let mut incoming = Incoming {
-            id: id.to_string(),
-            path,
-            file,
-            len: 0,
-            committed: false,
-        };
-        incoming.file.write_all(&encode_header(arrived, envelope))?;
-        Ok(incoming)
+        Incoming::create(&self.root.join("tmp"), id, arrived, envelope)
     }
 
     /// Appends the last part of a message begun with [`Spool::begin`] and makes it durable
@@ -957,11 +972,11 @@ fn keep_damaged_copy(path: &Path, data: &[u8]) {
     }
 }
 
-fn gone(id: &str) -> io::Error {
+pub(crate) fn gone(id: &str) -> io::Error {
     io::Error::new(io::ErrorKind::NotFound, format!("{id} is not queued"))
 }
 
-fn corrupt(id: &str) -> io::Error {
+pub(crate) fn corrupt(id: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
         format!("corrupt spool record {id}"),
@@ -990,7 +1005,7 @@ fn queued_ids(dir: &Path) -> io::Result<Vec<String>> {
 }
 
 /// Refuses anything that is not a queue id, so ids never become arbitrary paths.
-fn check_id(id: &str) -> io::Result<()> {
+pub(crate) fn check_id(id: &str) -> io::Result<()> {
     if crate::util::is_queue_id(id) {
         Ok(())
     } else {
@@ -1221,7 +1236,7 @@ fn free_segment(inner: &Mutex<Inner>, seg: u32, journal_dir: &Path) {
     }
 }
 
-fn encode_header(arrived: u64, env: &Envelope) -> Vec<u8> {
+pub(crate) fn encode_header(arrived: u64, env: &Envelope) -> Vec<u8> {
     let mut h = format!("{MAGIC}\narrived {arrived}\nfrom {}\n", env.sender);
     for r in &env.recipients {
         h.push_str("rcpt ");
@@ -1256,9 +1271,20 @@ fn encode_header(arrived: u64, env: &Envelope) -> Vec<u8> {
     h.into_bytes()
 }
 
-fn decode(id: &str, data: &[u8]) -> Option<Spooled> {
+pub(crate) fn decode(id: &str, data: &[u8]) -> Option<Spooled> {
     let end = data.windows(2).position(|w| w == b"\n\n")?;
-    let header = std::str::from_utf8(&data[..end]).ok()?;
+    let (arrived, envelope) = decode_header(&data[..end])?;
+    Some(Spooled {
+        id: id.to_string(),
+        arrived,
+        envelope,
+        message: data[end + 2..].to_vec(),
+    })
+}
+
+/// Reads an envelope written by [`encode_header`] (with or without its blank line).
+pub(crate) fn decode_header(header: &[u8]) -> Option<(u64, Envelope)> {
+    let header = std::str::from_utf8(header).ok()?;
     let mut lines = header.lines();
     if lines.next()? != MAGIC {
         return None;
@@ -1305,12 +1331,7 @@ fn decode(id: &str, data: &[u8]) -> Option<Spooled> {
     }
     // One entry per recipient, as the session records them.
     env.dsn.resize(env.recipients.len(), RcptDsn::default());
-    Some(Spooled {
-        id: id.to_string(),
-        arrived,
-        envelope: env,
-        message: data[end + 2..].to_vec(),
-    })
+    Some((arrived, env))
 }
 
 #[cfg(test)]

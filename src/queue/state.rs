@@ -26,7 +26,7 @@ impl RcptState {
             RcptState::Failed => "failed",
         }
     }
-    fn parse(s: &str) -> Option<RcptState> {
+    pub fn parse(s: &str) -> Option<RcptState> {
         Some(match s {
             "pending" => RcptState::Pending,
             "delivered" => RcptState::Delivered,

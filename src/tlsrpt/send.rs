@@ -361,7 +361,7 @@ impl Sender {
             ..Envelope::default()
         };
         let id = crate::util::new_queue_id();
-        match self.queue.spool.store(&id, now, &envelope, &message).await {
+        match self.queue.store.store(&id, now, &envelope, &message).await {
             Ok(()) => {
                 let _ = self.requeue.send(id.clone());
                 format!("queued as {id}")

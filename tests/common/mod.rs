@@ -5,6 +5,7 @@
 pub mod chromium;
 pub mod dns;
 pub mod https;
+pub mod postgres;
 pub mod signed_dns;
 
 use std::io::{BufRead, BufReader, Read, Write};
