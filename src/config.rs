@@ -313,7 +313,8 @@ pub struct PostgresConfig {
     /// How long a node's claim on a message lasts unless renewed: a node that dies loses its
     /// messages to the others this long after its last renewal.
     pub lease_secs: u64,
-    /// This node's name in the cluster; default the hostname.
+    /// This node's name in the cluster, unique to it (two running nodes must never share
+    /// one); default the hostname.
     pub node_id: Option<String>,
     /// Seconds to wait for a connection (pool, connect) before an operation fails.
     pub timeout_secs: u64,
@@ -793,6 +794,17 @@ impl Config {
                     ));
                 }
             }
+        }
+        if let (StoreKind::Postgres, Some(f)) = (self.queue.store, &self.postgres.password_file) {
+            let path = self.data_path(f);
+            std::fs::read_to_string(&path).map_err(|e| {
+                err(
+                    "postgres",
+                    0,
+                    "password_file",
+                    format!("{}: {e}", path.display()),
+                )
+            })?;
         }
         Ok(())
     }

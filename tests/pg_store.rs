@@ -247,6 +247,19 @@ async fn contract_postgres_and_leases() {
     assert!(two.claim_due(10).await.unwrap().is_empty());
     one.remove(&f).await.unwrap();
 
+    // A node restarted under its id (the old process gone with its passes) releases the
+    // leases it held at once instead of waiting for them to run out.
+    let r = qid(0x3003);
+    one.store(&r, now, &envelope(&["z@far.test"]), b"Subject: r\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(!two.take(&r).await.unwrap());
+    let one_again = PgStore::open(&pg_config(&cluster, &dir.path().join("one-again"), "one"))
+        .await
+        .unwrap();
+    assert_eq!(one_again.claim_due(10).await.unwrap(), vec![r.clone()]);
+    one_again.remove(&r).await.unwrap();
+
     // A database whose schema is newer than this build is refused, with the reason.
     sql(
         &cluster,

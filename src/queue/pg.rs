@@ -338,6 +338,23 @@ impl PgStore {
             tracing::info!(database = %self.target, from, to, "queue database schema migrated");
         }
         self.heartbeat(true).await.map_err(|e| e.to_string())?;
+        // Leases this node id holds from before its restart are stale (its passes ended
+        // with the process): released now rather than after they run out. A node id is one
+        // node's: two running nodes must never share one.
+        let client = self.pool.get().await.map_err(|e| e.to_string())?;
+        let held: Vec<String> = lock(&self.held).iter().cloned().collect();
+        let released = client
+            .execute(
+                "UPDATE moat_message SET lease_node = NULL, lease_until = NULL
+                 WHERE lease_node = $1 AND NOT (id = ANY($2))",
+                &[&self.node, &held],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if released > 0 {
+            tracing::info!(node = %self.node, messages = released,
+                "released this node's leases from before its restart; they are delivered again");
+        }
         *lock(&self.not_ready) = None;
         tracing::info!(database = %self.target, node = %self.node, schema = to, "queue database ready");
         Ok(())
