@@ -37,7 +37,7 @@ MOAT="$TARGET/release/moat"
 LOADGEN="$TARGET/release/examples/loadgen"
 
 work="$(mktemp -d /tmp/moat-bench-store.XXXXXX)"
-chmod 755 "$work"
+chmod 777 "$work"
 pids=()
 PGBIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
 as_pg() { if [[ "$(id -u)" == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }

@@ -299,6 +299,26 @@ listen = "{ip}:2580"
     )
 }
 
+/// One message from a new connection to `node`; the reply to its end of DATA.
+fn send_one(node: &Moat, to: &str, subject: &str) -> common::Reply {
+    let mut c = Client::connect(node.addr(SMTP));
+    c.ehlo();
+    c.send_mail(
+        "alice@sender.test",
+        &[to],
+        &format!("Subject: {subject}\r\n\r\nhi\r\n"),
+    )
+}
+
+/// Waits until the cluster's queue, asked through `node`, is empty.
+fn wait_queue_empty(node: &Moat) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.queue_len() != 0 {
+        assert!(Instant::now() < deadline, "queue never emptied");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Two Moat nodes share one queue. A message for the local domain is delivered by the node
 /// that took it; a message whose delivery hangs when its node is killed (`kill -9`, lease
 /// held) is delivered by the other node after the lease runs out.
@@ -320,33 +340,18 @@ fn nodes_share_the_queue_and_a_dead_nodes_mail_moves_on() {
     );
 
     // Local delivery through node a.
-    let mut c = Client::connect(a.addr(SMTP));
-    c.ehlo();
-    let r = c.send_mail(
-        "alice@sender.test",
-        &["bob@moat.test"],
-        "Subject: one\r\n\r\nhi\r\n",
-    );
+    let r = send_one(&a, "bob@moat.test", "one");
     assert!(r.is("250 2.0.0"), "{}", r.text());
     a.wait_mailbox("bob", 1);
     // The queue is the cluster's: asked through node b, it is empty once a delivered.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while b.queue_len() != 0 {
-        assert!(Instant::now() < deadline, "queue never emptied");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_queue_empty(&b);
 
     // Relayed mail through node a: its delivery hangs on the silent relay.
-    let r = c.send_mail(
-        "alice@sender.test",
-        &["zed@far.test"],
-        "Subject: two\r\n\r\nhi\r\n",
-    );
+    let r = send_one(&a, "zed@far.test", "two");
     assert!(r.is("250 2.0.0"), "{}", r.text());
     let (mut held, _) = hang.accept().unwrap();
     assert_eq!(b.queue_len(), 1);
     a.kill9();
-    drop(c);
     // The real receiver takes the relay's place.
     let mut buf = [0u8; 16];
     held.set_read_timeout(Some(Duration::from_millis(10)))
@@ -375,11 +380,7 @@ fn nodes_share_the_queue_and_a_dead_nodes_mail_moves_on() {
     };
     assert_eq!(got.len(), 1);
     assert!(got[0].contains("Subject: two"), "{}", got[0]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while b.queue_len() != 0 {
-        assert!(Instant::now() < deadline, "queue never emptied");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_queue_empty(&b);
     assert!(
         b.log().contains("127.0.27.13"),
         "node b did not deliver it:\n{}",
@@ -403,25 +404,12 @@ fn nodes_share_the_queue_and_a_dead_nodes_mail_moves_on() {
     // The database goes away: nothing is acknowledged that could not be stored (451 4.3.0
     // at the end of DATA), and the node goes on once the database is back.
     cluster.stop();
-    let mut c = Client::connect(b.addr(SMTP));
-    c.ehlo();
-    let r = c.send_mail(
-        "alice@sender.test",
-        &["bob@moat.test"],
-        "Subject: three\r\n\r\nhi\r\n",
-    );
+    let r = send_one(&b, "bob@moat.test", "three");
     assert!(r.is("451 4.3.0"), "{}", r.text());
-    drop(c);
     cluster.restart();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut c = Client::connect(b.addr(SMTP));
-        c.ehlo();
-        let r = c.send_mail(
-            "alice@sender.test",
-            &["bob@moat.test"],
-            "Subject: four\r\n\r\nhi\r\n",
-        );
+        let r = send_one(&b, "bob@moat.test", "four");
         if r.is("250 2.0.0") {
             break;
         }

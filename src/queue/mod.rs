@@ -693,9 +693,14 @@ async fn scheduler(
             tokio::spawn(async move {
                 let next = match q.process(&id, &rq).await {
                     Ok(next) => next,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        q.store.release(&id).await;
+                        None
+                    }
                     Err(e) => {
                         tracing::warn!(queue_id = %id, error = %e, "delivery pass failed; retrying in 60s");
+                        // A shared store's message goes back to it, to be claimed again.
+                        q.store.release(&id).await;
                         Some(unix_now() + 60)
                     }
                 };

@@ -96,6 +96,34 @@ pub struct PgStore {
     not_ready: Arc<Mutex<Option<String>>>,
     /// What the database is, for logs.
     target: String,
+    /// Messages this node just wrote, kept until their first pass reads them: that pass is
+    /// then no round trip to the database (bounded by [`FRESH_MAX`] and [`FRESH_BYTES`]).
+    fresh: Arc<Mutex<Fresh>>,
+}
+
+/// Messages kept for their first pass at most, and their bytes at most.
+const FRESH_MAX: usize = 4096;
+const FRESH_BYTES: usize = 64 << 20;
+
+#[derive(Debug, Default)]
+struct Fresh {
+    messages: std::collections::HashMap<String, Spooled>,
+    bytes: usize,
+}
+
+impl Fresh {
+    fn put(&mut self, m: Spooled) {
+        if self.messages.len() < FRESH_MAX && self.bytes + m.message.len() <= FRESH_BYTES {
+            self.bytes += m.message.len();
+            self.messages.insert(m.id.clone(), m);
+        }
+    }
+
+    fn take(&mut self, id: &str) -> Option<Spooled> {
+        let m = self.messages.remove(id)?;
+        self.bytes -= m.message.len();
+        Some(m)
+    }
 }
 
 impl std::fmt::Debug for PgStore {
@@ -314,6 +342,7 @@ impl PgStore {
             spill_dir,
             not_ready: Arc::new(Mutex::new(Some("connecting".into()))),
             target,
+            fresh: Arc::default(),
         };
         match store.prepare().await {
             Ok(()) => {}
@@ -635,7 +664,9 @@ impl Store for PgStore {
             envelope: envelope.clone(),
             message: message.to_vec(),
         };
-        self.insert(&m).await
+        self.insert(&m).await?;
+        lock(&self.fresh).put(m);
+        Ok(())
     }
 
     fn begin(&self, id: &str, arrived: u64, envelope: &Envelope) -> io::Result<Incoming> {
@@ -655,10 +686,18 @@ impl Store for PgStore {
         let (id, data) = read;
         let m = spool::decode(&id, &data).ok_or_else(|| spool::corrupt(&id))?;
         drop(data);
-        self.insert(&m).await
+        self.insert(&m).await?;
+        lock(&self.fresh).put(m);
+        Ok(())
     }
 
     async fn load(&self, id: &str) -> io::Result<(Spooled, MessageState)> {
+        // Its first pass: every recipient is still pending (anything that changes its state
+        // first, an administrator's retry, bounce or delete, drops it from here).
+        if let Some(m) = lock(&self.fresh).take(id) {
+            let st = MessageState::new(m.envelope.recipients.len());
+            return Ok((m, st));
+        }
         let client = self.client().await?;
         let m = client
             .query_opt(
@@ -715,6 +754,7 @@ impl Store for PgStore {
     }
 
     async fn save_state(&self, id: &str, st: &MessageState) -> io::Result<()> {
+        lock(&self.fresh).take(id);
         match self.write_state(id, st, false).await? {
             Some(_) => Ok(()),
             None => Err(spool::gone(id)),
@@ -722,6 +762,7 @@ impl Store for PgStore {
     }
 
     async fn finish(&self, id: &str, st: MessageState) -> io::Result<()> {
+        lock(&self.fresh).take(id);
         let ours = if st.all_final() {
             let client = self.client().await?;
             client
@@ -752,6 +793,7 @@ impl Store for PgStore {
 
     async fn remove(&self, id: &str) -> io::Result<()> {
         spool::check_id(id)?;
+        lock(&self.fresh).take(id);
         let client = self.client().await?;
         let n = client
             .execute("DELETE FROM moat_message WHERE id = $1", &[&id])
@@ -816,6 +858,25 @@ impl Store for PgStore {
                 "error": format!("queue database: {e}"),
             }),
         })
+    }
+
+    fn hot(&self, id: &str) -> bool {
+        lock(&self.fresh).messages.contains_key(id)
+    }
+
+    async fn release(&self, id: &str) {
+        lock(&self.fresh).take(id);
+        // No longer renewed: even when the update fails, the lease runs out by itself.
+        lock(&self.held).remove(id);
+        if let Ok(client) = self.client().await {
+            let _ = client
+                .execute(
+                    "UPDATE moat_message SET lease_node = NULL, lease_until = NULL
+                     WHERE id = $1 AND lease_node = $2",
+                    &[&id, &self.node],
+                )
+                .await;
+        }
     }
 
     async fn take(&self, id: &str) -> io::Result<bool> {

@@ -102,6 +102,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// Gives up the lease of `id` after a pass that failed before [`Store::finish`] (the
+    /// store could not be read or written): another node, or this one, claims it again.
+    async fn release(&self, _id: &str) {}
+
     /// Leases up to `max` due messages no node holds (or whose holder's lease ran out).
     async fn claim_due(&self, _max: usize) -> io::Result<Vec<String>> {
         Ok(Vec::new())
