@@ -318,6 +318,9 @@ pub struct PostgresConfig {
     pub node_id: Option<String>,
     /// Seconds to wait for a connection (pool, connect) before an operation fails.
     pub timeout_secs: u64,
+    /// CA certificates (PEM) the database's certificate must chain to when the url says
+    /// `sslmode=require`; default the system's. The name is always checked too.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for PostgresConfig {
@@ -329,6 +332,7 @@ impl Default for PostgresConfig {
             lease_secs: 60,
             node_id: None,
             timeout_secs: 5,
+            ca_file: None,
         }
     }
 }
@@ -794,6 +798,10 @@ impl Config {
                     ));
                 }
             }
+        }
+        if let (StoreKind::Postgres, Some(ca)) = (self.queue.store, &self.postgres.ca_file) {
+            crate::tls::load_roots(&self.data_path(ca))
+                .map_err(|m| err("postgres", 0, "ca_file", m))?;
         }
         if let (StoreKind::Postgres, Some(f)) = (self.queue.store, &self.postgres.password_file) {
             let path = self.data_path(f);

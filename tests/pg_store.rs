@@ -428,3 +428,52 @@ fn nodes_share_the_queue_and_a_dead_nodes_mail_moves_on() {
     );
     assert!(got[0].contains("Subject: four"), "{}", got[0]);
 }
+
+/// TLS to the database (`sslmode=require`) is verified: chain to `[postgres] ca_file` (else the
+/// system's CAs) and the host name. A test CA signs the server's certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_is_verified() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, leaves) = common::make_certs(certs.path(), &["127.0.27.3", "127.0.27.99"]);
+    let (cert, key) = &leaves[0];
+    let cluster = Cluster::start_tls("127.0.27.3", cert, key);
+    let dir = tempfile::tempdir().unwrap();
+    let config = |ca_file: Option<&std::path::Path>| {
+        let mut c = pg_config(&cluster, &dir.path().join("tls"), "tls");
+        c.postgres.url = format!("{}?sslmode=require", cluster.url());
+        c.postgres.ca_file = ca_file.map(|p| p.to_path_buf());
+        c
+    };
+
+    // Trusted: the store works, over TLS.
+    let (pool, _) = moat::queue::pg::pool(&config(Some(&ca))).unwrap();
+    moat::queue::pg::migrate(&pool).await.unwrap();
+    let client = pool.get().await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "the connection is not TLS");
+    let version: String = row.get(1);
+    assert!(version.starts_with("TLSv1."), "{version}");
+
+    // Not trusted (system CAs only): refused, with the reason.
+    let (pool, _) = moat::queue::pg::pool(&config(None)).unwrap();
+    let e = moat::queue::pg::migrate(&pool).await.unwrap_err();
+    assert!(e.contains("invalid peer certificate: UnknownIssuer"), "{e}");
+
+    // Trusted CA, wrong name: refused.
+    let (cert2, key2) = &leaves[1];
+    let other = Cluster::start_tls("127.0.27.4", cert2, key2);
+    let mut c = config(Some(&ca));
+    c.postgres.url = format!("{}?sslmode=require", other.url());
+    let (pool, _) = moat::queue::pg::pool(&c).unwrap();
+    let e = moat::queue::pg::migrate(&pool).await.unwrap_err();
+    assert!(
+        e.contains("certificate not valid for name \"127.0.27.4\""),
+        "{e}"
+    );
+}

@@ -135,8 +135,24 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-fn db_err(e: impl std::fmt::Display) -> io::Error {
-    io::Error::other(format!("queue database: {e}"))
+fn db_err(e: impl std::error::Error) -> io::Error {
+    io::Error::other(format!("queue database: {}", chain(&e)))
+}
+
+/// An error with every cause under it (a TLS handshake failure says why, not only that it
+/// failed), without repeating a cause its parent already printed.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
 }
 
 /// The connection settings of `[postgres]`, with the password from its file.
@@ -182,13 +198,21 @@ pub fn describe(pg: &tokio_postgres::Config) -> String {
 pub fn pool(config: &Config) -> Result<(Pool, String), String> {
     let pg = pg_config(config)?;
     let target = describe(&pg);
-    let mgr = Manager::from_config(
-        pg,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    // TLS when the url asks for it (`sslmode=require`), always verified (chain and name).
+    let mgr = if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        let ca = config
+            .postgres
+            .ca_file
+            .as_ref()
+            .map(|p| config.data_path(p));
+        let tls = super::pg_tls::RustlsMake::from_ca_file(ca.as_deref())?;
+        Manager::from_config(pg, tls, manager)
+    } else {
+        Manager::from_config(pg, NoTls, manager)
+    };
     let wait = Duration::from_secs(config.postgres.timeout_secs);
     let pool = Pool::builder(mgr)
         .max_size(config.postgres.pool_size)
@@ -213,22 +237,22 @@ pub fn node_id(config: &Config) -> String {
 /// Brings the schema up to [`SCHEMA_VERSION`]; refuses a database whose schema is newer.
 /// Returns the version found and the version now.
 pub async fn migrate(pool: &Pool) -> Result<(i32, i32), String> {
-    let mut client = pool.get().await.map_err(|e| e.to_string())?;
-    let tx = client.transaction().await.map_err(|e| e.to_string())?;
+    let mut client = pool.get().await.map_err(|e| chain(&e))?;
+    let tx = client.transaction().await.map_err(|e| chain(&e))?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| chain(&e))?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS moat_schema (version integer NOT NULL, applied bigint NOT NULL)",
     )
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| chain(&e))?;
     let found: i32 = tx
         .query_one("SELECT coalesce(max(version), 0) FROM moat_schema", &[])
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| chain(&e))?
         .try_get(0)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| chain(&e))?;
     if found > SCHEMA_VERSION {
         return Err(format!(
             "the database's schema is version {found}, newer than this Moat's ({SCHEMA_VERSION}): upgrade Moat on this node before starting it"
@@ -244,29 +268,29 @@ pub async fn migrate(pool: &Pool) -> Result<(i32, i32), String> {
             &[&version],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| chain(&e))?;
     }
-    tx.commit().await.map_err(|e| e.to_string())?;
+    tx.commit().await.map_err(|e| chain(&e))?;
     Ok((found, SCHEMA_VERSION))
 }
 
 /// The schema version of the database (0: none yet).
 pub async fn schema_version(pool: &Pool) -> Result<i32, String> {
-    let client = pool.get().await.map_err(|e| e.to_string())?;
+    let client = pool.get().await.map_err(|e| chain(&e))?;
     let exists: bool = client
         .query_one("SELECT to_regclass('moat_schema') IS NOT NULL", &[])
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| chain(&e))?
         .try_get(0)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| chain(&e))?;
     if !exists {
         return Ok(0);
     }
     let row = client
         .query_one("SELECT coalesce(max(version), 0) FROM moat_schema", &[])
         .await
-        .map_err(|e| e.to_string())?;
-    row.try_get(0).map_err(|e| e.to_string())
+        .map_err(|e| chain(&e))?;
+    row.try_get(0).map_err(|e| chain(&e))
 }
 
 /// One node of the cluster as the database knows it.
@@ -283,7 +307,7 @@ pub struct NodeInfo {
 
 /// The cluster's nodes, most recently seen first.
 pub async fn nodes(pool: &Pool) -> Result<Vec<NodeInfo>, String> {
-    let client = pool.get().await.map_err(|e| e.to_string())?;
+    let client = pool.get().await.map_err(|e| chain(&e))?;
     let rows = client
         .query(
             &format!(
@@ -294,8 +318,8 @@ pub async fn nodes(pool: &Pool) -> Result<Vec<NodeInfo>, String> {
             &[],
         )
         .await
-        .map_err(|e| e.to_string())?;
-    let e = |e: tokio_postgres::Error| e.to_string();
+        .map_err(|e| chain(&e))?;
+    let e = |e: tokio_postgres::Error| chain(&e);
     rows.iter()
         .map(|r| {
             Ok(NodeInfo {
@@ -311,12 +335,12 @@ pub async fn nodes(pool: &Pool) -> Result<Vec<NodeInfo>, String> {
 
 /// Messages in the queue.
 pub async fn queued(pool: &Pool) -> Result<i64, String> {
-    let client = pool.get().await.map_err(|e| e.to_string())?;
+    let client = pool.get().await.map_err(|e| chain(&e))?;
     let row = client
         .query_one("SELECT count(*) FROM moat_message", &[])
         .await
-        .map_err(|e| e.to_string())?;
-    row.try_get(0).map_err(|e| e.to_string())
+        .map_err(|e| chain(&e))?;
+    row.try_get(0).map_err(|e| chain(&e))
 }
 
 impl PgStore {
@@ -366,11 +390,11 @@ impl PgStore {
         if from != to {
             tracing::info!(database = %self.target, from, to, "queue database schema migrated");
         }
-        self.heartbeat(true).await.map_err(|e| e.to_string())?;
+        self.heartbeat(true).await.map_err(|e| chain(&e))?;
         // Leases this node id holds from before its restart are stale (its passes ended
         // with the process): released now rather than after they run out. A node id is one
         // node's: two running nodes must never share one.
-        let client = self.pool.get().await.map_err(|e| e.to_string())?;
+        let client = self.pool.get().await.map_err(|e| chain(&e))?;
         let held: Vec<String> = lock(&self.held).iter().cloned().collect();
         let released = client
             .execute(
@@ -379,7 +403,7 @@ impl PgStore {
                 &[&self.node, &held],
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| chain(&e))?;
         if released > 0 {
             tracing::info!(node = %self.node, messages = released,
                 "released this node's leases from before its restart; they are delivered again");

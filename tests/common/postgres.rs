@@ -19,6 +19,8 @@ pub struct Cluster {
     pub port: u16,
     child: Option<Child>,
     bin: PathBuf,
+    /// TLS on (`ssl=on` with the certificate and key given to [`Cluster::start_tls`]).
+    tls: bool,
 }
 
 /// The newest PostgreSQL server binaries Debian installed.
@@ -67,6 +69,15 @@ impl Cluster {
     /// Creates and starts a cluster listening on `addr` (a 127.0.0.x of the test's own),
     /// with a database `moat` owned by user `moat` (trust authentication on loopback).
     pub fn start(addr: &str) -> Cluster {
+        Cluster::start_with(addr, None)
+    }
+
+    /// [`Cluster::start`] with TLS offered, with this certificate chain and key (PEM).
+    pub fn start_tls(addr: &str, cert: &Path, key: &Path) -> Cluster {
+        Cluster::start_with(addr, Some((cert, key)))
+    }
+
+    fn start_with(addr: &str, tls: Option<(&Path, &Path)>) -> Cluster {
         let addr: IpAddr = addr.parse().unwrap();
         let bin = bin_dir();
         let dir = tempfile::tempdir().unwrap();
@@ -83,6 +94,16 @@ impl Cluster {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::MetadataExt;
+            let owner = std::fs::metadata(&data).unwrap();
+            for (from, to, mode) in [(cert, "server.crt", 0o644), (key, "server.key", 0o600)] {
+                let path = dir.path().join(to);
+                std::fs::copy(from, &path).unwrap();
+                std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid())).unwrap();
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            }
+        }
         let port = free_port(addr);
         let mut cluster = Cluster {
             dir,
@@ -90,6 +111,7 @@ impl Cluster {
             port,
             child: None,
             bin,
+            tls: tls.is_some(),
         };
         cluster.run_server();
         let out = command(&cluster.bin.join("createdb"))
@@ -115,13 +137,26 @@ impl Cluster {
     /// Starts the server and waits for its own "ready to accept connections" line.
     fn run_server(&mut self) {
         let data = self.dir.path().join("data");
-        let mut child = command(&self.bin.join("postgres"))
+        let mut server = command(&self.bin.join("postgres"));
+        server
             .arg("-D")
             .arg(&data)
             .args(["-h", &self.addr.to_string(), "-p", &self.port.to_string()])
             .arg("-k")
             .arg(self.dir.path())
-            .args(["-c", "logging_collector=off", "-c", "fsync=on"])
+            .args(["-c", "logging_collector=off", "-c", "fsync=on"]);
+        if self.tls {
+            let file = |name: &str| self.dir.path().join(name).display().to_string();
+            server.args([
+                "-c".to_string(),
+                "ssl=on".to_string(),
+                "-c".to_string(),
+                format!("ssl_cert_file={}", file("server.crt")),
+                "-c".to_string(),
+                format!("ssl_key_file={}", file("server.key")),
+            ]);
+        }
+        let mut child = server
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
