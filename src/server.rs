@@ -564,18 +564,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
             ),
         }
     }
-    match config.queue.store {
-        crate::config::StoreKind::Embedded => {
-            println!("moat: queue in {}", config.data_dir.join("spool").display())
-        }
-        crate::config::StoreKind::Postgres => println!(
-            "moat: queue in PostgreSQL ({}), node {}",
-            crate::queue::pg::pg_config(&config)
-                .map(|c| crate::queue::pg::describe(&c))
-                .unwrap_or_default(),
-            crate::queue::pg::node_id(&config)
-        ),
-    }
+    println!("moat: queue in {}", shared.spool.location());
     let admin_path = config.data_dir.join(crate::queue::admin::SOCKET);
     let admin = crate::queue::admin::bind(&admin_path)
         .map_err(|e| format!("admin socket {}: {e}", admin_path.display()))?;

@@ -223,6 +223,25 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The platform's CA certificates (rustls-native-certs), or the Mozilla set from
+/// webpki-roots when none load.
+pub fn system_roots() -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    let loaded = rustls_native_certs::load_native_certs();
+    for e in &loaded.errors {
+        tracing::warn!(error = %e, "loading system CA certificates");
+    }
+    let (added, ignored) = roots.add_parsable_certificates(loaded.certs);
+    if ignored > 0 {
+        tracing::debug!(ignored, "unparsable system CA certificates skipped");
+    }
+    if added == 0 {
+        tracing::warn!("no system CA certificates found; using the built-in Mozilla roots");
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    roots
+}
+
 /// Loads PEM CA certificates into a root store.
 pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();

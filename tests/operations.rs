@@ -219,6 +219,21 @@ fn metrics_api_status_and_report_after_traffic() {
     assert_eq!(q["count"], 1, "{body}");
     assert_eq!(q["messages"][0]["id"], deferred_id.as_str());
     assert_eq!(q["messages"][0]["recipients"][0]["status"], "4.4.316");
+    // A domain given in another case, with the root dot, selects the same mail.
+    let (code, body) = http(
+        admin,
+        "GET",
+        "/api/queue?domain=DOWN.Ops.Test.",
+        Some(&token),
+    );
+    assert_eq!(code, 200, "{body}");
+    let q: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(q["count"], 1, "{body}");
+    assert_eq!(q["messages"][0]["id"], deferred_id.as_str());
+    let (code, body) = http(admin, "GET", "/api/queue?domain=ops.test", Some(&token));
+    assert_eq!(code, 200, "{body}");
+    let q: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(q["count"], 0, "{body}");
     let (code, body) = http(
         admin,
         "GET",

@@ -387,21 +387,11 @@ impl Connector {
     /// With `system_roots`, the platform's CA certificates (rustls-native-certs; the Mozilla
     /// set from webpki-roots when none load), plus `extra` when given.
     pub fn new(system_roots: bool, extra: Option<RootCertStore>) -> Connector {
-        let mut roots = RootCertStore::empty();
-        if system_roots {
-            let loaded = rustls_native_certs::load_native_certs();
-            for e in &loaded.errors {
-                tracing::warn!(error = %e, "loading system CA certificates");
-            }
-            let (added, ignored) = roots.add_parsable_certificates(loaded.certs);
-            if ignored > 0 {
-                tracing::debug!(ignored, "unparsable system CA certificates skipped");
-            }
-            if added == 0 {
-                tracing::warn!("no system CA certificates found; using the built-in Mozilla roots");
-                roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            }
-        }
+        let mut roots = if system_roots {
+            crate::tls::system_roots()
+        } else {
+            RootCertStore::empty()
+        };
         if let Some(extra) = extra {
             roots.extend(extra.roots);
         }

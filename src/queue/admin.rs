@@ -103,22 +103,22 @@ async fn select(queue: &Queue, words: &[&str]) -> Result<Vec<String>, String> {
                 Err(format!("no message {id} in the queue"))
             }
         }
-        ["domain", d] => {
-            let d = crate::domain::canonical_or_lower(d);
-            queue.store.with_domain(&d).await.map_err(|e| e.to_string())
-        }
-        ["all"] => queue.store.list().await.map_err(|e| e.to_string()),
+        ["domain", d] => ids(queue, Some(d)).await,
+        ["all"] => ids(queue, None).await,
         _ => Err("give `id ID`, `domain DOMAIN` or `all`".into()),
     }
 }
 
-/// True when a recipient's domain is `d` (either label form).
-fn has_domain(m: &Spooled, d: &str) -> bool {
-    let d = crate::domain::canonical_or_lower(d);
-    m.envelope
-        .recipients
-        .iter()
-        .any(|r| super::domain_of(r) == d)
+/// The queued messages, all or those with a recipient in `domain` (either label form).
+async fn ids(queue: &Queue, domain: Option<&str>) -> Result<Vec<String>, String> {
+    match domain {
+        Some(d) => {
+            let d = crate::domain::canonical_or_lower(d);
+            queue.store.with_domain(&d).await
+        }
+        None => queue.store.list().await,
+    }
+    .map_err(|e| e.to_string())
 }
 
 /// One recipient of a queued message, for the admin API.
@@ -180,17 +180,10 @@ pub async fn messages(
 ) -> Result<Vec<MessageInfo>, String> {
     let now = unix_now();
     let mut out = Vec::new();
-    let ids = match domain {
-        Some(d) => queue.store.with_domain(d).await,
-        None => queue.store.list().await,
-    };
-    for id in ids.map_err(|e| e.to_string())? {
+    for id in ids(queue, domain).await? {
         let Ok((m, st)) = queue.store.load(&id).await else {
             continue;
         };
-        if domain.is_some_and(|d| !has_domain(&m, d)) {
-            continue;
-        }
         if state.is_some_and(|s| !st.rcpts.iter().any(|r| r.state.as_str() == s)) {
             continue;
         }
@@ -372,11 +365,7 @@ pub(crate) async fn run(
             let mut out = String::new();
             let mut n = 0;
             let mut unreadable = Vec::new();
-            let ids = match &domain {
-                Some(d) => queue.store.with_domain(d).await,
-                None => queue.store.list().await,
-            };
-            for id in ids.map_err(|e| e.to_string())? {
+            for id in ids(queue, domain.as_deref()).await? {
                 let (m, st) = match queue.store.load(&id).await {
                     Ok(loaded) => loaded,
                     // Removed since it was listed.
@@ -390,9 +379,6 @@ pub(crate) async fn run(
                         continue;
                     }
                 };
-                if domain.as_deref().is_some_and(|d| !has_domain(&m, d)) {
-                    continue;
-                }
                 if state
                     .as_deref()
                     .is_some_and(|s| !st.rcpts.iter().any(|r| r.state.as_str() == s))

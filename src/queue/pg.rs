@@ -670,6 +670,10 @@ impl Store for PgStore {
         "postgres"
     }
 
+    fn location(&self) -> String {
+        format!("PostgreSQL ({}), node {}", self.target, self.node)
+    }
+
     fn shared(&self) -> bool {
         true
     }

@@ -41,15 +41,7 @@ impl RustlsMake {
     pub fn from_ca_file(ca_file: Option<&std::path::Path>) -> Result<RustlsMake, String> {
         let roots = match ca_file {
             Some(p) => crate::tls::load_roots(p).map_err(|e| format!("[postgres] ca_file: {e}"))?,
-            None => {
-                let mut roots = rustls::RootCertStore::empty();
-                let loaded = rustls_native_certs::load_native_certs();
-                let (added, _) = roots.add_parsable_certificates(loaded.certs);
-                if added == 0 {
-                    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-                }
-                roots
-            }
+            None => crate::tls::system_roots(),
         };
         RustlsMake::new(roots)
     }

@@ -66,6 +66,16 @@ pub struct Spooled {
     pub message: Vec<u8>,
 }
 
+impl Spooled {
+    /// A recipient's domain is `domain` (canonical form, as [`super::domain_of`] gives).
+    pub fn has_recipient_in(&self, domain: &str) -> bool {
+        self.envelope
+            .recipients
+            .iter()
+            .any(|r| super::domain_of(r) == domain)
+    }
+}
+
 /// A message being written to the spool as it arrives ([`Spool::begin`]). Dropped before
 /// [`Spool::commit`] succeeds, its file is removed: nothing in it was acknowledged (and a
 /// crash leaves it in `tmp/`, which is cleared at start-up).
@@ -790,6 +800,11 @@ impl Spool {
     /// The message is (still) queued.
     pub fn exists(&self, id: &str) -> bool {
         self.inner().index.contains_key(id)
+    }
+
+    /// The spool's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// Directory of the per-recipient state files.

@@ -24,6 +24,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// `embedded` or `postgres`.
     fn kind(&self) -> &'static str;
 
+    /// Where the queue is, for the start-up line.
+    fn location(&self) -> String;
+
     /// Shared with other nodes: due work is claimed from the store, not kept in memory.
     fn shared(&self) -> bool {
         false
@@ -116,6 +119,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 impl Store for Spool {
     fn kind(&self) -> &'static str {
         "embedded"
+    }
+
+    fn location(&self) -> String {
+        self.root().display().to_string()
     }
 
     async fn store(
@@ -213,14 +220,7 @@ impl Store for Spool {
             Ok(spool
                 .list()?
                 .into_iter()
-                .filter(|id| {
-                    spool.load(id).is_ok_and(|m| {
-                        m.envelope
-                            .recipients
-                            .iter()
-                            .any(|r| super::domain_of(r) == domain)
-                    })
-                })
+                .filter(|id| spool.load(id).is_ok_and(|m| m.has_recipient_in(&domain)))
                 .collect())
         })
         .await
