@@ -321,6 +321,9 @@ pub struct PostgresConfig {
     /// CA certificates (PEM) the database's certificate must chain to when the url says
     /// `sslmode=require`; default the system's. The name is always checked too.
     pub ca_file: Option<PathBuf>,
+    /// Seconds between pulls of what other nodes shared (MTA-STS policies): how long a
+    /// policy one node fetched takes at most to protect the others.
+    pub sync_interval_secs: u64,
 }
 
 impl Default for PostgresConfig {
@@ -333,6 +336,7 @@ impl Default for PostgresConfig {
             node_id: None,
             timeout_secs: 5,
             ca_file: None,
+            sync_interval_secs: 10,
         }
     }
 }
@@ -1161,6 +1165,14 @@ impl Config {
                     0,
                     "lease_secs",
                     "must be 10 to 86400".into(),
+                ));
+            }
+            if self.postgres.sync_interval_secs == 0 || self.postgres.sync_interval_secs > 3600 {
+                return Err(err(
+                    "postgres",
+                    0,
+                    "sync_interval_secs",
+                    "must be 1 to 3600".into(),
                 ));
             }
             if self.postgres.timeout_secs == 0 || self.postgres.timeout_secs > 600 {

@@ -453,6 +453,12 @@ pub async fn serve(config: Config) -> Result<(), String> {
     let sts = sts_from(&config, &outbound)?;
     if let Some(s) = &sts {
         s.spawn_refresher(Duration::from_secs(config.mta_sts.refresh_interval_secs));
+        if let Some(share) = spool.sts_share() {
+            s.share_through(
+                share,
+                Duration::from_secs(config.postgres.sync_interval_secs),
+            );
+        }
     }
     let (deliver, queue) = Queue {
         store: spool.clone(),

@@ -391,7 +391,11 @@ fn nodes_share_the_queue_and_a_dead_nodes_mail_moves_on() {
     let (ok, text) = common::moat_cli(&b, &["db", "status"]);
     assert!(ok, "{text}");
     assert!(
-        text.contains("schema version 1") && text.contains("node a ") && text.contains("node b "),
+        text.contains(&format!(
+            "schema version {}",
+            moat::queue::pg::SCHEMA_VERSION
+        )) && text.contains("node a ")
+            && text.contains("node b "),
         "{text}"
     );
     let (ok, text) = common::moat_cli(&b, &["status"]);
@@ -427,6 +431,118 @@ fn nodes_share_the_queue_and_a_dead_nodes_mail_moves_on() {
         "the message accepted after the restart was not delivered"
     );
     assert!(got[0].contains("Subject: four"), "{}", got[0]);
+}
+
+/// A sending node of a cluster (store = "postgres").
+fn sts_node(
+    cluster: &Cluster,
+    node: &str,
+    dns: std::net::SocketAddr,
+    ca: &std::path::Path,
+) -> String {
+    format!(
+        r#"[relay]
+trusted_networks = ["127.0.0.0/8"]
+
+[outbound]
+port = {SMTP}
+nameservers = ["{dns}"]
+connect_timeout_secs = 3
+dns_timeout_secs = 1
+
+[queue]
+store = "postgres"
+retry_schedule_secs = [1]
+
+[postgres]
+url = "{}"
+node_id = "{node}"
+sync_interval_secs = 1
+
+[mta_sts]
+fetch_port = 8443
+fetch_timeout_secs = 5
+ca_file = "{}"
+"#,
+        cluster.url(),
+        ca.display()
+    )
+}
+
+/// The nodes share one MTA-STS cache: a policy node a fetched protects node b, which never
+/// fetched it, when the TXT lookup and the policy host fail for b (what an attacker stripping
+/// MTA-STS would do). Without the shared cache b would find no policy and deliver
+/// opportunistically.
+#[test]
+fn nodes_share_mta_sts_policies() {
+    use common::dns::{Rr, serve_dynamic};
+    use common::https::PolicyServer;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, leaves) = common::make_certs(dir.path(), &["mta-sts.shared.test", "mx.shared.test"]);
+    let dns = serve_dynamic(
+        "127.0.27.21",
+        "shared.test",
+        &[
+            Rr::Mx("shared.test", 10, "mx.shared.test"),
+            Rr::A("mx.shared.test", [127, 0, 27, 23]),
+            Rr::A("mta-sts.shared.test", [127, 0, 27, 22]),
+            Rr::Txt("_mta-sts.shared.test", "v=STSv1; id=one;"),
+        ],
+    );
+    let p = PolicyServer::start("127.0.27.22:8443", &leaves[0]);
+    p.set_policy("version: STSv1\r\nmode: enforce\r\nmx: mx.shared.test\r\nmax_age: 86400\r\n");
+    let receiver = Moat::start_with(
+        "127.0.27.23",
+        &format!(
+            "[[domain]]\nname = \"shared.test\"\nroute = \"maildir\"\n\n[tls]\n[[tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
+            leaves[1].0.display(),
+            leaves[1].1.display()
+        ),
+        "",
+    );
+    let cluster = Cluster::start("127.0.27.20");
+    let a = Moat::start_with("127.0.27.24", &sts_node(&cluster, "a", dns.addr, &ca), "");
+    let b = Moat::start_with("127.0.27.25", &sts_node(&cluster, "b", dns.addr, &ca), "");
+    let wait_mail = |n: usize| {
+        common::wait_for(&format!("message {n}"), Duration::from_secs(20), || {
+            (receiver.mailbox("k").len() >= n).then_some(())
+        })
+    };
+
+    common::submit(&a, "alice@moat.test", &["k@shared.test"], "m1");
+    wait_mail(1);
+    assert_eq!(p.hits(), 1);
+    assert!(
+        a.log().contains("MTA-STS enforce (id one, fetched)"),
+        "{}",
+        a.log()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !b.log().contains("MTA-STS policy taken from the cluster") {
+        assert!(
+            Instant::now() < deadline,
+            "node b never took the policy:\n{}\n--- node a:\n{}",
+            b.log(),
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // For node b the TXT lookup fails and the policy host is broken: the shared policy holds.
+    dns.fail_txt();
+    p.set_response(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n".to_vec());
+    common::submit(&b, "alice@moat.test", &["k@shared.test"], "m2");
+    wait_mail(2);
+    let log = b.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("delivered") && l.contains("k@shared.test"))
+        .unwrap_or_else(|| panic!("no delivery line:\n{log}"));
+    assert!(
+        line.contains("MTA-STS enforce (id one, cached; TXT lookup failed"),
+        "{line}"
+    );
+    assert_eq!(p.hits(), 1, "node b fetched the policy itself");
 }
 
 /// TLS to the database (`sslmode=require`) is verified: chain to `[postgres] ca_file` (else the

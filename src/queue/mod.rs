@@ -12,6 +12,7 @@ pub mod dsn;
 pub mod journal;
 pub mod local;
 pub mod pg;
+pub mod pg_share;
 pub mod pg_tls;
 pub mod spool;
 pub mod state;

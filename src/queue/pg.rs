@@ -71,6 +71,18 @@ const MIGRATIONS: &[&str] = &[
         heartbeat bigint NOT NULL,
         version text NOT NULL
     );",
+    // 2: the cluster's MTA-STS policy cache (crate::sts::share); `changed` (the database's
+    // clock) tells the nodes' pulls what is new.
+    "CREATE TABLE moat_sts_policy (
+        domain text PRIMARY KEY,
+        id text NOT NULL,
+        fetched bigint NOT NULL,
+        expires bigint NOT NULL,
+        policy text NOT NULL,
+        node text NOT NULL,
+        changed bigint NOT NULL
+    );
+    CREATE INDEX moat_sts_policy_changed ON moat_sts_policy (changed);",
 ];
 
 /// The schema version this build writes.
@@ -80,7 +92,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 const MIGRATION_LOCK: i64 = 0x6d6f_6174_5f6d_6967;
 
 /// The database's clock, in Unix seconds.
-const NOW: &str = "extract(epoch from clock_timestamp())::bigint";
+pub(super) const NOW: &str = "extract(epoch from clock_timestamp())::bigint";
 
 /// The queue in PostgreSQL (see the module documentation).
 #[derive(Clone)]
@@ -135,7 +147,7 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-fn db_err(e: impl std::error::Error) -> io::Error {
+pub(super) fn db_err(e: impl std::error::Error) -> io::Error {
     io::Error::other(format!("queue database: {}", chain(&e)))
 }
 
@@ -676,6 +688,13 @@ impl Store for PgStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn sts_share(&self) -> Option<Arc<dyn crate::sts::share::Share>> {
+        Some(Arc::new(super::pg_share::PgShare {
+            pool: self.pool.clone(),
+            node: self.node.clone(),
+        }))
     }
 
     async fn store(

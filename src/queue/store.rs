@@ -32,6 +32,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// The cluster's MTA-STS policy cache, for a store shared with other nodes.
+    fn sts_share(&self) -> Option<std::sync::Arc<dyn crate::sts::share::Share>> {
+        None
+    }
+
     /// Makes a message durable; returns once it is (and it can be loaded).
     async fn store(
         &self,

@@ -14,6 +14,8 @@
 //!
 //! The cache is kept in memory and in `<data>/sts/<domain>.json` (written through a temporary
 //! file and a rename), so it survives restarts. Concurrent deliveries to one domain fetch once.
+//! Nodes sharing a queue in PostgreSQL share their caches too ([`share`]): a policy one node
+//! fetched applies on every node.
 //!
 //! Enforcement ([`crate::policy::decide`]): `enforce` acts as `verify` restricted to the policy's
 //! MX patterns (RFC 8461 §4.1); failures carry 4.4.8/5.4.8 and 4.7.5/5.7.5 (docs/ARCHITECTURE.md).
@@ -24,11 +26,13 @@ pub mod fetch;
 pub mod generate;
 pub mod host;
 pub mod policy;
+pub mod share;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use rustls::RootCertStore;
 use serde::{Deserialize, Serialize};
@@ -133,6 +137,9 @@ pub struct Stats {
 /// so a dead or trickling policy host costs one fetch timeout per few minutes, not one per
 /// message.
 const FAILURE_MEMORY: u64 = 300;
+/// How long a failed read of the cluster's shared policies keeps deliveries from asking again.
+const SHARE_RETRY_SECS: u64 = 30;
+
 /// How long a TXT lookup failure is remembered when nothing is cached.
 const TXT_FAILURE_MEMORY: u64 = 60;
 /// Bound for the failure memo and the in-flight map.
@@ -157,6 +164,12 @@ pub struct Sts {
     /// Rule trust anchors merged with `extra_roots`, by the rule store's address (rule stores
     /// live as long as the config), so a merged store keeps one identity for session reuse.
     merged: std::sync::Mutex<HashMap<usize, MergedRoots>>,
+    /// The cluster's shared cache, when the queue is shared ([`share`]).
+    share: std::sync::OnceLock<Arc<dyn share::Share>>,
+    /// The shared store's mark of the last pull.
+    share_mark: std::sync::atomic::AtomicI64,
+    /// Until when the shared store is not asked (it just failed).
+    share_down_until: AtomicU64,
     pub stats: Stats,
 }
 
@@ -195,6 +208,9 @@ impl Sts {
             failures: std::sync::Mutex::new(HashMap::new()),
             inflight: std::sync::Mutex::new(HashMap::new()),
             merged: std::sync::Mutex::new(HashMap::new()),
+            share: std::sync::OnceLock::new(),
+            share_mark: std::sync::atomic::AtomicI64::new(0),
+            share_down_until: AtomicU64::new(0),
             stats: Stats::default(),
         })
     }
@@ -335,7 +351,7 @@ impl Sts {
         // The same name the router uses: A-labels, lowercase, no trailing dot.
         let domain = canonical(domain)?;
         let now = unix_now();
-        let cached = self.cached(&domain, now);
+        let mut cached = self.cached(&domain, now);
         let use_cached = |entry: Option<Arc<Entry>>, why: String| {
             entry.map(|entry| {
                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -358,6 +374,10 @@ impl Sts {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(domain, error = %e, "MTA-STS TXT lookup failed");
+                if cached.is_none() && self.pull().await {
+                    // Another node of the cluster may know the policy this lookup can't find.
+                    cached = self.cached(&domain, now);
+                }
                 if e.is_temporary() && cached.is_none() {
                     self.remember_failure(&domain, "", TXT_FAILURE_MEMORY, e.to_string(), "");
                 }
@@ -387,13 +407,15 @@ impl Sts {
             .clone();
         let result = {
             let _guard = gate.lock().await;
-            let cached = self.cached(&domain, now);
-            if current(&cached)
-                && (!refresh
-                    || cached
-                        .as_ref()
-                        .is_some_and(|c| !c.wants_refresh(unix_now())))
-            {
+            let fresh = |c: &Option<Arc<Entry>>| {
+                current(c) && (!refresh || c.as_ref().is_some_and(|c| !c.wants_refresh(unix_now())))
+            };
+            let mut cached = self.cached(&domain, now);
+            // Another node of the cluster may have fetched it already.
+            if !fresh(&cached) && self.pull().await {
+                cached = self.cached(&domain, now);
+            }
+            if fresh(&cached) {
                 Ok(cached)
             } else if let Some(why) = self.failed_recently(&domain, &record.id, unix_now()) {
                 Err((cached, why))
@@ -409,7 +431,8 @@ impl Sts {
                         });
                         tracing::info!(domain, id = %entry.id, mode = entry.policy.mode.as_str(),
                             max_age = entry.policy.max_age, "MTA-STS policy fetched");
-                        self.store(&domain, entry.clone());
+                        self.keep(&domain, entry.clone());
+                        self.push(&domain, &entry).await;
                         return self.finish(
                             &domain,
                             &gate,
@@ -475,7 +498,8 @@ impl Sts {
         ))
     }
 
-    fn store(&self, domain: &str, entry: Arc<Entry>) {
+    /// Keeps a policy in this node's cache (memory and file).
+    fn keep(&self, domain: &str, entry: Arc<Entry>) {
         if let Some(dir) = &self.dir {
             let file = CacheFile {
                 domain: domain.to_string(),
@@ -489,6 +513,114 @@ impl Sts {
         }
         lock(&self.failures).remove(domain);
         lock(&self.cache).insert(domain.to_string(), entry);
+    }
+
+    /// Shares this node's cache through `share` from now on: offers what it holds, takes
+    /// what the others hold, then pulls every `every` (see [`share`]).
+    pub fn share_through(self: &Arc<Self>, share: Arc<dyn share::Share>, every: Duration) {
+        if self.share.set(share).is_err() {
+            return;
+        }
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let Some(sts) = this.upgrade() else { return };
+            for (domain, entry) in sts.entries() {
+                if !sts.push(&domain, &entry).await {
+                    break;
+                }
+            }
+            drop(sts);
+            loop {
+                let Some(sts) = this.upgrade() else { return };
+                sts.pull().await;
+                drop(sts);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+
+    /// Saves a policy this node fetched to the cluster's cache, if there is one; false when
+    /// that failed.
+    async fn push(&self, domain: &str, entry: &Entry) -> bool {
+        let Some(share) = self.share.get() else {
+            return true;
+        };
+        let p = share::SharedPolicy {
+            domain: domain.to_string(),
+            id: entry.id.clone(),
+            fetched: entry.fetched,
+            expires: entry.expires(),
+            policy: entry.text.clone(),
+        };
+        match share.put(&p).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(domain, error = %e, "cannot share the MTA-STS policy with the cluster; kept on this node");
+                false
+            }
+        }
+    }
+
+    /// Takes what other nodes saved since the last pull; false without a shared cache (or
+    /// when it can't be read: this node's own cache goes on alone, and deliveries do not
+    /// wait on the database again for [`SHARE_RETRY_SECS`]).
+    async fn pull(&self) -> bool {
+        let Some(share) = self.share.get() else {
+            return false;
+        };
+        if self.share_down_until.load(Ordering::Relaxed) > unix_now() {
+            return false;
+        }
+        let mark = self.share_mark.load(Ordering::Relaxed);
+        match share.since(mark).await {
+            Ok((policies, next)) => {
+                for p in policies {
+                    self.adopt(p);
+                }
+                self.share_mark.fetch_max(next, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the cluster's MTA-STS policies; this node goes on with its own cache");
+                self.share_down_until
+                    .store(unix_now() + SHARE_RETRY_SECS, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Takes a policy another node fetched unless this node's is as recent.
+    fn adopt(&self, p: share::SharedPolicy) {
+        let Some(domain) = canonical(&p.domain) else {
+            return;
+        };
+        let now = unix_now();
+        if lock(&self.cache)
+            .get(&domain)
+            .is_some_and(|e| e.fetched >= p.fetched)
+        {
+            return;
+        }
+        let Ok(policy) = parse_policy(p.policy.as_bytes()) else {
+            tracing::warn!(
+                domain,
+                "ignoring a shared MTA-STS policy that does not parse"
+            );
+            return;
+        };
+        let entry = Entry {
+            id: p.id,
+            policy,
+            // Another node's clock ahead of ours must not stretch a policy's life.
+            fetched: p.fetched.min(now),
+            text: p.policy,
+        };
+        if entry.expires() <= now {
+            return;
+        }
+        tracing::info!(domain, id = %entry.id, mode = entry.policy.mode.as_str(),
+            "MTA-STS policy taken from the cluster");
+        self.keep(&domain, Arc::new(entry));
     }
 
     /// Refreshes, in the background, every cached policy past half its lifetime, so a policy
@@ -756,11 +888,45 @@ mod tests {
     }
 
     #[test]
+    fn shared_policies_are_taken_when_newer_and_unexpired() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = sts(None, Some(dir.path().to_path_buf()));
+        let text = "version: STSv1\r\nmode: enforce\r\nmx: mx.example.com\r\nmax_age: 86400\r\n";
+        let now = unix_now();
+        let shared = |domain: &str, id: &str, fetched: u64, policy: &str| share::SharedPolicy {
+            domain: domain.into(),
+            id: id.into(),
+            fetched,
+            expires: fetched + 86_400,
+            policy: policy.into(),
+        };
+        s.adopt(shared("Example.COM", "one", now - 100, text));
+        assert_eq!(s.entry("example.com").unwrap().id, "one");
+        // Kept in the node's own cache file too.
+        assert!(dir.path().join("example.com.json").exists());
+        // An older fetch does not replace a newer one; a newer one does.
+        s.adopt(shared("example.com", "older", now - 200, text));
+        assert_eq!(s.entry("example.com").unwrap().id, "one");
+        s.adopt(shared("example.com", "two", now - 10, text));
+        assert_eq!(s.entry("example.com").unwrap().id, "two");
+        // Expired, unparsable or not a name: ignored.
+        s.adopt(shared("old.example", "x", now - 90_000, text));
+        assert!(s.entry("old.example").is_none());
+        s.adopt(shared("bad.example", "x", now, "mode: sometimes"));
+        assert!(s.entry("bad.example").is_none());
+        s.adopt(shared("../etc", "x", now, text));
+        assert_eq!(s.entries().len(), 1);
+        // Another node's clock ahead: the fetch time is clamped to ours.
+        s.adopt(shared("ahead.example", "a", now + 1_000_000, text));
+        assert!(s.entry("ahead.example").unwrap().fetched <= unix_now());
+    }
+
+    #[test]
     fn cache_files_survive_a_restart_and_expired_ones_go() {
         let dir = tempfile::tempdir().unwrap();
         let s = sts(None, Some(dir.path().to_path_buf()));
         let text = "version: STSv1\r\nmode: enforce\r\nmx: mx.example.com\r\nmax_age: 86400\r\n";
-        s.store(
+        s.keep(
             "example.com",
             Arc::new(Entry {
                 id: "abc".into(),
