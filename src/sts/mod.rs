@@ -57,6 +57,19 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// A policy saved earlier (a cache file, another node); `None` when it does not parse.
+    /// The fetch time is clamped to `now`: a clock set back here, or another node's clock
+    /// ahead of ours, must not stretch a policy's life.
+    fn saved(id: String, text: String, fetched: u64, now: u64) -> Option<Entry> {
+        let policy = parse_policy(text.as_bytes()).ok()?;
+        Some(Entry {
+            id,
+            policy,
+            fetched: fetched.min(now),
+            text,
+        })
+    }
+
     /// Unix time after which the entry must not be used.
     pub fn expires(&self) -> u64 {
         self.fetched.saturating_add(u64::from(self.policy.max_age))
@@ -601,19 +614,12 @@ impl Sts {
         {
             return;
         }
-        let Ok(policy) = parse_policy(p.policy.as_bytes()) else {
+        let Some(entry) = Entry::saved(p.id, p.policy, p.fetched, now) else {
             tracing::warn!(
                 domain,
                 "ignoring a shared MTA-STS policy that does not parse"
             );
             return;
-        };
-        let entry = Entry {
-            id: p.id,
-            policy,
-            // Another node's clock ahead of ours must not stretch a policy's life.
-            fetched: p.fetched.min(now),
-            text: p.policy,
         };
         if entry.expires() <= now {
             return;
@@ -710,16 +716,9 @@ fn load_cache(dir: &Path, cache: &mut HashMap<String, Arc<Entry>>) {
             tracing::warn!(path = %path.display(), "ignoring an unreadable MTA-STS cache file");
             continue;
         };
-        let Ok(policy) = parse_policy(file.policy.as_bytes()) else {
+        let Some(entry) = Entry::saved(file.id, file.policy, file.fetched, now) else {
             tracing::warn!(path = %path.display(), "ignoring a cached policy that does not parse");
             continue;
-        };
-        let entry = Entry {
-            id: file.id,
-            policy,
-            // A clock set back must not stretch a policy's life.
-            fetched: file.fetched.min(now),
-            text: file.policy,
         };
         if entry.expires() <= now || !safe_domain(&file.domain) {
             let _ = std::fs::remove_file(&path);
