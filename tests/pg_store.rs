@@ -96,6 +96,29 @@ async fn contract(store: Arc<dyn Store>, base: u64) {
     store.save_state(&a, &retry).await.unwrap();
     assert_eq!(store.load(&a).await.unwrap().1, retry);
 
+    // Counts by state, where the store counts itself (the database), agree with the loads.
+    let counted = store.by_state().await.unwrap();
+    assert_eq!(counted.is_some(), store.kind() == "postgres");
+    if let Some((messages, by)) = counted {
+        assert_eq!(messages, store.count().await.unwrap());
+        let get = |s: RcptState| by.iter().find(|c| c.0 == s).map(|c| c.1);
+        assert_eq!(get(RcptState::Delivered), Some(1), "{by:?}");
+        assert_eq!(get(RcptState::Deferred), Some(1), "{by:?}");
+        assert_eq!(get(RcptState::Failed), None, "{by:?}");
+        let pending = get(RcptState::Pending).unwrap_or(0);
+        let mut loaded = 0;
+        for id in store.list().await.unwrap() {
+            let (_, st) = store.load(&id).await.unwrap();
+            loaded += st
+                .rcpts
+                .iter()
+                .filter(|r| r.state == RcptState::Pending)
+                .count();
+        }
+        assert_eq!(pending, loaded as u64, "{by:?}");
+        assert!(by.iter().all(|c| c.2 < 3600), "{by:?}");
+    }
+
     // All final: gone.
     let mut done = MessageState::new(1);
     done.rcpts[0].state = RcptState::Failed;

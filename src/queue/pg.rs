@@ -882,6 +882,40 @@ impl Store for PgStore {
         Ok(n.max(0) as usize)
     }
 
+    async fn by_state(&self) -> io::Result<Option<(usize, Vec<(RcptState, u64, u64)>)>> {
+        let client = self.client().await?;
+        // One snapshot for both counts.
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT r.state, count(*), max({NOW} - m.arrived),
+                        (SELECT count(*) FROM moat_message)
+                     FROM moat_rcpt r JOIN moat_message m ON m.id = r.message_id
+                     GROUP BY r.state"
+                ),
+                &[],
+            )
+            .await
+            .map_err(db_err)?;
+        let mut messages = 0;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let state: String = r.try_get(0).map_err(db_err)?;
+            let n: i64 = r.try_get(1).map_err(db_err)?;
+            let oldest: Option<i64> = r.try_get(2).map_err(db_err)?;
+            let m: i64 = r.try_get(3).map_err(db_err)?;
+            messages = usize::try_from(m).unwrap_or(0);
+            if let Some(state) = RcptState::parse(&state) {
+                out.push((
+                    state,
+                    u64::try_from(n).unwrap_or(0),
+                    u64::try_from(oldest.unwrap_or(0)).unwrap_or(0),
+                ));
+            }
+        }
+        Ok(Some((messages, out)))
+    }
+
     async fn with_domain(&self, domain: &str) -> io::Result<Vec<String>> {
         let client = self.client().await?;
         let rows = client

@@ -15,7 +15,7 @@ use std::io;
 use async_trait::async_trait;
 
 use super::spool::{Incoming, Lost, Spool, Spooled};
-use super::state::MessageState;
+use super::state::{MessageState, RcptState};
 use crate::smtp::session::Envelope;
 
 /// Where queued mail is kept (see the module documentation).
@@ -76,6 +76,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// How many messages are queued.
     async fn count(&self) -> io::Result<usize> {
         Ok(self.list().await?.len())
+    }
+
+    /// The number of messages, and per recipient state the recipients in it and the age
+    /// (seconds) of the oldest message with one, counted by the store itself; `None`: the
+    /// store cannot, and the caller counts by loading every message.
+    async fn by_state(&self) -> io::Result<Option<(usize, Vec<(RcptState, u64, u64)>)>> {
+        Ok(None)
     }
 
     /// Ids of queued messages with a recipient in `domain` (canonical form), oldest first.
