@@ -564,6 +564,15 @@ async fn metrics_text(ctx: &AdminCtx) -> String {
     // Queue gauges, fresh for this scrape.
     reg.clear(crate::metrics::Metric::QueueRecipients);
     reg.clear(crate::metrics::Metric::QueueOldestSeconds);
+    reg.clear(crate::metrics::Metric::NodeInfo);
+    reg.set(
+        crate::metrics::Metric::NodeInfo,
+        &[
+            ("node", &crate::queue::pg::node_id(&ctx.config)),
+            ("store", ctx.queue.store.kind()),
+        ],
+        1,
+    );
     if let Some((_, by)) = queue_by_state(&ctx.queue).await {
         for (state, (n, oldest)) in by {
             reg.set(

@@ -58,6 +58,9 @@ pub enum Metric {
     /// Delivery passes that ended after this node's lease on the message ran out (a shared
     /// store: another node may have delivered the same recipients too).
     LeaseLostTotal,
+    /// 1, labelled with this node's id and its queue store: every node of a cluster reports
+    /// the cluster's queue gauges, this says which node a scrape came from.
+    NodeInfo,
 }
 
 impl Metric {
@@ -84,6 +87,7 @@ impl Metric {
         Metric::DaneValidationWorking,
         Metric::TlsRequiredNoTotal,
         Metric::LeaseLostTotal,
+        Metric::NodeInfo,
     ];
 
     /// The exposition name, e.g. `moat_connections_total`.
@@ -110,6 +114,7 @@ impl Metric {
             Metric::DaneValidationWorking => "moat_dane_validation_working",
             Metric::TlsRequiredNoTotal => "moat_tls_required_no_total",
             Metric::LeaseLostTotal => "moat_queue_leases_lost_total",
+            Metric::NodeInfo => "moat_node_info",
         }
     }
 
@@ -137,6 +142,7 @@ impl Metric {
             Metric::DaneValidationWorking => "gauge",
             Metric::TlsRequiredNoTotal => "counter",
             Metric::LeaseLostTotal => "counter",
+            Metric::NodeInfo => "gauge",
         }
     }
 
@@ -185,6 +191,9 @@ impl Metric {
             }
             Metric::LeaseLostTotal => {
                 "Delivery passes that ended after this node's lease on the message ran out (shared store)."
+            }
+            Metric::NodeInfo => {
+                "1, labelled with this node's id and queue store (embedded, postgres); queue gauges are the cluster's with a shared store."
             }
         }
     }

@@ -191,6 +191,14 @@ fn metrics_api_status_and_report_after_traffic() {
         1,
         "{text}"
     );
+    assert_eq!(
+        metric(
+            &text,
+            "moat_node_info{node=\"mx.moat.test\",store=\"embedded\"}"
+        ),
+        1,
+        "{text}"
+    );
     assert!(
         metric(&text, "moat_spool_sync_seconds_count") >= 6,
         "{text}"
