@@ -33,11 +33,7 @@ fn receiver(
     identity: &(std::path::PathBuf, std::path::PathBuf),
     more: &str,
 ) -> Moat {
-    let extra = format!(
-        "[[domain]]\nname = \"{domain}\"\nroute = \"maildir\"\n\n[tls]\n[[tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n\n{more}",
-        identity.0.display(),
-        identity.1.display()
-    );
+    let extra = format!("{}\n{more}", maildir_receiver(domain, identity));
     Moat::start_with(ip, &extra, "")
 }
 

@@ -48,11 +48,7 @@ fn metrics_api_status_and_report_after_traffic() {
     );
     let receiver = Moat::start_with(
         "127.0.13.11",
-        &format!(
-            "[[domain]]\nname = \"tls.ops.test\"\nroute = \"maildir\"\n\n[tls]\n[[tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
-            leaves[0].0.display(),
-            leaves[0].1.display()
-        ),
+        &maildir_receiver("tls.ops.test", &leaves[0]),
         "",
     );
     plain_peer("127.0.13.12");

@@ -209,11 +209,7 @@ fn verify_policy_with_private_ca_delivers() {
             Rr::A("mx.trusted.test", [127, 0, 11, 52]),
         ],
     );
-    let receiver_extra = format!(
-        "[[domain]]\nname = \"trusted.test\"\nroute = \"maildir\"\n\n[tls]\n[[tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
-        leaves[0].0.display(),
-        leaves[0].1.display()
-    );
+    let receiver_extra = maildir_receiver("trusted.test", &leaves[0]);
     let receiver = Moat::start_with("127.0.11.52", &receiver_extra, "");
     let policy = format!(
         "[[tls_policy]]\ndomains = [\"trusted.test\"]\nlevel = \"verify\"\nca_file = \"{}\"\n",
@@ -747,11 +743,7 @@ fn verify_policy_bounces_an_expired_certificate_naming_the_cause() {
             Rr::A("mx.old.test", [127, 0, 11, 152]),
         ],
     );
-    let receiver_extra = format!(
-        "[[domain]]\nname = \"old.test\"\nroute = \"maildir\"\n\n[tls]\n[[tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
-        leaf.0.display(),
-        leaf.1.display()
-    );
+    let receiver_extra = maildir_receiver("old.test", &leaf);
     let receiver = Moat::start_with("127.0.11.152", &receiver_extra, "");
     let policy = format!(
         "[[tls_policy]]\ndomains = [\"old.test\"]\nlevel = \"verify\"\nca_file = \"{}\"\n",

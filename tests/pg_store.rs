@@ -516,11 +516,7 @@ fn nodes_share_mta_sts_policies() {
     p.set_policy("version: STSv1\r\nmode: enforce\r\nmx: mx.shared.test\r\nmax_age: 86400\r\n");
     let receiver = Moat::start_with(
         "127.0.27.23",
-        &format!(
-            "[[domain]]\nname = \"shared.test\"\nroute = \"maildir\"\n\n[tls]\n[[tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
-            leaves[1].0.display(),
-            leaves[1].1.display()
-        ),
+        &common::maildir_receiver("shared.test", &leaves[1]),
         "",
     );
     let cluster = Cluster::start("127.0.27.20");

@@ -40,11 +40,7 @@ fn receiver(
     identity: &(std::path::PathBuf, std::path::PathBuf),
     offer: bool,
 ) -> Moat {
-    let extra = format!(
-        "[[domain]]\nname = \"{domain}\"\nroute = \"maildir\"\n\n[tls]\n[[tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
-        identity.0.display(),
-        identity.1.display()
-    );
+    let extra = maildir_receiver(domain, identity);
     let mut m = Moat::configured(ip, &extra, "");
     if !offer {
         let text = std::fs::read_to_string(&m.config).unwrap();

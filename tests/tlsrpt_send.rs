@@ -21,11 +21,7 @@ use common::*;
 const POLICY_PORT: u16 = 8443;
 
 fn receiver(ip: &str, domain: &str, identity: &(std::path::PathBuf, std::path::PathBuf)) -> Moat {
-    let extra = format!(
-        "[[domain]]\nname = \"{domain}\"\nroute = \"maildir\"\n\n[tls]\n[[tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
-        identity.0.display(),
-        identity.1.display()
-    );
+    let extra = maildir_receiver(domain, identity);
     Moat::start_with(ip, &extra, "")
 }
 

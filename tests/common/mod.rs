@@ -728,6 +728,16 @@ impl Client {
     }
 }
 
+/// `extra` for a Moat receiving `domain` into Maildir and serving the certificate `identity`
+/// (cert, key), e.g. from [`make_certs`].
+pub fn maildir_receiver(domain: &str, identity: &(PathBuf, PathBuf)) -> String {
+    format!(
+        "[[domain]]\nname = \"{domain}\"\nroute = \"maildir\"\n\n[tls]\n[[tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
+        identity.0.display(),
+        identity.1.display()
+    )
+}
+
 /// Writes a CA and leaf certificates (for `names`) signed by it; returns (ca_pem, [(cert, key)]).
 pub fn make_certs(dir: &Path, leaves: &[&str]) -> (PathBuf, Vec<(PathBuf, PathBuf)>) {
     make_certs_named(dir, "Moat Test CA", leaves)
